@@ -1,0 +1,1 @@
+"""emalab's application layer: the CLI, the main pipeline and the report. The library never imports it."""

@@ -1,0 +1,1 @@
+"""emalab's model-facing library: embedded models, the model adapter, prompts, activations."""
