@@ -180,6 +180,20 @@ def join_and_verify(wheels: list[Path], spec: EmbeddedModel, out: Path) -> Path:
     return out
 
 
+def _save_dequantised(model, out: Path) -> None:
+    """Save a GGUF-loaded model as plain safetensors (transformers refuses to re-serialise GGUF models)."""
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    # save_model de-duplicates tied tensors (embedding / lm_head) instead of failing on them.
+    save_model(model, str(out / "model.safetensors"))
+
+
 def fetch_embedded(name: str, force: bool = False) -> Path:
     """Return a directory with ``config.json``, safetensors weights and the tokenizer for ``name``.
 
@@ -207,7 +221,7 @@ def fetch_embedded(name: str, force: bool = False) -> Path:
             bar.update()
             model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf_path.name, dtype="float32")
             bar.update()
-        model.save_pretrained(staging, safe_serialization=True)
+        _save_dequantised(model, staging)
         tok.save_pretrained(staging)
         atomic_write_json(staging / "emalab_model.json", {
             "name": name, "sha256": spec.sha256, "packages": [f"{spec.package(i)}=={spec.version}"

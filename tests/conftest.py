@@ -1,0 +1,103 @@
+"""Shared fixtures: seeds, tiny random-weight models of each supported family, a tiny tokenizer,
+and (for the ``slow`` tier) the real embedded default model."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def make_tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + chat specials) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:], "eos_token": SPECIALS[2],
+                             "pad_token": SPECIALS[0]})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def _tiny_config(family: str, vocab: int):
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if family == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "gemma3_text":
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=64)
+    raise KeyError(family)
+
+
+FAMILIES = ["qwen2", "llama", "mistral", "gemma3_text"]
+
+
+def make_tiny_model(family: str = "qwen2", vocab: int | None = None):
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tiny_tokenizer()
+    cfg = _tiny_config(family, vocab or len(tok))
+    cfg.pad_token_id = tok.pad_token_id
+    cfg.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    return model, tok
+
+
+def make_tiny_loaded(family: str = "qwen2"):
+    from interp.loading import LoadedModel
+
+    model, tok = make_tiny_model(family)
+    return LoadedModel(model=model, tokenizer=tok, name=f"tiny-{family}", weights_id=f"tiny-{family}-seed0",
+                       chat=True)
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_loaded(request):
+    return make_tiny_loaded(request.param)
+
+
+@pytest.fixture
+def tiny_qwen():
+    return make_tiny_loaded("qwen2")
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The real embedded default model (integration tier)."""
+    from interp.loading import load_model
+
+    return load_model()
