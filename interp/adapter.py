@@ -52,17 +52,27 @@ class FamilySpec:
     mlp: str = "mlp"
     attn_out_proj: str = "self_attn.o_proj"
     mlp_out_proj: str = "mlp.down_proj"
+    attn_write: str | None = None
+    """Module whose output is *added to the stream* by attention, when it is not ``attn`` itself
+    (Gemma 2/3 normalise the attention output with ``post_attention_layernorm`` before adding it)."""
+    mlp_write: str | None = None
+    """Likewise for the MLP (Gemma 2/3: ``post_feedforward_layernorm``)."""
 
 
 _DECODER = FamilySpec(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head")
+# Gemma 2/3 put an RMSNorm after attention and after the MLP; the sites ``attn_out``/``mlp_out`` are
+# what is added to the residual stream, i.e. those norms' outputs (as TransformerLens's hook_attn_out).
+_POST_NORM_DECODER = FamilySpec(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
+                                unembed="lm_head", attn_write="post_attention_layernorm",
+                                mlp_write="post_feedforward_layernorm")
 
 FAMILIES: dict[str, FamilySpec] = {
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "llama": _DECODER,
     "mistral": _DECODER,
-    "gemma2": _DECODER,
-    "gemma3_text": _DECODER,
+    "gemma2": _POST_NORM_DECODER,
+    "gemma3_text": _POST_NORM_DECODER,
 }
 
 
@@ -177,7 +187,22 @@ def site_module(model: nn.Module, site: str, layer: int) -> tuple[nn.Module, str
     block = layer_module(model, layer)
     if site == "resid_post":
         return block, "output"
-    return get_module(block, spec.attn if site == "attn_out" else spec.mlp), "output"
+    return get_module(block, _write_path(spec, site)), "output"
+
+
+def _write_path(spec: FamilySpec, site: str) -> str:
+    if site == "attn_out":
+        return spec.attn_write or spec.attn
+    return spec.mlp_write or spec.mlp
+
+
+def has_post_norms(model: nn.Module) -> bool:
+    """Whether attention/MLP outputs pass through a norm before joining the stream (Gemma 2/3).
+
+    Then no edit of ``o_proj``/``down_proj`` weights can remove a direction from the stream.
+    """
+    spec = spec_of(model)
+    return spec.attn_write is not None or spec.mlp_write is not None
 
 
 def output_projections(model: nn.Module, layer: int) -> tuple[nn.Linear, nn.Linear]:
@@ -230,7 +255,7 @@ def envoy_for_site(lm, site: str, layer: int):
     block = get_module(lm, spec.layers)[layer]
     if site == "resid_post":
         return block
-    return get_module(block, spec.attn if site == "attn_out" else spec.mlp)
+    return get_module(block, _write_path(spec, site))
 
 
 def stream(output) -> Tensor:
@@ -238,4 +263,4 @@ def stream(output) -> Tensor:
     return _stream_of(output)
 
 
-__all__ += ["envoy_for_site", "stream"]
+__all__ += ["envoy_for_site", "stream", "has_post_norms"]
