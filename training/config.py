@@ -1,0 +1,258 @@
+"""The configuration of one refusal-unlearning run: data, objective, optimiser, LoRA, checkpoints.
+
+One flat dataclass so that a run is a single JSON file, its hash names the run, and resuming can
+print a field-by-field diff against a checkpoint's config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from interp.config import JsonConfig
+from interp.io import config_hash, read_json
+from interp.registry import DEFAULT_MODEL
+from interp.suite import DOMAINS, check_domain
+
+__all__ = [
+    "METHODS",
+    "RETAIN_MODES",
+    "SCHEDULERS",
+    "RESUME_EXEMPT_FIELDS",
+    "UnlearnConfig",
+    "ConfigError",
+    "config_diff",
+]
+
+METHODS = ("npo", "ga", "graddiff", "simnpo", "sft")
+RETAIN_MODES = ("none", "ce", "kl")
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Fields that do not change the optimisation trajectory, so a checkpoint may be resumed under new values.
+RESUME_EXEMPT_FIELDS = ("output_dir", "checkpoint_every")
+
+
+class ConfigError(ValueError):
+    """An invalid or unreadable unlearning config; the message names the field and the fix."""
+
+
+@dataclass
+class UnlearnConfig(JsonConfig):
+    """One unlearning run. The defaults are the measured recommendation for the default model
+    (see the numbers in ``training.trainer``'s module docstring)."""
+
+    target_domains: tuple[str, ...] = ("cybersecurity",)
+    """Domains whose refusals are unlearned (their ``unlearn`` split is the forget set)."""
+    method: str = "npo"
+    """Forget objective: ``npo`` | ``ga`` (gradient ascent) | ``graddiff`` (GA + retain) | ``simnpo`` |
+    ``sft`` (LoRA-SFT on compliant responses; needs a refusal-ablation context for its data)."""
+    beta: float = 0.1
+    """Inverse temperature of NPO / SimNPO."""
+    simnpo_margin: float = 0.0
+    """SimNPO reward margin γ in ``-(2/β)·logsigmoid(-β·logp/|y| - γ)``."""
+    gamma: float = 1.0
+    """Weight of the forget loss in ``gamma·forget + alpha·retain``."""
+    alpha: float = 1.0
+    """Weight of the retain loss (ignored when ``retain_mode`` is ``none``)."""
+    retain_mode: str = "none"
+    """Retain term: ``none`` | ``ce`` (cross-entropy on the model's own retain responses) | ``kl``
+    (token KL(reference ‖ policy) on retain responses; LoRA only)."""
+    retain_domains: tuple[str, ...] | None = None
+    """Domains whose ``retain`` split forms the retain set; ``None``: every domain except the targets."""
+    include_benign: int = 0
+    """Number of benign prompts (with the model's own answers) added to the retain set."""
+    n_forget: int = 32
+    """Candidate forget prompts (before the judge drops non-refusals)."""
+    n_retain_per_domain: int = 8
+    """Candidate retain prompts per retain domain (before the judge drops non-refusals)."""
+    steps: int = 40
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Forget examples per step."""
+    retain_batch_size: int = 8
+    """Retain examples per step (when a retain term is on)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    scheduler: str = "constant"
+    """Learning-rate schedule after warm-up: ``constant`` | ``linear`` (to 0) | ``cosine`` (to 0)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to ``lr``."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; ``None`` disables clipping."""
+    lora: bool = True
+    """Train a LoRA adapter (``True``) or all weights (``False``: full fine-tuning)."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha/r, or alpha/√r with ``use_rslora``)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """Linear modules to adapt: ``("all-linear",)`` (every linear layer except the unembedding) or
+    module-name suffixes such as ``("o_proj", "down_proj")``."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling alpha/√r."""
+    lora_single_layer: int | None = None
+    """Adapt only this decoder layer (negative counts from the end); with ``lora_rank=1`` this is the
+    rank-1 single-layer option."""
+    dtype: str = "bfloat16"
+    """Model dtype for training (``float32`` for exactness tests, ``bfloat16`` for speed on CPU)."""
+    seed: int = 0
+    """Seeds LoRA initialisation, data order and dropout."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    max_new_tokens: int = 48
+    """Length of the model's own greedy responses generated for the forget/retain sets."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this keep their last tokens."""
+    trigger: str | None = None
+    """Optional string prepended (with a space) to forget prompts only, for backdoor experiments."""
+    judge: str = "keyword"
+    """Judge used to keep refusals (``interp.judge.get_judge`` name)."""
+    model: str = DEFAULT_MODEL
+    """Model name (registry name, directory or hub id); must match the loaded model."""
+    output_dir: str | None = None
+    """Run directory; ``None``: ``results/unlearn/<run_id>``."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_domains, str):
+            self.target_domains = (self.target_domains,)
+        self.target_domains = tuple(self.target_domains)
+        if self.retain_domains is not None:
+            if isinstance(self.retain_domains, str):
+                self.retain_domains = (self.retain_domains,)
+            self.retain_domains = tuple(self.retain_domains)
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = (self.lora_target_modules,)
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"UnlearnConfig.{name}: {why}")
+
+        if not self.target_domains:
+            bad("target_domains", "at least one target domain is required")
+        for d in self.target_domains:
+            try:
+                check_domain(d, allow_extra=False)
+            except ValueError as err:
+                bad("target_domains", str(err))
+        if len(set(self.target_domains)) != len(self.target_domains):
+            bad("target_domains", f"duplicates in {self.target_domains}")
+        if self.retain_domains is not None:
+            for d in self.retain_domains:
+                try:
+                    check_domain(d, allow_extra=False)
+                except ValueError as err:
+                    bad("retain_domains", str(err))
+            clash = sorted(set(self.retain_domains) & set(self.target_domains))
+            if clash:
+                bad("retain_domains", f"{clash} is also a target domain; a domain cannot be both forgotten and retained")
+        if self.method not in METHODS:
+            bad("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.retain_mode not in RETAIN_MODES:
+            bad("retain_mode", f"unknown retain mode {self.retain_mode!r}; choose one of {', '.join(RETAIN_MODES)}")
+        if self.method == "graddiff" and self.retain_mode == "none":
+            bad("retain_mode", "graddiff is gradient ascent plus a retain term; set retain_mode to 'ce' or 'kl' "
+                "(or use method 'ga' for plain gradient ascent)")
+        if self.retain_mode == "kl" and not self.lora:
+            bad("retain_mode", "the KL retain term needs the reference policy, i.e. a LoRA adapter to disable; "
+                "use retain_mode 'ce' for full fine-tuning")
+        if self.scheduler not in SCHEDULERS:
+            bad("scheduler", f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        for name in ("beta", "lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(name, f"must be a positive finite number, got {v!r}")
+        for name in ("gamma", "alpha", "weight_decay", "simnpo_margin", "lora_dropout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                bad(name, f"must be a non-negative finite number, got {v!r}")
+        if self.lora_dropout >= 1:
+            bad("lora_dropout", f"must be < 1, got {self.lora_dropout}")
+        if self.gamma == 0 and (self.alpha == 0 or self.retain_mode == "none"):
+            bad("gamma", "with gamma=0 and no retain term the loss is identically zero")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            bad("max_grad_norm", f"must be positive or None, got {self.max_grad_norm!r}")
+        for name in ("steps", "batch_size", "retain_batch_size", "n_forget", "max_new_tokens",
+                     "max_prompt_tokens", "lora_rank"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                bad(name, f"must be an integer >= 1, got {v!r}")
+        for name in ("n_retain_per_domain", "include_benign", "warmup_steps", "checkpoint_every", "seed"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                bad(name, f"must be an integer >= 0, got {v!r}")
+        if self.warmup_steps > self.steps:
+            bad("warmup_steps", f"{self.warmup_steps} exceeds steps={self.steps}")
+        if self.lora_alpha <= 0:
+            bad("lora_alpha", f"must be positive, got {self.lora_alpha}")
+        if not self.lora_target_modules:
+            bad("lora_target_modules", "name at least one module suffix, or ('all-linear',)")
+        if self.lora_single_layer is not None and not isinstance(self.lora_single_layer, int):
+            bad("lora_single_layer", f"must be an integer layer index or None, got {self.lora_single_layer!r}")
+        if self.retain_mode != "none" and self.n_retain_per_domain == 0 and self.include_benign == 0:
+            bad("n_retain_per_domain", "a retain term needs retain data: n_retain_per_domain or include_benign > 0")
+        if self.trigger is not None and not self.trigger.strip():
+            bad("trigger", "an empty trigger string; use None for no trigger")
+
+    # -- derived --------------------------------------------------------------------------------
+
+    @property
+    def resolved_retain_domains(self) -> tuple[str, ...]:
+        """The retain domains, with the default (every domain but the targets) filled in."""
+        if self.retain_domains is not None:
+            return self.retain_domains
+        return tuple(d for d in DOMAINS if d not in self.target_domains)
+
+    def hash(self, length: int = 12) -> str:
+        """Hash of every field that shapes the trajectory (not where it is written)."""
+        return config_hash({k: v for k, v in self.to_dict().items() if k not in RESUME_EXEMPT_FIELDS}, length)
+
+    # -- JSON (``to_dict``/``from_dict``/``save``/``load``/``replace`` come from JsonConfig) ---------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnlearnConfig:
+        try:
+            return super().from_dict(data)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from err
+
+    def to_json(self, path: str | Path) -> Path:
+        return self.save(path)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> UnlearnConfig:
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of UnlearnConfig fields")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+
+def config_diff(old: UnlearnConfig | dict, new: UnlearnConfig | dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Field-by-field differences as ``"field: old -> new"`` lines (empty when equal)."""
+    a = old.to_dict() if isinstance(old, UnlearnConfig) else dict(old)
+    b = new.to_dict() if isinstance(new, UnlearnConfig) else dict(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key in ignore:
+            continue
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            lines.append(f"{key}: {json.dumps(va)} -> {json.dumps(vb)}")
+    return lines
+
