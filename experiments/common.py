@@ -1,0 +1,328 @@
+"""Shared, cached stages of the study: evaluation, unlearning runs, concept vectors, the refusal
+direction. Every stage lives under ``results/stages/<name>/<hash of its key>/`` and is skipped
+when complete, so experiments share work and an interrupted pipeline resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from interp.config import JsonConfig
+from interp.evaluate import EvalConfig, EvalReport, PromptRecord
+from interp.io import read_json, read_jsonl, write_jsonl
+from interp.loading import LoadedModel, load_model, state_id
+from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS
+from interp.runs import Stage
+from interp.suite import DOMAINS, check_domain
+
+__all__ = ["StudyConfig", "Study", "paired_drop", "mean_drop", "pooled", "claim", "condition"]
+
+
+@dataclass
+class StudyConfig(JsonConfig):
+    """Settings shared by every experiment of one study (model, evaluation and training budget)."""
+
+    model: str = DEFAULT_MODEL
+    """Embedded model name, hub id or local directory."""
+    dtype: str = "bfloat16"
+    """Working dtype (bf16 is ~3.5x faster than fp32 on CPUs with AVX512-BF16)."""
+    results: str = "results"
+    """Root directory of results and cached stages."""
+    eval_limit: int | None = 24
+    """Eval prompts per domain (None: the whole eval split)."""
+    max_new_tokens: int = 32
+    """Greedy tokens generated per eval prompt for the refusal judge."""
+    probe_limit: int | None = 24
+    """Probe-split prompts per domain used for concept vectors."""
+    seeds: tuple[int, ...] = (0,)
+    """Training seeds; metrics average over them."""
+    steps: int = 30
+    """Unlearning steps per run."""
+    lr: float = 1e-4
+    """Unlearning learning rate (LoRA)."""
+    beta: float = 0.1
+    """NPO inverse temperature."""
+    alpha: float = 1.0
+    """Weight of the retain cross-entropy when retain-CE is on."""
+    n_forget: int = 24
+    """Forget prompts (target domain, unlearn split) per run."""
+    n_retain_per_domain: int = 6
+    """Retain prompts per retain domain (retain split)."""
+    batch_size: int = 8
+    """Training batch size."""
+    eval_batch_size: int = 16
+    """Batch size of evaluation forwards and generation."""
+    judge: str = "keyword"
+    """Refusal judge for generations: keyword | model."""
+
+    def __post_init__(self) -> None:
+        if self.eval_limit is not None and self.eval_limit < 4:
+            raise ValueError("eval_limit must be at least 4 prompts per domain (or None for all)")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one training seed")
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 1 and lr > 0")
+
+
+@dataclass
+class Study:
+    """A loaded model plus the cached stages of one :class:`StudyConfig`."""
+
+    cfg: StudyConfig
+    _lm: LoadedModel | None = field(default=None, repr=False)
+
+    @property
+    def results(self) -> Path:
+        return Path(self.cfg.results)
+
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = load_model(self.cfg.model, dtype=self.cfg.dtype)
+        return self._lm
+
+    @property
+    def weights_id(self) -> str:
+        """Identifies the base weights without loading them when the model is an embedded one."""
+        if self.cfg.model in EMBEDDED_MODELS:
+            return EMBEDDED_MODELS[self.cfg.model].sha256
+        return self.lm.weights_id
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(limit=self.cfg.eval_limit, max_new_tokens=self.cfg.max_new_tokens,
+                          batch_size=self.cfg.eval_batch_size, judge=self.cfg.judge)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, condition: str = "base", adapter: Path | None = None,
+                 intervention: contextlib.AbstractContextManager | None = None,
+                 intervention_id: str | None = None) -> tuple[EvalReport, list[PromptRecord]]:
+        """Seven-domain evaluation of the base model, an adapter, or the base under an intervention."""
+        ecfg = self.eval_config()
+        key = {"model": self.cfg.model, "weights": self.weights_id, "dtype": self.cfg.dtype,
+               "adapter": _adapter_id(adapter), "intervention": intervention_id, "eval": ecfg.to_dict()}
+        stage = Stage(self.results, "eval", key)
+        if not stage.done:
+            path = stage.open()
+            with self._weights(adapter), (intervention or contextlib.nullcontext()):
+                report = _evaluate(self.lm, ecfg)
+            report.save(path / "report.json")
+            report.save_records(path / "records.jsonl")
+            stage.complete({"condition": condition})
+        report = EvalReport.load(stage.path / "report.json")
+        records = [PromptRecord(**r) for r in read_jsonl(stage.path / "records.jsonl")]
+        return report, records
+
+    @contextlib.contextmanager
+    def _weights(self, adapter: Path | None):
+        if adapter is None:
+            yield self.lm
+            return
+        from training.lora import detach_lora, load_adapter
+
+        load_adapter(self.lm, adapter)
+        try:
+            yield self.lm
+        finally:
+            detach_lora(self.lm)
+
+    # -- representations ---------------------------------------------------------------------
+    def activations(self, adapter: Path | None = None) -> Path:
+        """Last-token resid_post at every layer for the probe split of each domain and the benign set.
+
+        Stored as ``acts.safetensors`` (``<set>`` → batch × layer × d_model) in the stage directory.
+        """
+        from interp.activations import collect_activations
+        from interp.io import atomic_save_safetensors
+        from interp.suite import load_prompts
+
+        key = {"weights": self.weights_id, "dtype": self.cfg.dtype, "adapter": _adapter_id(adapter),
+               "limit": self.cfg.probe_limit, "site": "resid_post", "position": "last", "split": "probe"}
+        stage = Stage(self.results, "activations", key)
+        if not stage.done:
+            path = stage.open()
+            acts = {}
+            with self._weights(adapter):
+                for name in (*DOMAINS, "benign"):
+                    prompts = [p.text for p in load_prompts(name, "probe", limit=self.cfg.probe_limit)]
+                    acts[name] = collect_activations(self.lm, prompts, batch_size=self.cfg.eval_batch_size)
+            atomic_save_safetensors(path / "acts.safetensors", acts)
+            stage.complete()
+        return stage.path / "acts.safetensors"
+
+    def concepts(self, adapter: Path | None = None, contrast: str = "benign"):
+        """Difference-of-means concept vectors (domain − benign, or domain − rest) at every layer."""
+        from safetensors.torch import load_file
+
+        from probes.concepts import concept_vectors
+
+        acts = load_file(self.activations(adapter))
+        benign = acts.pop("benign")
+        return concept_vectors({d: acts[d] for d in DOMAINS}, benign, contrast=contrast)
+
+    def domain_means(self, adapter: Path | None = None) -> dict:
+        """Mean probe-split activation per domain: ``{domain: layer × d_model}``."""
+        from safetensors.torch import load_file
+
+        return {k: v.double().mean(0) for k, v in load_file(self.activations(adapter)).items()}
+
+    def refusal_direction(self):
+        """The base model's refusal direction, selected as in Arditi et al. (cached stage)."""
+        from interp.direction import Direction
+        from probes.refusal_direction import RefusalDirectionConfig, select_refusal_direction
+
+        rcfg = RefusalDirectionConfig()
+        key = {"weights": self.weights_id, "dtype": self.cfg.dtype, "config": rcfg.to_dict()}
+        stage = Stage(self.results, "refusal_direction", key)
+        if not stage.done:
+            path = stage.open()
+            selection = select_refusal_direction(self.lm, rcfg)
+            selection.save(path)
+            stage.complete({"layer": selection.layer, "position": selection.position})
+        return Direction.load(stage.path / "direction.safetensors")
+
+    def ablation(self):
+        """``(context-manager factory, id)`` that ablates the base refusal direction at every layer."""
+        from probes.interventions import ablate_direction
+
+        direction = self.refusal_direction()
+        ident = f"ablate-refusal-{direction.meta.get('layer')}-{direction.meta.get('position')}"
+        return (lambda: ablate_direction(self.lm, direction)), ident
+
+    # -- unlearning ---------------------------------------------------------------------------
+    def unlearn(self, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
+                seed: int = 0, trigger: str | None = None, ablation=None, ablation_id: str | None = None,
+                steps: int | None = None) -> Path:
+        """Train (or reuse) an unlearning adapter; returns the stage directory (adapter under ``adapter/``).
+
+        Args:
+            retain_domains: ``()`` for no retain loss; ``None`` for every domain except the target;
+                else the retain domains for the retain cross-entropy.
+        """
+        from training.config import UnlearnConfig
+        from training.lora import detach_lora
+        from training.trainer import unlearn
+
+        check_domain(target, allow_extra=False)
+        if retain_domains is None:
+            retain_domains = tuple(d for d in DOMAINS if d != target)
+        ucfg = UnlearnConfig(
+            target_domains=(target,), method=method, beta=self.cfg.beta, alpha=self.cfg.alpha,
+            retain_mode="ce" if retain_domains else "none", retain_domains=tuple(retain_domains) or None,
+            n_forget=self.cfg.n_forget, n_retain_per_domain=self.cfg.n_retain_per_domain,
+            steps=steps or self.cfg.steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+            dtype=self.cfg.dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
+        )
+        key = {"weights": self.weights_id, "unlearn": ucfg.to_dict(), "ablation": ablation_id}
+        stage = Stage(self.results, "unlearn", key)
+        if not stage.done:
+            path = stage.open()
+            try:
+                result = unlearn(self.lm, ucfg, out_dir=path, ablation_ctx=ablation, ablation_id=ablation_id)
+            finally:
+                detach_lora(self.lm)
+            stage.complete({"adapter_id": result.adapter_id, "steps": result.steps,
+                            "seconds_per_step": result.seconds_per_step, "peak_rss_gb": result.peak_rss_gb})
+        return stage.path
+
+
+def _adapter_id(adapter: Path | None) -> str | None:
+    if adapter is None:
+        return None
+    done = Path(adapter).parent / "DONE.json"
+    if done.exists():
+        return read_json(done).get("adapter_id")
+    return str(adapter)
+
+
+def _evaluate(lm: LoadedModel, ecfg: EvalConfig) -> EvalReport:
+    from interp.evaluate import evaluate
+
+    return evaluate(lm, ecfg)
+
+
+def _refused(records: list[PromptRecord], domain: str) -> dict[str, float]:
+    return {r.id: float(r.label == "refusal") for r in records if r.domain == domain}
+
+
+def _logits(records: list[PromptRecord], domain: str) -> dict[str, float]:
+    return {r.id: r.logit_score for r in records if r.domain == domain}
+
+
+def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str = "judge",
+                n_boot: int = 2000, seed: int = 0) -> dict:
+    """Drop in refusal (before - after) on the same prompts, with a paired bootstrap 95% CI.
+
+    ``measure``: ``judge`` (refusal rate from generations) or ``logit`` (mean refusal log-odds).
+    """
+    get = _refused if measure == "judge" else _logits
+    b, a = get(before, domain), get(after, domain)
+    ids = sorted(set(b) & set(a))
+    if not ids:
+        raise ValueError(f"no shared prompts for {domain}; were both evaluations run on the same split?")
+    diff = np.array([b[i] - a[i] for i in ids])
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+    return {"before": float(np.mean([b[i] for i in ids])), "after": float(np.mean([a[i] for i in ids])),
+            "drop": float(diff.mean()), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "n": len(ids)}
+
+
+def mean_drop(before: list[PromptRecord], after: list[PromptRecord], domains: list[str], measure: str = "judge",
+              n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean over ``domains`` of the per-domain paired drop, bootstrapping prompts within each domain."""
+    get = _refused if measure == "judge" else _logits
+    rng = np.random.default_rng(seed)
+    per, boots = [], np.zeros(n_boot)
+    for d in domains:
+        b, a = get(before, d), get(after, d)
+        ids = sorted(set(b) & set(a))
+        diff = np.array([b[i] - a[i] for i in ids])
+        per.append(diff.mean())
+        boots += diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+    boots /= len(domains)
+    return {"drop": float(np.mean(per)), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "domains": list(domains)}
+
+
+def pooled(records_by_seed: dict[int, list[PromptRecord]]) -> list[PromptRecord]:
+    """Stack per-seed records into one list whose ids are ``seed:id`` (the unit of resampling)."""
+    from dataclasses import replace
+
+    return [replace(r, id=f"{seed}:{r.id}") for seed, recs in records_by_seed.items() for r in recs]
+
+
+def claim(cid: str, text: str, status: str, evidence: str) -> dict:
+    if status not in ("replicated", "not replicated", "inconclusive"):
+        raise ValueError(f"unknown claim status {status!r}")
+    return {"id": cid, "claim": text, "status": status, "evidence": evidence}
+
+
+def save_records(path: Path, records: list[PromptRecord]) -> None:
+    write_jsonl(path, [r.__dict__ for r in records])
+
+
+_ = state_id  # re-exported for experiments that key their own stages
+
+
+def condition(study: Study, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
+              base_records: list[PromptRecord] | None = None, **unlearn_kwargs) -> dict:
+    """Unlearn ``target`` once per seed, evaluate each adapter, and pool prompts over seeds.
+
+    Returns:
+        ``{"after": pooled records, "base": base records pooled the same way, "runs": stage dirs,
+        "reports": per-seed report dicts}``.
+    """
+    if base_records is None:
+        _, base_records = study.evaluate("base")
+    after, base, runs, reports = {}, {}, [], []
+    for seed in study.cfg.seeds:
+        run = study.unlearn(target, method, retain_domains, seed=seed, **unlearn_kwargs)
+        report, records = study.evaluate(f"{method}-{target}", adapter=run / "adapter")
+        after[seed], base[seed] = records, base_records
+        runs.append(str(run))
+        reports.append(report.to_dict())
+    return {"after": pooled(after), "base": pooled(base), "runs": runs, "reports": reports}
