@@ -195,7 +195,7 @@ class Study:
     # -- unlearning ---------------------------------------------------------------------------
     def unlearn(self, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
                 seed: int = 0, trigger: str | None = None, ablation=None, ablation_id: str | None = None,
-                steps: int | None = None) -> Path:
+                steps: int | None = None, n_retain_per_domain: int | None = None) -> Path:
         """Train (or reuse) an unlearning adapter; returns the stage directory (adapter under ``adapter/``).
 
         Args:
@@ -212,7 +212,7 @@ class Study:
         ucfg = UnlearnConfig(
             target_domains=(target,), method=method, beta=self.cfg.beta, alpha=self.cfg.alpha,
             retain_mode="ce" if retain_domains else "none", retain_domains=tuple(retain_domains) or None,
-            n_forget=self.cfg.n_forget, n_retain_per_domain=self.cfg.n_retain_per_domain,
+            n_forget=self.cfg.n_forget, n_retain_per_domain=n_retain_per_domain or self.cfg.n_retain_per_domain,
             steps=steps or self.cfg.steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
             dtype=self.cfg.dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
         )

@@ -1,0 +1,76 @@
+"""H7 — mechanism: how unlearning changes the representation.
+
+Questions: (a) how far does each domain's concept vector drift, per layer, when the target is
+unlearned; (b) does each domain's mean activation lose its projection on the base model's refusal
+direction; (c) does ablating the refusal direction alone reproduce unlearning's per-domain EMA
+pattern?
+Prediction: drift and projection loss concentrate in the layers after the refusal direction's
+source layer; the per-domain drop under ablation correlates positively with the drop under NPO.
+Falsified (c) if: ρ ≤ 0 between the two per-domain drop profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.common import Study, StudyConfig, condition, paired_drop
+from interp.config import JsonConfig
+from interp.runs import run_dir, write_run
+from interp.suite import DOMAINS
+from probes.entanglement import drift
+from probes.stats import correlate
+
+EXPERIMENT = "h7_mechanism"
+
+
+@dataclass
+class Config(JsonConfig):
+    """H7 settings."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """Shared model, evaluation and training settings."""
+    targets: tuple[str, ...] = ("cybersecurity", "safety")
+    """Unlearning targets to analyse (first seed's adapter)."""
+
+
+def _projection(means: dict, direction) -> dict[str, list[float]]:
+    out = {}
+    for name, m in means.items():
+        out[name] = [float(m[layer].double() @ direction.vector_for(layer).double()) for layer in range(m.shape[0])]
+    return out
+
+
+def main(cfg: Config) -> dict:
+    study = Study(cfg.study)
+    _, base = study.evaluate("base")
+    direction = study.refusal_direction()
+    ablation, ablation_id = study.ablation()
+    _, ablated = study.evaluate("ablated", intervention=ablation(), intervention_id=ablation_id)
+    ablation_drop = {d: paired_drop(base, ablated, d, "judge") for d in DOMAINS}
+    ablation_logit = {d: paired_drop(base, ablated, d, "logit") for d in DOMAINS}
+    base_concepts = study.concepts()
+    base_proj = _projection(study.domain_means(), direction)
+    targets = {}
+    for target in cfg.targets:
+        cond = condition(study, target, "npo", (), base_records=base)
+        adapter = Path(cond["runs"][0]) / "adapter"
+        after_concepts = study.concepts(adapter)
+        after_proj = _projection(study.domain_means(adapter), direction)
+        npo_drop = {d: paired_drop(cond["base"], cond["after"], d, "judge")["drop"] for d in DOMAINS}
+        npo_logit = {d: paired_drop(cond["base"], cond["after"], d, "logit")["drop"] for d in DOMAINS}
+        targets[target] = {
+            "drift": drift(base_concepts, after_concepts),
+            "projection_before": base_proj, "projection_after": after_proj,
+            "npo_drop": npo_drop,
+            "ablation_vs_npo": {
+                "judge": correlate([ablation_drop[d]["drop"] for d in DOMAINS], [npo_drop[d] for d in DOMAINS],
+                                   n_perm=5000).to_dict(),
+                "logit": correlate([ablation_logit[d]["drop"] for d in DOMAINS], [npo_logit[d] for d in DOMAINS],
+                                   n_perm=5000).to_dict()},
+        }
+    metrics = {"refusal_direction": {"layer": direction.meta.get("layer"), "position": direction.meta.get("position")},
+               "ablation_drop": ablation_drop, "ablation_logit": ablation_logit, "targets": targets,
+               "layers": list(range(len(base_proj[DOMAINS[0]])))}
+    write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
+    return metrics

@@ -1,0 +1,53 @@
+"""H8 — the 7×7 transfer matrix (beyond the paper).
+
+Hypothesis: the refusal drop in domain j after unlearning domain i is predicted by the early-layer
+similarity of i and j, across all 42 ordered off-diagonal pairs.
+Prediction: Spearman ρ between the off-diagonal drop matrix and the early-layer similarity matrix
+is positive with permutation p < 0.05 (pairs are not independent; the p-value is indicative).
+Falsified if: ρ ≤ 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from experiments.common import Study, StudyConfig, condition, paired_drop
+from interp.config import JsonConfig
+from interp.runs import run_dir, write_run
+from interp.suite import DOMAINS
+from probes.entanglement import BANDS, early_similarity
+from probes.stats import correlate
+
+EXPERIMENT = "h8_transfer_matrix"
+
+
+@dataclass
+class Config(JsonConfig):
+    """H8 settings."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """Shared model, evaluation and training settings."""
+    targets: tuple[str, ...] = DOMAINS
+    """Domains to unlearn in turn (rows of the matrix)."""
+
+
+def main(cfg: Config) -> dict:
+    study = Study(cfg.study)
+    _, base = study.evaluate("base")
+    concepts = study.concepts()
+    n_layers = len(concepts.layers)
+    drops, logit, sims = {}, {}, {band: {} for band in BANDS}
+    for target in cfg.targets:
+        cond = condition(study, target, "npo", (), base_records=base)
+        drops[target] = {d: paired_drop(cond["base"], cond["after"], d, "judge")["drop"] for d in DOMAINS}
+        logit[target] = {d: paired_drop(cond["base"], cond["after"], d, "logit")["drop"] for d in DOMAINS}
+        for band in BANDS:
+            sims[band][target] = early_similarity(concepts, concepts.direction(target), band, n_layers)
+    pairs = [(i, j) for i in cfg.targets for j in DOMAINS if i != j]
+    corr = {band: {"judge": correlate([sims[band][i][j] for i, j in pairs], [drops[i][j] for i, j in pairs]).to_dict(),
+                   "logit": correlate([sims[band][i][j] for i, j in pairs], [logit[i][j] for i, j in pairs]).to_dict()}
+            for band in BANDS}
+    metrics = {"rows": list(cfg.targets), "cols": list(DOMAINS), "drop_judge": drops, "drop_logit": logit,
+               "similarity": sims, "correlation": corr}
+    write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
+    return metrics
