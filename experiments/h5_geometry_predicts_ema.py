@@ -17,7 +17,7 @@ from experiments.common import Study, StudyConfig, claim, condition, paired_drop
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from interp.suite import DOMAINS
-from probes.entanglement import BANDS, band_layers, early_similarity
+from probes.entanglement import BANDS, band_layers, early_similarity, similarity_matrix
 from probes.stats import correlate
 
 EXPERIMENT = "h5_geometry_predicts_ema"
@@ -81,7 +81,8 @@ def main(cfg: Config) -> dict:
     evidence = "; ".join(
         f"{b}: ρ={m['judge']['spearman']:.2f} (p={m['judge']['p_perm_spearman']:.3f}, "
         f"logit-drop ρ={m['logit']['spearman']:.2f})" for b, m in bands.items()) + f"; n={len(pts)} pairs"
-    metrics = {"points": pts, "bands": bands, "contrast": cfg.contrast, "claim": claim(
+    similarity = similarity_matrix(study.concepts(contrast=cfg.contrast)).to_dict()
+    metrics = {"points": pts, "bands": bands, "contrast": cfg.contrast, "similarity": similarity, "claim": claim(
         "C5", "Early-layer concept similarity to the target predicts EMA", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics

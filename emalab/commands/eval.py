@@ -1,0 +1,161 @@
+"""Measure refusal per domain: logit refusal score and judged generations, with bootstrap 95% CIs.
+
+  emalab eval                                   # all seven domains + over-refusal, eval split
+  emalab eval --limit 24 --no-generate          # quick: logit score only, 24 prompts per domain
+  emalab eval --adapter runs/x/adapter --out results/eval/x.json
+  emalab eval --calibrate                       # judges and logit score vs the human-labelled set
+
+Rates use all prompts of a domain as denominator (refusal + compliance + incoherent = 1).
+Generated responses are never printed or saved; per-prompt records (id, domain, logit score,
+label) go next to --out as <out>.records.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "eval"
+HELP = "refusal rate per domain (logit score + judged generations) with bootstrap CIs"
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was trained on a different base model than the one loaded."""
+
+
+def _field_doc(name: str) -> str:
+    import ast
+    import inspect
+
+    from interp.evaluate import EvalConfig
+
+    tree = ast.parse(inspect.getsource(EvalConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                return str(nxt.value.value)
+    return ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from interp.judge import JUDGES
+    from interp.registry import DEFAULT_MODEL
+    from interp.suite import DOMAINS, EXTRA_SETS
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local dir or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", type=Path, default=None, help="PEFT adapter directory to evaluate on top of --model")
+    parser.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 (default; ~3.5x faster on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), metavar="DOMAIN",
+                        choices=list(DOMAINS + EXTRA_SETS), help=_field_doc("domains"))
+    parser.add_argument("--split", default="eval", help=_field_doc("split"))
+    parser.add_argument("--limit", type=int, default=None, help=_field_doc("limit"))
+    parser.add_argument("--no-over-refusal", action="store_true", help="skip the over-refusal row")
+    parser.add_argument("--no-generate", action="store_true", help="logit score only (no generation, no judge)")
+    parser.add_argument("--judge", default="keyword", choices=list(JUDGES), help=_field_doc("judge"))
+    parser.add_argument("--max-new-tokens", type=int, default=48, help=_field_doc("max_new_tokens"))
+    parser.add_argument("--batch-size", type=int, default=16, help=_field_doc("batch_size"))
+    parser.add_argument("--n-bootstrap", type=int, default=1000, help=_field_doc("n_bootstrap"))
+    parser.add_argument("--seed", type=int, default=0, help=_field_doc("seed"))
+    parser.add_argument("--system", default=None, help=_field_doc("system"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the report JSON here (and per-prompt records to <out stem>.records.jsonl)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="instead of evaluating, score the judges and the logit score against the "
+                             "human-labelled calibration set")
+    parser.add_argument("--labelled", type=Path, default=None, help="labelled JSONL for --calibrate (default: packaged set)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _adapter_file(adapter_dir: Path) -> Path:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).exists():
+            return adapter_dir / name
+    raise FileNotFoundError(f"{adapter_dir} holds no adapter_model.safetensors or adapter_model.bin; "
+                            "pass the directory a PEFT training run saved")
+
+
+def _same_base(declared: str | None, model_arg: str) -> bool:
+    if not declared:
+        return True  # the adapter does not say; nothing to check against
+    from interp.registry import EMBEDDED_MODELS, fetch_embedded
+
+    candidates = {model_arg, model_arg.rstrip("/")}
+    if model_arg in EMBEDDED_MODELS:
+        candidates.add(str(fetch_embedded(model_arg)))
+    names = {Path(c).name for c in candidates}
+    return declared.rstrip("/") in candidates or Path(declared.rstrip("/")).name in names
+
+
+def attach_adapter(lm, adapter_dir: Path, model_arg: str):
+    """Wrap ``lm.model`` with the PEFT adapter in ``adapter_dir`` and record its id in ``lm.extra``."""
+    from peft import PeftModel
+
+    from interp.io import read_json, sha256_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} does not exist; --adapter must be a PEFT adapter directory")
+    declared = read_json(cfg_path).get("base_model_name_or_path")
+    if not _same_base(declared, model_arg):
+        raise AdapterMismatchError(
+            f"adapter {adapter_dir} was trained on base model {declared!r} but --model is {model_arg!r}; "
+            f"pass --model {declared}"
+        )
+    weights = _adapter_file(adapter_dir)
+    lm.model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
+    lm.extra["adapter_id"] = sha256_file(weights)[:16]
+    lm.extra["adapter_dir"] = str(adapter_dir)
+    return lm
+
+
+def run(args: argparse.Namespace) -> int:
+    from interp.loading import load_model
+
+    if args.calibrate:
+        from interp.calibration import CALIBRATION_PATH, calibrate, format_calibration
+
+        # The model judge is the loaded --model (the embedded default unless told otherwise).
+        judges = ["keyword", "model"]
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+        if args.adapter is not None:
+            attach_adapter(lm, args.adapter, args.model)
+        res = calibrate(args.labelled or CALIBRATION_PATH, judges, lm)
+        print(format_calibration(res))
+        if args.out is not None:
+            from interp.io import atomic_write_json
+
+            atomic_write_json(args.out, res)
+            print(f"wrote {args.out}")
+        return 0
+
+    from interp.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        domains=tuple(args.domains), split=args.split, limit=args.limit, over_refusal=not args.no_over_refusal,
+        generate=not args.no_generate, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        judge=args.judge, n_bootstrap=args.n_bootstrap, seed=args.seed, system=args.system,
+    )
+    if args.out is not None:
+        from interp.io import ensure_writable_dir
+
+        ensure_writable_dir(Path(args.out).parent, "--out directory")
+    import time
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.adapter is not None:
+        attach_adapter(lm, args.adapter, args.model)
+    load_s = time.perf_counter() - t0
+    report = evaluate(lm, cfg, progress=not args.quiet)
+    report.timings = {"load_s": load_s, **report.timings}
+    print(report.table())
+    if args.out is not None:
+        report.save(args.out)
+        records = Path(args.out).with_suffix("").with_suffix(".records.jsonl")
+        report.save_records(records)
+        print(f"wrote {args.out} and {records}", file=sys.stderr)
+    return 0

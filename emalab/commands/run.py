@@ -1,0 +1,40 @@
+"""Run the whole study on one model: baseline evaluation, activations and concept vectors, the
+refusal direction, NPO on cybersecurity and safety with and without retain-CE, the LoRA-SFT
+baseline, re-evaluation, entanglement analysis, figures and REPORT.md.
+
+Finished stages are cached under RESULTS/stages; an interrupted run resumes where it stopped."""
+
+from __future__ import annotations
+
+NAME = "run"
+HELP = "run the main job (all hypotheses → figures → REPORT.md); resumes after interruption"
+
+
+def add_arguments(parser) -> None:
+    from experiments.common import StudyConfig
+    from interp.config import add_config_arguments
+
+    parser.add_argument("--preset", choices=["quick", "full"], default="quick",
+                        help="quick: one seed, 24 prompts per domain (~20 min on 2 CPU cores); "
+                             "full: 3 seeds, whole splits, adds H6 and H8 (hours on CPU)")
+    parser.add_argument("--experiments", nargs="+", help="run only these experiment modules")
+    parser.add_argument("--no-figures", action="store_true", help="skip figure generation")
+    add_config_arguments(parser, StudyConfig)
+
+
+def run(args) -> int:
+    from dataclasses import replace
+
+    from emalab.pipeline import PRESETS, run_pipeline
+    from experiments.common import StudyConfig
+    from interp.config import config_from_args
+
+    cfg = PRESETS[args.preset]
+    cfg = replace(cfg, study=config_from_args(StudyConfig, args, base=cfg.study))
+    if args.experiments:
+        cfg = replace(cfg, experiments=tuple(args.experiments))
+    if args.no_figures:
+        cfg = replace(cfg, figures=False)
+    out = run_pipeline(cfg)
+    print(f"done: {out}")
+    return 0

@@ -1,0 +1,76 @@
+"""The main job: every hypothesis of the study on one model, then figures and REPORT.md.
+
+Stages are cached under ``results/stages`` (see :mod:`interp.runs`), so an interrupted run resumes
+without redoing finished work, and experiments that share a stage compute it once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.common import StudyConfig
+from interp.config import JsonConfig
+from interp.io import atomic_write_json
+
+__all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
+
+QUICK = ("h1_narrow_unlearning", "h2_ema_spreads", "h3_safety_spreads_further", "h5_geometry_predicts_ema",
+         "h4_retain_contains_ema", "h7_mechanism")
+FULL = (*QUICK, "h6_prediction_guided_retain", "h8_transfer_matrix")
+
+
+@dataclass
+class PipelineConfig(JsonConfig):
+    """What the main job runs."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """Model, evaluation and training settings shared by all experiments."""
+    experiments: tuple[str, ...] = QUICK
+    """Experiment modules to run, in order."""
+    figures: bool = True
+    """Regenerate the figures from the saved results."""
+    report: bool = True
+    """Write REPORT.md from the saved results."""
+
+
+PRESETS: dict[str, PipelineConfig] = {
+    "quick": PipelineConfig(),
+    "full": PipelineConfig(
+        study=StudyConfig(eval_limit=None, probe_limit=None, seeds=(0, 1, 2), max_new_tokens=48),
+        experiments=FULL,
+    ),
+}
+
+
+def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
+    """Run the experiments, figures and report; returns the path of REPORT.md (or the results dir)."""
+    results = Path(cfg.study.results)
+    timings = {}
+    t_all = time.perf_counter()
+    for name in cfg.experiments:
+        module = importlib.import_module(f"experiments.{name}")
+        exp_cfg = module.Config(study=cfg.study)
+        log(f"[emalab] {name}: {module.__doc__.strip().splitlines()[0]}")
+        t0 = time.perf_counter()
+        metrics = module.main(exp_cfg)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        verdict = metrics.get("claim")
+        log(f"[emalab] {name} done in {timings[name]:.0f}s"
+            + (f" — {verdict['id']}: {verdict['status']}" if verdict else ""))
+    if cfg.figures:
+        from figures import make_all
+
+        paths = make_all(results)
+        log(f"[emalab] {len(paths)} figures in {results / 'figures'}")
+    timings["total"] = round(time.perf_counter() - t_all, 1)
+    atomic_write_json(results / "pipeline.json", {"config": cfg.to_dict(), "timings_s": timings})
+    if cfg.report:
+        from emalab.report import write_report
+
+        report = write_report(results)
+        log(f"[emalab] report: {report}")
+        return report
+    return results
