@@ -32,7 +32,7 @@ __all__ = [
     "collect_cached",
 ]
 
-POSITIONS = ("last", "post_instruction_mean", "all")
+POSITIONS = ("last", "post_instruction_mean", "all", "post_instruction")
 
 
 class NaNActivationError(FloatingPointError):
@@ -110,19 +110,21 @@ def collect_activations(
     formatted: bool = False,
     progress: bool = False,
     remote: bool = False,
-) -> Float[Tensor, "batch layer d_model"]:
+) -> Float[Tensor, "batch layer d_model"] | Float[Tensor, "batch pos layer d_model"]:
     """Activations of ``prompts`` (input order) at ``site``, one trace per length-sorted batch.
 
     Args:
         position: ``last`` (last prompt token), ``post_instruction_mean`` (mean over the template
-            tokens after the user message), or ``all`` (use :func:`collect_cached`'s ragged form —
+            tokens after the user message), ``post_instruction`` (each of those template tokens
+            separately: the result is ``(batch, pos, layer, d_model)``, ``pos`` in prompt order, the
+            last being the last prompt token), or ``all`` (use :func:`collect_cached`'s ragged form —
             not supported here).
         formatted: ``prompts`` are already chat-formatted texts.
         remote: forwarded to nnsight (NDIF remote execution for very large models).
     """
     check_site(site)
-    if position not in ("last", "post_instruction_mean"):
-        raise ValueError(f"position must be one of {POSITIONS[:2]} here, got {position!r}")
+    if position not in ("last", "post_instruction_mean", "post_instruction"):
+        raise ValueError(f"position must be one of {POSITIONS[:2] + POSITIONS[3:]} here, got {position!r}")
     if not prompts:
         raise ValueError("the prompt set is empty; nothing to collect")
     layers = check_layers(lm.model, layers)
@@ -133,10 +135,14 @@ def collect_activations(
     batches = list(iter_batches(lm.tokenizer, texts, batch_size, max_prompt_tokens))
     for batch in tqdm(batches, desc=f"activations {site}", unit="batch", disable=not progress, leave=False):
         acts = trace_batch(nlm, batch.to(lm.device), layers, site, n_last, remote=remote)
-        acts = acts.float().mean(dim=1) if n_last > 1 else acts[:, 0].float()
-        _check_finite(acts, layers, site)
+        if position == "post_instruction":
+            acts = acts.float()
+            _check_finite(acts.flatten(0, 1), layers, site)
+        else:
+            acts = acts.float().mean(dim=1) if n_last > 1 else acts[:, 0].float()
+            _check_finite(acts, layers, site)
         if out is None:
-            out = torch.empty(len(texts), len(layers), acts.shape[-1])
+            out = torch.empty(len(texts), *acts.shape[1:])
         out[batch.index] = acts.cpu()
     return out
 

@@ -1,0 +1,44 @@
+"""emalab's probing layer: directions and their builders, concept vectors and probes, the refusal
+direction, interventions, entanglement measures and prediction statistics.
+
+Builds on :mod:`interp` (never the other way round). The main names are re-exported here.
+"""
+
+from interp.direction import Direction, DModelMismatchError, MissingLayerError
+from probes.concepts import ConceptVectors, ProbeAccuracy, concept_vectors, probe_accuracy
+from probes.directions import DirectionBuilder, logistic, mean_difference, pca
+from probes.entanglement import depth_bands, drift, early_similarity, refusal_projection, similarity_matrix
+from probes.interventions import ablate_direction, add_activation, orthogonalize_weights, steer
+from probes.refusal_direction import RefusalDirectionConfig, RefusalDirectionResult, select_refusal_direction
+from probes.stats import CorrelationResult, PairedResult, bootstrap_ci, correlate, paired_test
+
+__all__ = [
+    "Direction",
+    "DModelMismatchError",
+    "MissingLayerError",
+    "DirectionBuilder",
+    "mean_difference",
+    "pca",
+    "logistic",
+    "ConceptVectors",
+    "ProbeAccuracy",
+    "concept_vectors",
+    "probe_accuracy",
+    "RefusalDirectionConfig",
+    "RefusalDirectionResult",
+    "select_refusal_direction",
+    "ablate_direction",
+    "add_activation",
+    "steer",
+    "orthogonalize_weights",
+    "similarity_matrix",
+    "refusal_projection",
+    "drift",
+    "early_similarity",
+    "depth_bands",
+    "CorrelationResult",
+    "PairedResult",
+    "correlate",
+    "paired_test",
+    "bootstrap_ci",
+]
