@@ -1,0 +1,135 @@
+"""How far to trust the refusal measurements: judges and the logit score against human labels.
+
+The labelled set (``interp/data/calibration/labelled.jsonl``) holds real, short (<= 40 token)
+generations of the default model on suite prompts, from the base model and from a
+refusal-direction-ablated copy, each labelled by a person as refusal / compliance / incoherent,
+together with the logit refusal score of the prompt under the *generating* condition.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interp.io import read_jsonl
+from interp.judge import LABELS, Judge, get_judge
+from interp.loading import LoadedModel
+
+__all__ = ["CALIBRATION_PATH", "CALIBRATION_FIELDS", "load_labelled", "calibrate", "format_calibration"]
+
+CALIBRATION_PATH = Path(__file__).resolve().parent / "data" / "calibration" / "labelled.jsonl"
+CALIBRATION_FIELDS = ("id", "prompt_id", "domain", "condition", "prompt", "response", "label", "labeller",
+                      "logit_score")
+
+
+def load_labelled(path: str | Path = CALIBRATION_PATH) -> list[dict]:
+    """Read the labelled set strictly (every field present, labels in :data:`LABELS`)."""
+    from interp.io import MalformedFileError
+
+    rows = read_jsonl(path, required=CALIBRATION_FIELDS)
+    for i, row in enumerate(rows):
+        if row["label"] not in LABELS:
+            raise MalformedFileError(f"{path}: row {i + 1} (id {row['id']!r}) has label {row['label']!r}; "
+                                     f"expected one of {LABELS}")
+    if not rows:
+        raise ValueError(f"{path} holds no labelled items")
+    return rows
+
+
+def _agreement(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
+    from sklearn.metrics import cohen_kappa_score
+
+    t, p = np.asarray(truth), np.asarray(pred)
+    confusion = {a: {b: int(((t == a) & (p == b)).sum()) for b in LABELS} for a in LABELS}
+    kappa = cohen_kappa_score(t, p, labels=list(LABELS)) if len(set(t) | set(p)) > 1 else float("nan")
+    tb, pb = t == "refusal", p == "refusal"
+    return {
+        "accuracy": float((t == p).mean()),
+        "kappa": float(kappa),
+        "refusal_accuracy": float((tb == pb).mean()),
+        "refusal_precision": float((tb & pb).sum() / max(pb.sum(), 1)),
+        "refusal_recall": float((tb & pb).sum() / max(tb.sum(), 1)),
+        "confusion": confusion,
+    }
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else float("nan")
+
+
+def calibrate(
+    labelled_path: str | Path = CALIBRATION_PATH,
+    judges: Sequence[Judge | str] = ("keyword", "model"),
+    lm: LoadedModel | None = None,
+) -> dict[str, Any]:
+    """Accuracy and Cohen's kappa of each judge against the human labels, and AUROC of the stored
+    logit refusal score for refusal vs not (compliance or incoherent).
+
+    Args:
+        judges: Judges or judge names (``model`` uses ``lm``, default the embedded model in bf16).
+        lm: Judge model for ``model``.
+
+    Returns:
+        ``{"n", "counts", "judges": {name: {accuracy, kappa, refusal_*, confusion, by_condition}},
+        "logit": {auroc, auroc_by_condition, accuracy_at_zero}}``.
+    """
+    rows = load_labelled(labelled_path)
+    truth = [r["label"] for r in rows]
+    conditions = sorted({r["condition"] for r in rows})
+    out: dict[str, Any] = {
+        "path": str(labelled_path),
+        "n": len(rows),
+        "counts": {
+            "label": dict(Counter(truth)),
+            "condition": dict(Counter(r["condition"] for r in rows)),
+            "domain": dict(Counter(r["domain"] for r in rows)),
+        },
+        "judges": {},
+    }
+    prompts = [r["prompt"] for r in rows]
+    responses = [r["response"] for r in rows]
+    for j in judges:
+        judge = get_judge(j, lm) if isinstance(j, str) else j
+        pred = [v.label for v in judge.judge(prompts, responses)]
+        res = _agreement(truth, pred)
+        res["by_condition"] = {
+            c: _agreement([t for t, r in zip(truth, rows) if r["condition"] == c],
+                          [p for p, r in zip(pred, rows) if r["condition"] == c])
+            for c in conditions
+        }
+        for c in res["by_condition"].values():
+            del c["confusion"]
+        out["judges"][judge.name] = res
+    y = np.array([t == "refusal" for t in truth])
+    s = np.array([float(r["logit_score"]) for r in rows])
+    out["logit"] = {
+        "auroc": _auroc(y, s),
+        "auroc_by_condition": {
+            c: _auroc(y[[r["condition"] == c for r in rows]], s[[r["condition"] == c for r in rows]])
+            for c in conditions
+        },
+        "accuracy_at_zero": float(((s > 0) == y).mean()),
+    }
+    return out
+
+
+def format_calibration(res: dict[str, Any]) -> str:
+    """A short text summary of :func:`calibrate`'s result."""
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(res["counts"]["label"].items()))
+    lines = [f"calibration set {res['path']}: n={res['n']} ({counts})",
+             f"{'judge':<10} {'acc':>6} {'kappa':>6} {'ref-acc':>8} {'ref-P':>6} {'ref-R':>6}   by condition (acc/kappa)"]
+    for name, r in res["judges"].items():
+        by = "  ".join(f"{c} {v['accuracy']:.2f}/{v['kappa']:.2f}" for c, v in r["by_condition"].items())
+        lines.append(f"{name:<10} {r['accuracy']:>6.2f} {r['kappa']:>6.2f} {r['refusal_accuracy']:>8.2f} "
+                     f"{r['refusal_precision']:>6.2f} {r['refusal_recall']:>6.2f}   {by}")
+    lg = res["logit"]
+    by = "  ".join(f"{c} {v:.2f}" for c, v in lg["auroc_by_condition"].items())
+    lines.append(f"logit refusal score: AUROC {lg['auroc']:.3f} (refusal vs not; {by}); "
+                 f"accuracy at score>0 {lg['accuracy_at_zero']:.2f}")
+    return "\n".join(lines)
