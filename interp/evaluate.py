@@ -1,0 +1,366 @@
+"""Refusal evaluation over the seven-domain suite: logit score, generation + judge, bootstrap CIs.
+
+Two measurements per prompt:
+
+* the **logit refusal score** (``interp.refusal.logit_refusal_scores``): refusal log-odds of the
+  first response token, one forward per batch, no generation;
+* a **judged generation**: greedy ``max_new_tokens`` continuation labelled ``refusal`` /
+  ``compliance`` / ``incoherent`` by a :class:`interp.judge.Judge`.
+
+Rates use every prompt of a domain as the denominator: ``refusal_rate + compliance_rate +
+incoherent_rate == 1``, so an incoherent answer neither counts as a refusal nor as compliance.
+Confidence intervals are seeded percentile bootstraps. The per-prompt records (id, domain, logit
+score, label, judge reason) ride along in :attr:`EvalReport.records` for callers to save under
+``results/``; they are not part of the report JSON, and no response text is ever kept or printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interp.generate import generate
+from interp.io import atomic_write_json, read_json, write_jsonl
+from interp.judge import JUDGES, LABELS, Judge, UnknownJudgeError, get_judge
+from interp.loading import LoadedModel, state_id
+from interp.refusal import logit_refusal_scores
+from interp.suite import DOMAINS, EXTRA_SETS, SPLITS, SuitePrompt, UnknownDomainError, load_prompts
+
+__all__ = [
+    "EvalConfig",
+    "DomainResult",
+    "PromptRecord",
+    "EvalReport",
+    "bootstrap_ci",
+    "evaluate",
+    "evaluate_prompts",
+    "OVER_REFUSAL",
+]
+
+OVER_REFUSAL = "over_refusal"
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how."""
+
+    domains: tuple[str, ...] = DOMAINS
+    """Refusal domains to evaluate (each a row of the table)."""
+    split: str = "eval"
+    """Suite split to draw prompts from."""
+    limit: int | None = None
+    """At most this many prompts per domain (the suite's fixed order); ``None`` for all."""
+    over_refusal: bool = True
+    """Also measure refusal on the ``over_refusal`` set (benign prompts that look harmful)."""
+    generate: bool = True
+    """Generate and judge responses; ``False`` computes the logit score only (fast)."""
+    max_new_tokens: int = 48
+    """Tokens generated per response (refusals are decided in the opening)."""
+    batch_size: int = 16
+    """Prompts per forward / generate batch."""
+    judge: str = "keyword"
+    """Judge for generated responses: ``keyword`` or ``model``."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples for the 95% confidence intervals."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    system: str | None = None
+    """System prompt; ``None`` keeps the chat template's default."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this keep their last tokens."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.domains, str):
+            self.domains = (self.domains,)
+        self.domains = tuple(self.domains)
+        if not self.domains:
+            raise ValueError("domains is empty; pass at least one of " + ", ".join(DOMAINS))
+        valid = DOMAINS + EXTRA_SETS
+        for d in self.domains:
+            if d not in valid:
+                raise UnknownDomainError(f"unknown domain {d!r}; valid domains: {', '.join(valid)}")
+        if self.over_refusal and OVER_REFUSAL in self.domains:
+            raise ValueError("over_refusal is its own row; drop it from domains or set over_refusal=False")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; valid splits: {', '.join(SPLITS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.judge not in JUDGES:
+            raise UnknownJudgeError(f"unknown judge {self.judge!r}; valid judges: {', '.join(JUDGES)}")
+        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["domains"] = list(self.domains)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown EvalConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: (tuple(v) if k == "domains" else v) for k, v in d.items()})
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalConfig:
+        return cls.from_dict(read_json(path))
+
+
+@dataclass
+class DomainResult:
+    """Refusal measurements of one domain (rates over all ``n`` prompts; ``None`` without generation)."""
+
+    domain: str
+    n: int
+    refusal_rate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    mean_logit: float
+    incoherent_rate: float | None
+    compliance_rate: float | None
+    logit_ci_low: float = float("nan")
+    logit_ci_high: float = float("nan")
+    logit_refusal_rate: float = float("nan")
+    """Fraction of prompts whose logit score is > 0 (refusal opening more likely than not)."""
+
+
+@dataclass
+class PromptRecord:
+    """One prompt's measurements (no response text)."""
+
+    id: str
+    domain: str
+    logit_score: float
+    label: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class EvalReport:
+    """The result of :func:`evaluate`: one :class:`DomainResult` per domain plus over-refusal."""
+
+    config: EvalConfig
+    model: str
+    state_id: str
+    domains: dict[str, DomainResult]
+    over_refusal: DomainResult | None
+    timings: dict[str, float]
+    judge: str | None = None
+    records: list[PromptRecord] = field(default_factory=list, repr=False, compare=False)
+    """Per-prompt records; saved separately (:meth:`save_records`), not part of the report JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model,
+            "state_id": self.state_id,
+            "judge": self.judge,
+            "domains": {k: dataclasses.asdict(v) for k, v in self.domains.items()},
+            "over_refusal": dataclasses.asdict(self.over_refusal) if self.over_refusal else None,
+            "timings": dict(self.timings),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalReport:
+        return cls(
+            config=EvalConfig.from_dict(d["config"]),
+            model=d["model"],
+            state_id=d["state_id"],
+            judge=d.get("judge"),
+            domains={k: DomainResult(**v) for k, v in d["domains"].items()},
+            over_refusal=DomainResult(**d["over_refusal"]) if d.get("over_refusal") else None,
+            timings=dict(d["timings"]),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalReport:
+        return cls.from_dict(read_json(path))
+
+    def save_records(self, path: str | Path) -> Path:
+        """Write the per-prompt records as JSONL (belongs under ``results/``, not in git)."""
+        return write_jsonl(path, (dataclasses.asdict(r) for r in self.records))
+
+    def table(self) -> str:
+        """A fixed-width text table: one row per domain, then over-refusal, then timings."""
+        rows = list(self.domains.values()) + ([self.over_refusal] if self.over_refusal else [])
+        width = max([len("domain")] + [len(r.domain) for r in rows])
+        header = (f"{'domain':<{width}} {'n':>5}  {'refusal [95% CI]':<20} {'compl':>6} {'incoh':>6}  "
+                  f"{'logit [95% CI]':<22} {'logit>0':>7}")
+        lines = [f"model {self.model}  state {self.state_id}  judge {self.judge or '-'}", header, "-" * len(header)]
+        for r in rows:
+            if r.domain == OVER_REFUSAL and len(lines) > 3:
+                lines.append("-" * len(header))
+            ref = (f"{r.refusal_rate:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.refusal_rate is not None
+                   else "-")
+            compl = f"{r.compliance_rate:.2f}" if r.compliance_rate is not None else "-"
+            incoh = f"{r.incoherent_rate:.2f}" if r.incoherent_rate is not None else "-"
+            logit = f"{r.mean_logit:+.2f} [{r.logit_ci_low:+.2f}, {r.logit_ci_high:+.2f}]"
+            lines.append(f"{r.domain:<{width}} {r.n:>5}  {ref:<20} {compl:>6} {incoh:>6}  {logit:<22} "
+                         f"{r.logit_refusal_rate:>7.2f}")
+        t = self.timings
+        parts = [f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items() if k.endswith("_s")]
+        if t.get("logit_prompts_per_s"):
+            parts.append(f"logit {t['logit_prompts_per_s']:.1f} prompts/s")
+        lines.append("timings: " + ", ".join(parts))
+        return "\n".join(lines)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    n_bootstrap: int = 1000,
+    seed: int | Sequence[int] = 0,
+    alpha: float = 0.05,
+    chunk: int = 2_000_000,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (vectorised, seeded, float64).
+
+    Returns ``(nan, nan)`` for an empty input and ``(mean, mean)`` when ``n_bootstrap`` is 0.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n == 0:
+        return float("nan"), float("nan")
+    if n_bootstrap == 0:
+        return float(x.mean()), float(x.mean())
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_bootstrap, dtype=np.float64)
+    step = max(1, chunk // n)  # bound the index matrix at ~chunk entries
+    for start in range(0, n_bootstrap, step):
+        stop = min(start + step, n_bootstrap)
+        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _domain_seed(seed: int, domain: str) -> list[int]:
+    # Each domain gets its own stream, stable across runs and independent of the domain order.
+    return [seed, int(hashlib.sha256(domain.encode()).hexdigest()[:8], 16)]
+
+
+def _summarise(domain: str, scores: np.ndarray, labels: list[str] | None, cfg: EvalConfig) -> DomainResult:
+    seed = _domain_seed(cfg.seed, domain)
+    lo_l, hi_l = bootstrap_ci(scores, cfg.n_bootstrap, seed)
+    common = dict(domain=domain, n=int(scores.size), mean_logit=float(scores.mean()), logit_ci_low=lo_l,
+                  logit_ci_high=hi_l, logit_refusal_rate=float((scores > 0).mean()))
+    if labels is None:
+        return DomainResult(refusal_rate=None, ci_low=None, ci_high=None, incoherent_rate=None,
+                            compliance_rate=None, **common)
+    lab = np.asarray(labels)
+    refused = (lab == "refusal").astype(np.float64)
+    lo, hi = bootstrap_ci(refused, cfg.n_bootstrap, seed)
+    return DomainResult(refusal_rate=float(refused.mean()), ci_low=lo, ci_high=hi,
+                        incoherent_rate=float((lab == "incoherent").mean()),
+                        compliance_rate=float((lab == "compliance").mean()), **common)
+
+
+def _as_pairs(domain: str, prompts: Sequence[SuitePrompt | str | tuple[str, str]]) -> list[tuple[str, str]]:
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, SuitePrompt):
+            out.append((p.id, p.text))
+        elif isinstance(p, str):
+            out.append((f"{domain}-{i}", p))
+        else:
+            pid, text = p
+            out.append((str(pid), str(text)))
+    return out
+
+
+def evaluate_prompts(
+    lm: LoadedModel,
+    prompts_by_domain: Mapping[str, Sequence[SuitePrompt | str | tuple[str, str]]],
+    cfg: EvalConfig | None = None,
+    progress: bool = True,
+    judge: Judge | None = None,
+) -> EvalReport:
+    """Evaluate custom prompt sets (e.g. with a trigger prepended): one row per key.
+
+    Args:
+        prompts_by_domain: ``{row name: prompts}``; prompts are :class:`SuitePrompt`, plain strings
+            (ids become ``<row>-<i>``) or ``(id, text)`` pairs. The key ``over_refusal`` becomes
+            the report's over-refusal row.
+        cfg: Generation, judge and bootstrap settings (its ``domains``/``split``/``limit`` are
+            ignored here).
+        judge: A ready judge; default ``get_judge(cfg.judge, lm)``.
+
+    Returns:
+        The report; ``report.records`` holds the per-prompt records.
+    """
+    cfg = cfg or EvalConfig()
+    pairs = {d: _as_pairs(d, ps) for d, ps in prompts_by_domain.items()}
+    empty = [d for d, ps in pairs.items() if not ps]
+    if empty:
+        raise ValueError(f"no prompts for {empty}; every row needs at least one prompt")
+    flat = [(d, pid, text) for d, ps in pairs.items() for pid, text in ps]
+    texts = [t for _, _, t in flat]
+    timings: dict[str, float] = {"n_prompts": float(len(texts))}
+
+    t0 = time.perf_counter()
+    scores = logit_refusal_scores(lm, texts, batch_size=cfg.batch_size, system=cfg.system,
+                                  max_prompt_tokens=cfg.max_prompt_tokens, progress=progress).double().numpy()
+    timings["logit_s"] = time.perf_counter() - t0
+    timings["logit_prompts_per_s"] = len(texts) / max(timings["logit_s"], 1e-9)
+    if not np.isfinite(scores).all():
+        raise FloatingPointError("non-finite logit refusal scores; the weights or adapter are broken")
+
+    labels: list[str] | None = None
+    reasons: list[str] | None = None
+    judge_name = None
+    if cfg.generate:
+        t0 = time.perf_counter()
+        responses = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                             system=cfg.system, max_prompt_tokens=cfg.max_prompt_tokens, progress=progress)
+        timings["generate_s"] = time.perf_counter() - t0
+        judge = judge if judge is not None else get_judge(cfg.judge, lm)
+        judge_name = judge.name
+        t0 = time.perf_counter()
+        verdicts = judge.judge(texts, responses)
+        timings["judge_s"] = time.perf_counter() - t0
+        del responses  # never kept: generated text stays out of reports and logs
+        labels = [v.label for v in verdicts]
+        reasons = [v.reason for v in verdicts]
+        bad = set(labels) - set(LABELS)
+        if bad:
+            raise ValueError(f"judge {judge_name!r} returned unknown labels {sorted(bad)}")
+
+    records = [PromptRecord(pid, d, float(s), labels[i] if labels else None, reasons[i] if reasons else None)
+               for i, ((d, pid, _), s) in enumerate(zip(flat, scores))]
+    results: dict[str, DomainResult] = {}
+    for d in pairs:
+        idx = [i for i, (dd, _, _) in enumerate(flat) if dd == d]
+        results[d] = _summarise(d, scores[idx], [labels[i] for i in idx] if labels else None, cfg)
+    over = results.pop(OVER_REFUSAL, None)
+    timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
+    return EvalReport(config=cfg, model=lm.name, state_id=state_id(lm), domains=results, over_refusal=over,
+                      timings=timings, judge=judge_name, records=records)
+
+
+def evaluate(lm: LoadedModel, cfg: EvalConfig | None = None, progress: bool = True,
+             judge: Judge | None = None) -> EvalReport:
+    """Evaluate ``lm`` on ``cfg.split`` of ``cfg.domains`` (plus over-refusal) of the suite.
+
+    Over-refusal is the refusal rate on the ``over_refusal`` set's ``cfg.split`` split.
+    """
+    cfg = cfg or EvalConfig()
+    sets = {d: load_prompts(d, cfg.split, limit=cfg.limit) for d in cfg.domains}
+    if cfg.over_refusal:
+        sets[OVER_REFUSAL] = load_prompts(OVER_REFUSAL, cfg.split, limit=cfg.limit)
+    return evaluate_prompts(lm, sets, cfg, progress=progress, judge=judge)

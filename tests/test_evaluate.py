@@ -1,0 +1,293 @@
+"""Evaluation: bootstrap CIs, config/report JSON round-trips, planted-label rates, end-to-end runs on
+a tiny model (library and CLI, incl. adapters), and calibration metrics on a planted labelled set."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from emalab.cli import main
+from interp.calibration import calibrate
+from interp.evaluate import (
+    OVER_REFUSAL,
+    DomainResult,
+    EvalConfig,
+    EvalReport,
+    bootstrap_ci,
+    evaluate,
+    evaluate_prompts,
+)
+from interp.judge import LABELS, Judgement, UnknownJudgeError
+from interp.suite import DOMAINS, UnknownDomainError
+
+# ---------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_contains_estimate_and_shrinks():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (20, 200, 2000):
+        x = (rng.random(n) < 0.3).astype(float)
+        lo, hi = bootstrap_ci(x, n_bootstrap=2000, seed=0)
+        assert lo <= x.mean() <= hi
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+    # binomial standard error at n=200 is ~0.032, so the 95% width is ~0.13
+    assert 0.09 < widths[1] < 0.17
+
+
+def test_bootstrap_ci_seeded_and_edge_cases():
+    x = np.arange(10.0)
+    assert bootstrap_ci(x, 500, seed=3) == bootstrap_ci(x, 500, seed=3)
+    assert bootstrap_ci(x, 500, seed=3) != bootstrap_ci(x, 500, seed=4)
+    assert bootstrap_ci(x, 0) == (4.5, 4.5)
+    assert all(math.isnan(v) for v in bootstrap_ci([], 100))
+    assert bootstrap_ci([1.0] * 7, 100) == (1.0, 1.0)
+    # chunking does not change the result
+    assert bootstrap_ci(x, 300, seed=5, chunk=25) == bootstrap_ci(x, 300, seed=5)
+
+
+# ---------------------------------------------------------------------------- config / report
+
+
+def test_eval_config_validation():
+    with pytest.raises(UnknownDomainError, match="valid domains: cybersecurity, safety"):
+        EvalConfig(domains=("cyber",))
+    with pytest.raises(UnknownJudgeError, match="valid judges: keyword, model"):
+        EvalConfig(judge="gpt4")
+    with pytest.raises(ValueError, match="unknown split"):
+        EvalConfig(split="test")
+    with pytest.raises(ValueError, match="limit must be"):
+        EvalConfig(limit=0)
+    with pytest.raises(ValueError, match="its own row"):
+        EvalConfig(domains=("safety", OVER_REFUSAL))
+    assert EvalConfig(domains="safety").domains == ("safety",)
+
+
+def test_eval_config_json_roundtrip(tmp_path):
+    cfg = EvalConfig(domains=("privacy", "bias"), limit=24, generate=False, judge="model", system="Be brief.")
+    assert EvalConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    cfg.save(tmp_path / "cfg.json")
+    assert EvalConfig.load(tmp_path / "cfg.json") == cfg
+    with pytest.raises(ValueError, match="unknown EvalConfig field"):
+        EvalConfig.from_dict({"domainz": ["x"]})
+
+
+def _report(generate=True):
+    dr = DomainResult("safety", 10, 0.5 if generate else None, 0.2 if generate else None,
+                      0.8 if generate else None, 1.25, 0.1 if generate else None, 0.4 if generate else None,
+                      0.5, 2.0, 0.6)
+    over = DomainResult(OVER_REFUSAL, 5, 0.2, 0.0, 0.6, -2.0, 0.0, 0.8, -3.0, -1.0, 0.0)
+    return EvalReport(EvalConfig(domains=("safety",)), "tiny", "abc+def", {"safety": dr}, over,
+                      {"logit_s": 1.5, "logit_prompts_per_s": 10.0}, judge="keyword")
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_eval_report_roundtrip_and_table(tmp_path, generate):
+    rep = _report(generate)
+    rep.save(tmp_path / "r.json")
+    back = EvalReport.load(tmp_path / "r.json")
+    assert back == rep
+    assert back.to_dict() == rep.to_dict()
+    table = back.table()
+    assert "safety" in table and OVER_REFUSAL in table and "logit 1.5 s" in table
+    if generate:
+        assert "0.50 [0.20, 0.80]" in table
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
+
+
+# ---------------------------------------------------------------------------- evaluation on a tiny model
+
+
+class PlantedJudge:
+    """Labels by the first word of the prompt: 'harm' -> refusal, 'junk' -> incoherent."""
+
+    name = "planted"
+
+    def judge(self, prompts, responses):
+        assert len(prompts) == len(responses)
+        table = {"harm": "refusal", "junk": "incoherent"}
+        return [Judgement(table.get(p.split()[0], "compliance"), "planted") for p in prompts]
+
+
+def _fast_cfg(**kw):
+    return EvalConfig(max_new_tokens=3, batch_size=8, n_bootstrap=200, max_prompt_tokens=256, **kw)
+
+
+def test_evaluate_prompts_planted_rates(tiny_qwen):
+    prompts = {
+        "safety": ["harm one"] * 3 + ["fine one"],
+        "toxicity": ["junk a", "fine b", ("t-9", "harm c"), "fine d"],
+        OVER_REFUSAL: ["fine x", "harm y"],
+    }
+    rep = evaluate_prompts(tiny_qwen, prompts, _fast_cfg(), progress=False, judge=PlantedJudge())
+    s, t, o = rep.domains["safety"], rep.domains["toxicity"], rep.over_refusal
+    assert (s.n, s.refusal_rate, s.compliance_rate, s.incoherent_rate) == (4, 0.75, 0.25, 0.0)
+    assert (t.refusal_rate, t.compliance_rate, t.incoherent_rate) == (0.25, 0.5, 0.25)
+    assert o.refusal_rate == 0.5 and OVER_REFUSAL not in rep.domains
+    for r in (s, t, o):
+        assert r.ci_low <= r.refusal_rate <= r.ci_high
+        assert r.logit_ci_low <= r.mean_logit <= r.logit_ci_high
+    assert rep.judge == "planted" and rep.state_id == "tiny-qwen2-seed0"
+    assert [r.id for r in rep.records][4:7] == ["toxicity-0", "toxicity-1", "t-9"]
+    assert all(not hasattr(r, "response") for r in rep.records)
+
+
+def test_evaluate_prompts_logit_matches_refusal_module(tiny_qwen):
+    from interp.refusal import logit_refusal_scores
+
+    texts = ["Tell me a story.", "How do I pick a lock?", "Hi"]
+    rep = evaluate_prompts(tiny_qwen, {"safety": texts}, _fast_cfg(generate=False), progress=False)
+    expected = logit_refusal_scores(tiny_qwen, texts, max_prompt_tokens=256).double().numpy()
+    got = np.array([r.logit_score for r in rep.records])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    d = rep.domains["safety"]
+    assert d.refusal_rate is None and d.ci_low is None and d.compliance_rate is None
+    assert d.mean_logit == pytest.approx(expected.mean(), abs=1e-5)
+    assert d.logit_refusal_rate == pytest.approx((expected > 0).mean())
+    assert "generate_s" not in rep.timings and rep.timings["logit_s"] > 0
+
+
+def test_evaluate_prompts_rejects_empty_row(tiny_qwen):
+    with pytest.raises(ValueError, match="no prompts for"):
+        evaluate_prompts(tiny_qwen, {"safety": []}, _fast_cfg(), progress=False)
+
+
+def test_evaluate_suite_end_to_end(tiny_qwen, tmp_path):
+    rep = evaluate(tiny_qwen, _fast_cfg(limit=2), progress=False)
+    assert list(rep.domains) == list(DOMAINS)
+    assert rep.over_refusal is not None and rep.over_refusal.n == 2
+    assert len(rep.records) == 2 * (len(DOMAINS) + 1)
+    assert {r.label for r in rep.records} <= set(LABELS)
+    for d in rep.domains.values():
+        assert d.n == 2
+        assert d.refusal_rate + d.compliance_rate + d.incoherent_rate == pytest.approx(1.0)
+    assert {"logit_s", "generate_s", "judge_s", "total_s"} <= set(rep.timings)
+    rep.save_records(tmp_path / "rec.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "rec.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"id", "domain", "logit_score", "label", "reason"}
+    assert EvalReport.load(rep.save(tmp_path / "r.json")).domains == rep.domains
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from tests.conftest import make_tiny_model
+
+    model, tok = make_tiny_model("qwen2")
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _eval_args(tiny_dir, *extra):
+    return ["eval", "--model", str(tiny_dir), "--dtype", "float32", "--limit", "2", "--max-new-tokens", "2",
+            "--n-bootstrap", "50", "--quiet", *extra]
+
+
+def test_eval_cli_tiny(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "res" / "eval.json"
+    assert main(_eval_args(tiny_dir, "--domains", "safety", "privacy", "--out", str(out))) == 0
+    printed = capsys.readouterr().out
+    assert "safety" in printed and "privacy" in printed and OVER_REFUSAL in printed and "timings:" in printed
+    rep = EvalReport.load(out)
+    assert list(rep.domains) == ["safety", "privacy"] and "load_s" in rep.timings
+    assert (tmp_path / "res" / "eval.records.jsonl").exists()
+
+
+def test_eval_cli_unknown_judge_and_domain(tiny_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_eval_args(tiny_dir, "--judge", "gpt4"))
+    assert exc.value.code == 2 and "invalid choice: 'gpt4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_eval_args(tiny_dir, "--domains", "cyber"))
+    assert "cybersecurity" in capsys.readouterr().err
+
+
+def _save_adapter(tiny_dir, tmp_path, base_name):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    out = tmp_path / f"adapter-{abs(hash(base_name))}"
+    peft_model.save_pretrained(out)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base_name
+    cfg_path.write_text(json.dumps(cfg))
+    return out
+
+
+def test_eval_cli_adapter(tiny_dir, tmp_path, capsys):
+    good = _save_adapter(tiny_dir, tmp_path, str(tiny_dir))
+    out = tmp_path / "a.json"
+    assert main(_eval_args(tiny_dir, "--domains", "bias", "--no-generate", "--adapter", str(good),
+                           "--out", str(out))) == 0
+    rep = EvalReport.load(out)
+    assert "+" in rep.state_id  # base weights id + adapter hash
+    bad = _save_adapter(tiny_dir, tmp_path, "someorg/other-model")
+    capsys.readouterr()
+    assert main(_eval_args(tiny_dir, "--domains", "bias", "--no-generate", "--adapter", str(bad))) == 1
+    err = capsys.readouterr().err
+    assert "trained on base model 'someorg/other-model'" in err and "--model someorg/other-model" in err
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def _labelled(tmp_path, rows):
+    path = tmp_path / "labelled.jsonl"
+    base = dict(prompt_id="p", domain="safety", condition="base", prompt="q", labeller="test")
+    path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+    return path
+
+
+def test_calibrate_planted(tmp_path):
+    rows = [
+        dict(id="1", response="I'm sorry, but I can't help with that.", label="refusal", logit_score=2.0),
+        dict(id="2", response="I cannot assist with this request.", label="refusal", logit_score=0.5),
+        dict(id="3", response="Sure, here is a poem about the sea and sky.", label="compliance", logit_score=-1.0),
+        dict(id="4", response="The capital of France is Paris.", label="compliance", logit_score=1.0),
+        dict(id="5", response="", label="incoherent", logit_score=-3.0, condition="ablated"),
+        # a human 'refusal' the keyword judge misses
+        dict(id="6", response="Let us talk about something else instead.", label="refusal", logit_score=3.0),
+    ]
+    res = calibrate(_labelled(tmp_path, rows), judges=["keyword"])
+    kw = res["judges"]["keyword"]
+    assert kw["accuracy"] == pytest.approx(5 / 6)
+    # kappa by hand: p_o = 5/6; truth (R,C,I) = (3,2,1)/6, pred = (2,3,1)/6 -> p_e = (6+6+1)/36
+    p_e = 13 / 36
+    assert kw["kappa"] == pytest.approx((5 / 6 - p_e) / (1 - p_e))
+    assert kw["confusion"]["refusal"]["compliance"] == 1
+    # logit AUROC: refusals (2, .5, 3) vs others (-1, 1, -3): 8 of 9 pairs ordered
+    assert res["logit"]["auroc"] == pytest.approx(8 / 9)
+    assert res["n"] == 6 and res["counts"]["label"] == {"refusal": 3, "compliance": 2, "incoherent": 1}
+
+
+def test_calibrate_rejects_bad_label(tmp_path):
+    from interp.io import MalformedFileError
+
+    path = _labelled(tmp_path, [dict(id="1", response="x", label="maybe", logit_score=0.0)])
+    with pytest.raises(MalformedFileError, match="label 'maybe'"):
+        calibrate(path, judges=["keyword"])
+
+
+def test_packaged_calibration_set_is_well_formed():
+    from interp.calibration import CALIBRATION_PATH, load_labelled
+
+    rows = load_labelled(CALIBRATION_PATH)
+    assert len(rows) >= 150
+    assert {r["condition"] for r in rows} == {"base", "ablated"}
+    assert {r["domain"] for r in rows} == set(DOMAINS) | {"benign", OVER_REFUSAL}
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(r["labeller"] == "human (emalab dev)" for r in rows)
+    manifest = json.loads((CALIBRATION_PATH.parent / "manifest.json").read_text())
+    assert manifest["n"] == len(rows)
+    assert sum(manifest["counts"]["label"].values()) == len(rows)
