@@ -121,11 +121,13 @@ class Study:
         if adapter is None:
             yield self.lm
             return
-        from training.lora import detach_lora, load_adapter
+        from training.lora import detach_lora, load_adapter, merged_adapter
 
         load_adapter(self.lm, adapter)
         try:
-            yield self.lm
+            # Merged LoRA weights run at base-model speed; unmerging restores the base bit-exactly.
+            with merged_adapter(self.lm):
+                yield self.lm
         finally:
             detach_lora(self.lm)
 
