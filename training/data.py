@@ -103,8 +103,9 @@ class DataSet:
 # -- judge ------------------------------------------------------------------------------------
 
 
-def resolve_judge(judge: Any) -> Any:
-    """A judge object or callable as given, or ``interp.judge.get_judge(name)`` for a string."""
+def resolve_judge(judge: Any, lm: LoadedModel | None = None) -> Any:
+    """A judge object or callable as given, or ``interp.judge.get_judge(name, lm)`` for a string (a
+    ``model`` judge then reads with ``lm`` instead of loading a second model)."""
     if isinstance(judge, str):
         try:
             from interp.judge import get_judge
@@ -113,18 +114,20 @@ def resolve_judge(judge: Any) -> Any:
                 f"judge {judge!r} was requested by name but interp.judge is not available ({err}); "
                 "pass a judge object or callable instead"
             ) from err
-        return get_judge(judge)
+        return get_judge(judge, lm=lm)
     if judge is None:
         raise ValueError("a judge is required to filter generated responses")
     return judge
 
 
-def judge_labels(judge: Any, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[str, str]]:
+def judge_labels(
+    judge: Any, prompts: Sequence[str], responses: Sequence[str], lm: LoadedModel | None = None
+) -> list[tuple[str, str]]:
     """``(label, reason)`` per response from ``judge``: an object with ``.judge(prompts, responses)`` or
     a callable; its items may be ``Judgement``-like (``.label``, ``.reason``) or plain label strings."""
     if not prompts:
         return []
-    judge = resolve_judge(judge)
+    judge = resolve_judge(judge, lm)
     fn = judge.judge if hasattr(judge, "judge") else judge
     if not callable(fn):
         raise TypeError(f"judge {judge!r} is neither callable nor has a .judge method")
@@ -191,9 +194,9 @@ def _interleave(groups: Sequence[Sequence[SuitePrompt]]) -> list[SuitePrompt]:
 
 
 def _filter(
-    prompts: Sequence[SuitePrompt], responses: Sequence[str], judge: Any, keep: str
+    prompts: Sequence[SuitePrompt], responses: Sequence[str], judge: Any, keep: str, lm: LoadedModel | None = None
 ) -> tuple[list[Example], Counter, Counter]:
-    labels = judge_labels(judge, [p.text for p in prompts], responses)
+    labels = judge_labels(judge, [p.text for p in prompts], responses, lm)
     kept, dropped, reasons = [], Counter(), Counter()
     for p, r, (label, reason) in zip(prompts, responses, labels, strict=True):
         if not r.strip():  # nothing to train on, whatever the judge says
@@ -271,7 +274,7 @@ def build_forget_set(
     cands, _ = _candidates(domains, "unlearn", n)
     gen = {"max_new_tokens": max_new_tokens, "kind": "own"}
     responses, cached = _generate_cached(lm, cands, gen, cache_dir, batch_size, progress)
-    kept, dropped, reasons = _filter(cands, responses, judge, REFUSAL)
+    kept, dropped, reasons = _filter(cands, responses, judge, REFUSAL, lm)
     manifest = _manifest("forget", n, cands, kept, dropped, reasons, cached, gen, domains=list(domains),
                          split="unlearn")
     if not kept:
@@ -321,12 +324,12 @@ def build_retain_set(
         except EmptySplitError:
             skipped[d] = "empty retain split"
     responses, cached = _generate_cached(lm, cands, gen, cache_dir, batch_size, progress)
-    kept, dropped, reasons = _filter(cands, responses, judge, REFUSAL)
+    kept, dropped, reasons = _filter(cands, responses, judge, REFUSAL, lm)
     benign_info: dict[str, Any] = {"requested": include_benign, "kept": 0}
     if include_benign:
         bcands = load_prompts("benign", "retain", limit=include_benign)
         bresp, bcached = _generate_cached(lm, bcands, gen, cache_dir, batch_size, progress)
-        bkept, bdropped, _ = _filter(bcands, bresp, judge, COMPLIANCE)
+        bkept, bdropped, _ = _filter(bcands, bresp, judge, COMPLIANCE, lm)
         kept = kept + bkept
         cached = cached and bcached
         benign_info = {"requested": include_benign, "candidates": len(bcands), "kept": len(bkept),
@@ -366,7 +369,7 @@ def build_compliance_set(
     cands, _ = _candidates(domains, "unlearn", n)
     gen = {"max_new_tokens": max_new_tokens, "kind": "ablated", "ablation": str(ablation_id)}
     responses, cached = _generate_cached(lm, cands, gen, cache_dir, batch_size, progress, context=ablation_ctx)
-    kept, dropped, reasons = _filter(cands, responses, judge, COMPLIANCE)
+    kept, dropped, reasons = _filter(cands, responses, judge, COMPLIANCE, lm)
     manifest = _manifest("compliance", n, cands, kept, dropped, reasons, cached, gen, domains=list(domains),
                          split="unlearn")
     if not kept:

@@ -1,0 +1,166 @@
+"""The unlearning loop on a tiny model: every method moves the forget log-prob the right way, the
+run directory is complete, NaN stops the run with its last good checkpoint kept, and a finished run
+is reused rather than retrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import training.trainer as trainer_mod
+from interp.adapter import site_hook, unembed_module
+from training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
+from training.config import UnlearnConfig
+from training.data import DataSet, Example, collate
+from training.lora import has_adapter
+from training.losses import response_logits, sequence_logprobs
+from training.trainer import NonFiniteLossError, UnlearnData, reference_logprobs, unlearn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread avoids oversubscription stalls when the CPU is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def forget_examples(n: int = 6) -> list[Example]:
+    return [Example(f"f{i}", "cybersecurity", f"How do I break into system {i}?",
+                    f"I'm sorry, but I can't help with breaking into system {i}.", "refusal") for i in range(n)]
+
+
+def retain_examples(n: int = 4) -> list[Example]:
+    return [Example(f"r{i}", "privacy", f"What is the home address of person {i}?",
+                    "I cannot share personal information.", "refusal") for i in range(n)]
+
+
+def tiny_cfg(**kw) -> UnlearnConfig:
+    base = dict(model="tiny-qwen2", dtype="float32", n_forget=6, batch_size=3, retain_batch_size=2, steps=6,
+                checkpoint_every=2, lr=1e-2, lora_rank=4, lora_alpha=8.0)
+    return UnlearnConfig(**{**base, **kw})
+
+
+def policy_logprobs(lm, ds: DataSet) -> torch.Tensor:
+    """Response log-probs under the current (adapted) weights."""
+    with torch.no_grad():
+        b = collate(lm.tokenizer, ds.examples)
+        rl = response_logits(lm.model, b.input_ids, b.attention_mask, b.response_mask)
+        return sequence_logprobs(rl.logits, rl.labels, rl.mask)
+
+
+def tiny_data() -> UnlearnData:
+    return UnlearnData(DataSet(forget_examples()), DataSet(retain_examples()))
+
+
+@pytest.mark.parametrize(
+    "method, retain_mode, direction",
+    [
+        ("npo", "none", -1),
+        ("ga", "none", -1),
+        ("simnpo", "none", -1),
+        ("graddiff", "ce", -1),
+        ("npo", "kl", -1),
+        ("sft", "none", +1),  # SFT raises the log-prob of its (compliant) targets
+    ],
+)
+def test_methods_move_forget_logprob(tiny_qwen, tmp_path, method, retain_mode, direction):
+    cfg = tiny_cfg(method=method, retain_mode=retain_mode)
+    data = tiny_data()
+    before = reference_logprobs(tiny_qwen, cfg, data.forget)
+    res = unlearn(tiny_qwen, cfg, tmp_path / "run", progress=False, data=data)
+    after = policy_logprobs(tiny_qwen, data.forget)
+    change = (after - before).mean().item()
+    assert direction * change > 1.0, f"{method}: mean forget log-prob changed by {change:.3f}"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+    assert len(res.history) == cfg.steps and [r["step"] for r in res.history] == list(range(1, 7))
+    if retain_mode != "none":
+        assert "retain" in res.history[0]["losses"]
+
+
+def test_run_directory_and_adapter_id(tiny_qwen, tmp_path):
+    cfg = tiny_cfg()
+    res = unlearn(tiny_qwen, cfg, tmp_path / "run", progress=False, data=tiny_data())
+    run = tmp_path / "run"
+    for name in ("config.json", "data_manifest.json", "metrics.jsonl", "ref_logprobs.safetensors", "result.json"):
+        assert (run / name).exists(), name
+    assert (res.adapter_dir / "adapter_config.json").exists()
+    assert (res.adapter_dir / "adapter_model.safetensors").exists()
+    meta = json.loads((res.adapter_dir / "emalab_adapter.json").read_text())
+    assert meta["base_weights_id"] == tiny_qwen.weights_id and meta["config"] == cfg.to_dict()
+    assert meta["data_manifest"]["forget"]["n"] == 6 and "git_commit" in meta
+    assert has_adapter(tiny_qwen) and tiny_qwen.extra["adapter_id"] == res.adapter_id
+    assert UnlearnConfig.from_json(run / "config.json") == cfg
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == cfg.steps
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-000004", "step-000006"]
+    assert res.peak_rss_gb > 0 and res.seconds_per_step > 0
+
+
+def test_finished_run_is_reused(tiny_qwen, tmp_path, monkeypatch):
+    from conftest import make_tiny_loaded
+
+    cfg = tiny_cfg(steps=2)
+    first = unlearn(tiny_qwen, cfg, tmp_path / "run", progress=False, data=tiny_data())
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run must not be retrained")
+
+    monkeypatch.setattr(trainer_mod, "train_step", no_training)
+    fresh = make_tiny_loaded("qwen2")
+    again = unlearn(fresh, cfg, tmp_path / "run", progress=False, data=tiny_data())
+    assert again.adapter_id == first.adapter_id == fresh.extra["adapter_id"]
+    assert len(again.history) == 2
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_qwen, tmp_path):
+    cfg = tiny_cfg(steps=8)
+    poison = {"on": False}
+
+    def maybe_nan(stream, layer):
+        return stream * float("nan") if poison["on"] else stream
+
+    def on_step(step, out):
+        if step == 4:
+            poison["on"] = True
+
+    run = tmp_path / "run"
+    with site_hook(tiny_qwen.model, "resid_post", [1], maybe_nan):
+        with pytest.raises(NonFiniteLossError, match=r"step 5.*step-000004"):
+            unlearn(tiny_qwen, cfg, run, progress=False, data=tiny_data(), on_step=on_step)
+    assert latest_checkpoint(run).name == "step-000004"
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    assert ckpt.step == 4 and all(torch.isfinite(t).all() for t in ckpt.trainable.values())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert not (run / "adapter").exists() and not (run / "result.json").exists()
+    assert not has_adapter(tiny_qwen)  # the model is handed back without the half-trained adapter
+
+
+def test_config_and_model_checks(tiny_qwen, tmp_path):
+    with pytest.raises(ValueError, match="cfg.model"):
+        unlearn(tiny_qwen, tiny_cfg(model="other"), tmp_path, progress=False, data=tiny_data())
+    with pytest.raises(ValueError, match="dtype"):
+        unlearn(tiny_qwen, tiny_cfg(dtype="bfloat16"), tmp_path, progress=False, data=tiny_data())
+    with pytest.raises(ValueError, match="retain"):
+        unlearn(tiny_qwen, tiny_cfg(retain_mode="ce"), tmp_path, progress=False,
+                data=UnlearnData(DataSet(forget_examples())))
+
+
+def test_unlearn_builds_its_own_data(tiny_qwen, tmp_path, monkeypatch):
+    """Without ``data``, the forget set is generated from the model and judged (stand-in judge)."""
+    monkeypatch.setenv("EMALAB_CACHE", str(tmp_path / "cache"))
+    tok = tiny_qwen.tokenizer
+    letters = [tok(c, add_special_tokens=False)["input_ids"][0] for c in "abcdefgh"]
+    bias = torch.zeros(len(tok))
+    bias[letters] = 20.0 + torch.linspace(0, 1, len(letters))
+    handle = unembed_module(tiny_qwen.model).register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        cfg = tiny_cfg(n_forget=3, batch_size=2, steps=2, max_new_tokens=4, checkpoint_every=0)
+        res = unlearn(tiny_qwen, cfg, tmp_path / "run", progress=False, judge=lambda p, r: ["refusal"] * len(p))
+    finally:
+        handle.remove()
+    m = res.manifest["forget"]
+    assert m["kept"] == 3 and m["candidates"] == 3 and len(m["prompt_ids"]) == 3
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-000002"]

@@ -1,0 +1,227 @@
+"""LoRA adapters on a :class:`~interp.loading.LoadedModel`: attach, save, load, merge for evaluation,
+detach. The reference policy is always the same weights with the adapter disabled
+(:func:`interp.loading.adapter_disabled`), never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from interp.adapter import base_model, layer_module, unembed_module
+from interp.io import atomic_write_json, git_commit, read_json
+from interp.loading import LoadedModel
+
+__all__ = [
+    "AdapterMismatchError",
+    "ADAPTER_META",
+    "resolve_lora_targets",
+    "attach_lora",
+    "detach_lora",
+    "has_adapter",
+    "merged_adapter",
+    "trainable_state",
+    "load_trainable_state",
+    "tensor_hash",
+    "adapter_id",
+    "save_adapter",
+    "load_adapter",
+]
+
+ADAPTER_META = "emalab_adapter.json"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter was trained on different base weights than the model it is being loaded into."""
+
+
+def has_adapter(lm: LoadedModel) -> bool:
+    return hasattr(lm.model, "peft_config")
+
+
+def resolve_lora_targets(
+    model: nn.Module, targets: Sequence[str] = ("all-linear",), single_layer: int | None = None
+) -> list[str]:
+    """Fully qualified names of the linear modules to adapt.
+
+    Args:
+        targets: ``("all-linear",)`` for every linear layer except the unembedding, else module-name
+            suffixes (``"o_proj"`` matches ``model.layers.3.self_attn.o_proj``).
+        single_layer: restrict to this decoder layer (resolved through ``interp.adapter``).
+    """
+    base = base_model(model)
+    unembed = unembed_module(base)
+    scope = None if single_layer is None else {id(m) for m in layer_module(base, single_layer).modules()}
+    every = "all-linear" in targets
+    names, suffixes = [], set()
+    for name, mod in base.named_modules():
+        if not isinstance(mod, nn.Linear) or mod is unembed:
+            continue
+        if scope is not None and id(mod) not in scope:
+            continue
+        suffixes.add(name.rsplit(".", 1)[-1])
+        if every or any(name == t or name.endswith("." + t) for t in targets):
+            names.append(name)
+    if not names:
+        raise ValueError(f"no linear module matches {list(targets)}"
+                         + (f" in layer {single_layer}" if single_layer is not None else "")
+                         + f"; linear modules here end in {sorted(suffixes)}")
+    return names
+
+
+def attach_lora(
+    lm: LoadedModel,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: Sequence[str] = ("all-linear",),
+    use_rslora: bool = False,
+    single_layer: int | None = None,
+) -> LoadedModel:
+    """Wrap ``lm.model`` in a fresh PEFT LoRA model (B = 0, so outputs are unchanged) and freeze the
+    base weights. Modifies ``lm`` in place and returns it."""
+    from peft import LoraConfig, get_peft_model
+
+    if has_adapter(lm):
+        raise RuntimeError("the model already carries a PEFT adapter; detach_lora(lm) first")
+    names = resolve_lora_targets(lm.model, targets, single_layer)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                     use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
+    lm.model = get_peft_model(lm.model, cfg)
+    lm.extra.pop("adapter_id", None)
+    return lm
+
+
+def detach_lora(lm: LoadedModel) -> LoadedModel:
+    """Remove the adapter (without merging), restoring the plain base model. In place."""
+    if has_adapter(lm):
+        lm.model = lm.model.unload()
+    lm.extra.pop("adapter_id", None)
+    return lm
+
+
+@contextmanager
+def merged_adapter(lm: LoadedModel) -> Iterator[LoadedModel]:
+    """Merge the adapter into the base weights for faster evaluation; on exit the base weights are
+    restored bit-exactly (merge/unmerge in bf16 alone would leave rounding error behind)."""
+    if not has_adapter(lm):
+        yield lm
+        return
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in lm.model.modules() if isinstance(m, LoraLayer)]
+    backup = [m.get_base_layer().weight.detach().clone() for m in layers]
+    try:
+        lm.model.merge_adapter()
+        yield lm
+    finally:
+        try:
+            lm.model.unmerge_adapter()
+        finally:
+            with torch.no_grad():
+                for m, w in zip(layers, backup, strict=True):
+                    m.get_base_layer().weight.copy_(w)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (the LoRA weights, or everything for full fine-tuning)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def tensor_hash(state: dict[str, torch.Tensor], length: int = 16) -> str:
+    """Content hash of named tensors (names, dtypes, shapes and bytes), independent of file format."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:length]
+
+
+def adapter_id(lm: LoadedModel) -> str:
+    """Hash of the active adapter's weights (PEFT's saved state dict)."""
+    from peft import get_peft_model_state_dict
+
+    if not has_adapter(lm):
+        raise ValueError("the model carries no adapter")
+    return tensor_hash(get_peft_model_state_dict(lm.model))
+
+
+def save_adapter(lm: LoadedModel, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Save the adapter in standard PEFT format (``save_pretrained``) plus ``emalab_adapter.json``
+    (base model, base weights id, adapter id, git commit and ``meta``), atomically."""
+    if not has_adapter(lm):
+        raise ValueError("the model carries no adapter to save")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        lm.model.save_pretrained(str(tmp))
+        aid = adapter_id(lm)
+        atomic_write_json(tmp / ADAPTER_META, {
+            "base_model": lm.name, "base_weights_id": lm.weights_id, "adapter_id": aid,
+            "git_commit": git_commit(), **(meta or {}),
+        })
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_adapter(lm: LoadedModel, directory: str | Path, trainable: bool = False) -> LoadedModel:
+    """Load a saved adapter onto ``lm`` (in place) and set ``lm.extra["adapter_id"]``.
+
+    Raises:
+        AdapterMismatchError: the adapter was trained on other base weights.
+        FileNotFoundError: ``directory`` holds no emalab adapter.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    meta_path = directory / ADAPTER_META
+    if not meta_path.exists() or not (directory / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{directory} holds no emalab adapter (expected adapter_config.json and "
+                                f"{ADAPTER_META}); pass the 'adapter' directory of an unlearning run")
+    meta = read_json(meta_path)
+    if meta.get("base_weights_id") != lm.weights_id:
+        raise AdapterMismatchError(
+            f"adapter {directory} was trained on {meta.get('base_model')!r} (weights {meta.get('base_weights_id')}) "
+            f"but the loaded model is {lm.name!r} (weights {lm.weights_id}); load the matching base model"
+        )
+    if has_adapter(lm):
+        raise RuntimeError("the model already carries a PEFT adapter; detach_lora(lm) first")
+    lm.model = PeftModel.from_pretrained(lm.model, str(directory), is_trainable=trainable)
+    aid = adapter_id(lm)
+    if meta.get("adapter_id") and meta["adapter_id"] != aid:
+        raise ValueError(f"{directory}: adapter weights hash {aid} != recorded {meta['adapter_id']}; the files "
+                         "were modified or are corrupt")
+    lm.extra["adapter_id"] = aid
+    return lm
+

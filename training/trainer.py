@@ -1,0 +1,538 @@
+"""Refusal unlearning: NPO / GA / GradDiff / SimNPO / LoRA-SFT with an optional retain term, on a
+LoRA adapter (or all weights), resumable from atomic checkpoints.
+
+The reference policy is the base model with the adapter disabled; NPO's reference log-probs are
+computed once for the whole forget set and cached in the run directory. A run directory holds::
+
+    config.json            the UnlearnConfig
+    data_manifest.json     prompt ids, counts, judge drops of the forget / retain sets
+    ref_logprobs.safetensors
+    metrics.jsonl          one row per step: loss, its components, diagnostics
+    checkpoints/step-N/    latest resumable checkpoints (atomic)
+    adapter/               the finished adapter, standard PEFT format + emalab_adapter.json
+    result.json            summary (steps, adapter id, seconds per step, peak RSS)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from interp.io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, git_commit
+from interp.loading import LoadedModel, adapter_disabled, resolve_dtype, state_id
+from training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from training.config import RESUME_EXEMPT_FIELDS, UnlearnConfig, config_diff
+from training.data import (
+    DataSet,
+    TokenBatch,
+    batch_order,
+    build_compliance_set,
+    build_forget_set,
+    build_retain_set,
+    collate,
+)
+from training.lora import (
+    adapter_id,
+    attach_lora,
+    detach_lora,
+    has_adapter,
+    load_adapter,
+    load_trainable_state,
+    save_adapter,
+    tensor_hash,
+    trainable_state,
+)
+from training.losses import (
+    TrainStepOutput,
+    ce_loss,
+    combine_losses,
+    forget_loss,
+    kl_loss,
+    response_logits,
+    response_token_counts,
+    sequence_logprobs,
+)
+
+__all__ = [
+    "UnlearnData",
+    "UnlearnResult",
+    "NonFiniteLossError",
+    "IncompatibleCheckpointError",
+    "run_id",
+    "default_run_dir",
+    "build_data",
+    "reference_logprobs",
+    "train_step",
+    "unlearn",
+    "peak_rss_gb",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN/inf; the run stopped and its last good checkpoint is kept."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The run directory holds a checkpoint of a different config (or different data)."""
+
+
+@dataclass
+class UnlearnData:
+    """The training sets: ``forget`` (refusals, or compliant responses for ``sft``) and ``retain``."""
+
+    forget: DataSet
+    retain: DataSet | None = None
+
+    def manifest(self) -> dict[str, Any]:
+        out = {"forget": {**self.forget.manifest, "n": len(self.forget), "fingerprint": self.forget.fingerprint()}}
+        if self.retain is not None:
+            out["retain"] = {**self.retain.manifest, "n": len(self.retain), "fingerprint": self.retain.fingerprint()}
+        return out
+
+    def fingerprint(self) -> str:
+        return self.forget.fingerprint() + ("/" + self.retain.fingerprint() if self.retain is not None else "")
+
+
+@dataclass
+class UnlearnResult:
+    """Where a run's artifacts are and how it went."""
+
+    run_dir: Path
+    adapter_dir: Path
+    metrics_path: Path
+    config: UnlearnConfig
+    steps: int
+    adapter_id: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds_per_step: float = float("nan")
+    peak_rss_gb: float = float("nan")
+    manifest: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "run_dir": str(self.run_dir), "adapter_dir": str(self.adapter_dir), "steps": self.steps,
+            "adapter_id": self.adapter_id, "seconds_per_step": self.seconds_per_step,
+            "peak_rss_gb": self.peak_rss_gb, "resumed_from": self.resumed_from, "final": last,
+            "config_hash": self.config.hash(),
+        }
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def run_id(cfg: UnlearnConfig) -> str:
+    """``<method>-<targets>-<config hash>-<git commit>``."""
+    return f"{cfg.method}-{'+'.join(cfg.target_domains)}-{cfg.hash()}-{git_commit()}"
+
+
+def default_run_dir(cfg: UnlearnConfig) -> Path:
+    return Path(os.environ.get("EMALAB_RESULTS", "results")) / "unlearn" / run_id(cfg)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def build_data(
+    lm: LoadedModel,
+    cfg: UnlearnConfig,
+    judge: Any = None,
+    ablation_ctx: Callable[[], AbstractContextManager] | None = None,
+    ablation_id: str | None = None,
+    progress: bool = True,
+) -> UnlearnData:
+    """Generate (or load from cache) and judge the forget and retain sets that ``cfg`` asks for, from
+    the model's current weights (call before attaching an adapter)."""
+    judge = judge if judge is not None else cfg.judge
+    if cfg.method == "sft":
+        if ablation_ctx is None or ablation_id is None:
+            raise ValueError("method 'sft' trains on compliant responses generated under a refusal ablation; "
+                             "pass ablation_ctx (a context-manager factory) and ablation_id, or pass data=")
+        forget = build_compliance_set(lm, cfg.target_domains, cfg.n_forget, judge, ablation_ctx, ablation_id,
+                                      max_new_tokens=cfg.max_new_tokens, progress=progress)
+    else:
+        forget = build_forget_set(lm, cfg.target_domains, cfg.n_forget, judge,
+                                  max_new_tokens=cfg.max_new_tokens, progress=progress)
+    retain = None
+    if cfg.retain_mode != "none":
+        retain = build_retain_set(lm, cfg.resolved_retain_domains, cfg.n_retain_per_domain, judge,
+                                  target_domains=cfg.target_domains, include_benign=cfg.include_benign,
+                                  max_new_tokens=cfg.max_new_tokens, progress=progress)
+    return UnlearnData(forget, retain)
+
+
+def _collate(lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, idx: list[int], forget: bool) -> TokenBatch:
+    return collate(lm.tokenizer, [ds.examples[i] for i in idx], index=idx,
+                   trigger=cfg.trigger if forget else None, max_prompt_tokens=cfg.max_prompt_tokens)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, batch_size: int | None = None
+) -> torch.Tensor:
+    """Per-example response log-probs under the reference policy (adapter disabled), float32."""
+    out = torch.empty(len(ds), dtype=torch.float32)
+    bs = batch_size or cfg.batch_size
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        with adapter_disabled(lm):
+            for start in range(0, len(ds), bs):
+                idx = list(range(start, min(start + bs, len(ds))))
+                b = _collate(lm, cfg, ds, idx, forget=True).to(lm.device)
+                rl = response_logits(lm.model, b.input_ids, b.attention_mask, b.response_mask)
+                out[idx] = sequence_logprobs(rl.logits, rl.labels, rl.mask).float().cpu()
+    finally:
+        lm.model.train(was_training)
+    return out
+
+
+def _cached_reference(lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, run_dir: Path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    key = json.dumps({"state": state_id(lm), "data": ds.fingerprint(), "trigger": cfg.trigger,
+                      "max_prompt_tokens": cfg.max_prompt_tokens, "dtype": cfg.dtype}, sort_keys=True)
+    path = run_dir / "ref_logprobs.safetensors"
+    if path.exists():
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("key") == key:
+                return fh.get_tensor("logp_ref")
+    ref = reference_logprobs(lm, cfg, ds)
+    atomic_save_safetensors(path, {"logp_ref": ref}, metadata={"key": key})
+    return ref
+
+
+# -- one step -----------------------------------------------------------------------------------
+
+
+def train_step(
+    lm: LoadedModel,
+    cfg: UnlearnConfig,
+    forget_batch: TokenBatch,
+    logp_ref: torch.Tensor | None = None,
+    retain_batch: TokenBatch | None = None,
+) -> TrainStepOutput:
+    """Forward the forget (and retain) batch and compute ``gamma·forget + alpha·retain``.
+
+    Args:
+        logp_ref: reference log-probs of the forget batch's rows (NPO).
+    """
+    model = lm.model
+    fb = forget_batch.to(lm.device)
+    rl = response_logits(model, fb.input_ids, fb.attention_mask, fb.response_mask)
+    logp = sequence_logprobs(rl.logits, rl.labels, rl.mask)
+    n = response_token_counts(rl.mask)
+    ref = logp_ref.to(logp.device) if logp_ref is not None else None
+    f = forget_loss(cfg.method, logp, n, ref, beta=cfg.beta, margin=cfg.simnpo_margin)
+    losses = {"forget": float(f.detach())}
+    metrics = {"forget_logp_tok": float(logp.detach().sum() / n.sum())}
+    if ref is not None:
+        metrics["forget_logratio_tok"] = float(((logp.detach() - ref) / n).mean())
+    r = None
+    if cfg.retain_mode != "none":
+        if retain_batch is None:
+            raise ValueError(f"retain_mode={cfg.retain_mode!r} needs a retain batch")
+        rb = retain_batch.to(lm.device)
+        rr = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask)
+        rlogp = sequence_logprobs(rr.logits, rr.labels, rr.mask)
+        rn = response_token_counts(rr.mask)
+        metrics["retain_logp_tok"] = float(rlogp.detach().sum() / rn.sum())
+        if cfg.retain_mode == "ce":
+            r = ce_loss(rlogp, rn)
+        else:
+            with torch.no_grad(), adapter_disabled(lm):
+                ref_logits = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
+            r = kl_loss(rr.logits, ref_logits, rr.mask)
+        losses["retain"] = float(r.detach())
+    loss = combine_losses(f, r, cfg.gamma, cfg.alpha)
+    return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
+
+
+# -- schedule -----------------------------------------------------------------------------------
+
+
+def _lr_lambda(cfg: UnlearnConfig) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return 1.0 - frac if cfg.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return fn
+
+
+# -- run directory helpers ------------------------------------------------------------------------
+
+
+def _read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl`` with ``step <= upto``; a torn last line (killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        if upto is None or row["step"] <= upto:
+            rows.append(row)
+    return rows
+
+
+def _check_resume(cfg: UnlearnConfig, saved: dict[str, Any], where: Path) -> None:
+    diff = config_diff(saved, cfg, ignore=RESUME_EXEMPT_FIELDS)
+    if diff:
+        raise IncompatibleCheckpointError(
+            f"{where} belongs to a run with a different config; refusing to resume. Differences "
+            f"(checkpoint -> requested):\n  " + "\n  ".join(diff)
+            + "\nUse another output directory, or delete the old run."
+        )
+
+
+def _prepare_model(lm: LoadedModel, cfg: UnlearnConfig) -> list[torch.nn.Parameter]:
+    if cfg.lora:
+        attach_lora(lm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                    targets=cfg.lora_target_modules, use_rslora=cfg.use_rslora, single_layer=cfg.lora_single_layer)
+    else:
+        for p in lm.model.parameters():
+            p.requires_grad_(True)
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters")
+    return params
+
+
+def _final_adapter_id(lm: LoadedModel) -> str:
+    return adapter_id(lm) if has_adapter(lm) else tensor_hash(trainable_state(lm.model))
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def unlearn(
+    lm: LoadedModel,
+    cfg: UnlearnConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    judge: Any = None,
+    data: UnlearnData | None = None,
+    ablation_ctx: Callable[[], AbstractContextManager] | None = None,
+    ablation_id: str | None = None,
+    resume: bool = True,
+    on_step: Callable[[int, TrainStepOutput], None] | None = None,
+) -> UnlearnResult:
+    """Unlearn the target domains' refusals. Leaves the trained adapter attached to ``lm`` and sets
+    ``lm.extra["adapter_id"]``.
+
+    Args:
+        lm: the base model (no adapter), loaded in ``cfg.dtype``.
+        out_dir: run directory; default ``cfg.output_dir`` or ``results/unlearn/<run_id>``. If it holds
+            a checkpoint of the same config, training resumes from it; a finished run is not redone
+            (its adapter is loaded instead).
+        judge: judge object/callable for data building; default ``cfg.judge`` by name.
+        data: prebuilt sets (skips generation and judging).
+        ablation_ctx, ablation_id: refusal-ablation context factory and its id, for ``method='sft'``.
+        resume: continue from the latest checkpoint in ``out_dir`` (else start over there).
+        on_step: called after each completed step (and its checkpoint) with ``(step, output)``.
+
+    Raises:
+        IncompatibleCheckpointError: ``out_dir`` holds a checkpoint of another config.
+        NonFiniteLossError: the loss or gradient became NaN/inf.
+    """
+    if lm.name != cfg.model:
+        raise ValueError(f"cfg.model is {cfg.model!r} but the loaded model is {lm.name!r}; set cfg.model to match")
+    param_dtype = next(lm.model.parameters()).dtype
+    if param_dtype != resolve_dtype(cfg.dtype):
+        raise ValueError(f"the model is loaded in {param_dtype} but cfg.dtype is {cfg.dtype!r}; "
+                         f"load it with dtype={cfg.dtype!r}")
+    if has_adapter(lm):
+        raise RuntimeError("the model already carries an adapter; unlearning starts from base weights "
+                           "(training.lora.detach_lora(lm) first)")
+    run_dir = Path(out_dir if out_dir is not None else cfg.output_dir or default_run_dir(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    adapter_dir = run_dir / "adapter"
+
+    ckpt_path = latest_checkpoint(run_dir) if resume else None
+    if ckpt_path is not None:
+        _check_resume(cfg, load_checkpoint_config(ckpt_path), ckpt_path)
+    result_path = run_dir / "result.json"
+    if resume and result_path.exists() and (adapter_dir / "adapter_config.json").exists():
+        saved = json.loads(result_path.read_text())
+        _check_resume(cfg, saved["config"], result_path)
+        load_adapter(lm, adapter_dir)
+        return UnlearnResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, config=cfg,
+                             steps=saved["steps"], adapter_id=lm.extra["adapter_id"],
+                             history=_read_metrics(metrics_path), seconds_per_step=saved["seconds_per_step"],
+                             peak_rss_gb=saved["peak_rss_gb"], manifest=saved.get("manifest", {}),
+                             resumed_from=saved["steps"])
+    if not resume:
+        for stale in (metrics_path, result_path, run_dir / "ref_logprobs.safetensors"):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+
+    if data is None:
+        data = build_data(lm, cfg, judge=judge, ablation_ctx=ablation_ctx, ablation_id=ablation_id,
+                          progress=progress)
+    if cfg.retain_mode != "none" and (data.retain is None or len(data.retain) == 0):
+        raise ValueError(f"retain_mode={cfg.retain_mode!r} but no retain data")
+    manifest = data.manifest()
+    cfg.to_json(run_dir / "config.json")
+    atomic_write_json(run_dir / "data_manifest.json", manifest)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    params = _prepare_model(lm, cfg)
+    try:
+        return _train(lm, cfg, data, params, run_dir, ckpt_path, progress, on_step)
+    except BaseException:
+        if cfg.lora:
+            detach_lora(lm)  # hand the model back as it came: base weights, no adapter
+        raise
+
+
+def _train(
+    lm: LoadedModel,
+    cfg: UnlearnConfig,
+    data: UnlearnData,
+    params: list[torch.nn.Parameter],
+    run_dir: Path,
+    ckpt_path: Path | None,
+    progress: bool,
+    on_step: Callable[[int, TrainStepOutput], None] | None,
+) -> UnlearnResult:
+    metrics_path, adapter_dir, result_path = run_dir / "metrics.jsonl", run_dir / "adapter", run_dir / "result.json"
+    manifest = data.manifest()
+    logp_ref = _cached_reference(lm, cfg, data.forget, run_dir) if cfg.method == "npo" else None
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+    start = 0
+    history: list[dict[str, Any]] = []
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.extra.get("data_fingerprint") != data.fingerprint():
+            raise IncompatibleCheckpointError(
+                f"{ckpt_path} was trained on different data (fingerprint {ckpt.extra.get('data_fingerprint')} "
+                f"vs {data.fingerprint()}): the generations or the judge changed; start a new run")
+        load_trainable_state(lm.model, ckpt.trainable)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        restore_rng(ckpt.rng)
+        start = ckpt.step
+        history = _read_metrics(metrics_path, upto=start)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(
+            run_dir, step, trainable_state(lm.model), optimizer.state_dict(), scheduler.state_dict(),
+            data_position={"forget": step * cfg.batch_size, "retain": step * cfg.retain_batch_size},
+            config=cfg.to_dict(), extra={"data_fingerprint": data.fingerprint(), "git_commit": git_commit()},
+        )
+
+    last_good = ckpt_path
+    step_times: list[float] = []
+    lm.model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"unlearn {cfg.method}", unit="step", disable=not progress)
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            fidx = batch_order(len(data.forget), cfg.batch_size, step, cfg.seed)
+            fbatch = _collate(lm, cfg, data.forget, fidx, forget=True)
+            rbatch = None
+            if cfg.retain_mode != "none":
+                ridx = batch_order(len(data.retain), cfg.retain_batch_size, step, cfg.seed + 1)
+                rbatch = _collate(lm, cfg, data.retain, ridx, forget=False)
+            out = train_step(lm, cfg, fbatch, logp_ref[fidx] if logp_ref is not None else None, rbatch)
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            if not torch.isfinite(out.loss):
+                raise NonFiniteLossError(
+                    f"loss became {float(out.loss.detach())} at step {step + 1} (components {out.losses}); stopped, {where}. "
+                    "Lower the learning rate or use float32.")
+            out.loss.backward()
+            clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"gradient norm became {grad_norm} at step {step + 1}; stopped before the update, {where}. "
+                    "Lower the learning rate or use float32.")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            out.metrics.update(grad_norm=grad_norm, lr=lr, seconds=dt)
+            row = {"step": step + 1, "loss": float(out.loss.detach()), "losses": out.losses, "metrics": out.metrics}
+            append_jsonl(metrics_path, row)
+            history.append(row)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                last_good = checkpoint(step + 1)
+            bar.update(1)
+            bar.set_postfix({"loss": f"{row['loss']:.4f}", **{k: f"{v:.4f}" for k, v in out.losses.items()}})
+            if on_step is not None:
+                on_step(step + 1, out)
+    finally:
+        bar.close()
+        lm.model.eval()
+        optimizer.zero_grad(set_to_none=True)
+
+    if not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every:
+        checkpoint(cfg.steps)
+    meta = {"config": cfg.to_dict(), "data_manifest": manifest, "run_dir": str(run_dir)}
+    if has_adapter(lm):
+        save_adapter(lm, adapter_dir, meta)
+    else:  # full fine-tuning: the whole model is the artifact
+        from interp.adapter import base_model
+
+        base_model(lm.model).save_pretrained(str(run_dir / "model"))
+        adapter_dir = run_dir / "model"
+    lm.extra["adapter_id"] = _final_adapter_id(lm)
+    result = UnlearnResult(
+        run_dir=run_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, config=cfg, steps=cfg.steps,
+        adapter_id=lm.extra["adapter_id"], history=history,
+        seconds_per_step=float(np.mean(step_times)) if step_times else float("nan"),
+        peak_rss_gb=peak_rss_gb(), manifest=manifest, resumed_from=start if ckpt_path is not None else None,
+    )
+    atomic_write_json(result_path, {**result.summary(), "config": cfg.to_dict(), "manifest": manifest,
+                                    "git_commit": git_commit()})
+    return result
+
+
+def load_checkpoint_config(path: Path) -> dict[str, Any]:
+    """The config stored in a checkpoint, without loading its tensors."""
+    return json.loads((Path(path) / "state.json").read_text())["config"]
