@@ -37,6 +37,6 @@ def make(results: Path, out: Path) -> list[Path]:
                       ha="right")
         ax.set_title(f"target: {DOMAIN_LABELS.get(target, target)} (* = target)")
         ax.set_ylabel("refusal drop (base − after)")
-    axes[0][0].legend(loc="upper right", frameon=False)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     sns.despine(fig)
     return save(fig, out, "ema_drops")

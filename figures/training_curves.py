@@ -27,5 +27,6 @@ def make(results: Path, out: Path) -> list[Path]:
                 if ys:
                     ax.plot(*zip(*ys), lw=1, label=f"{cond}: {key}")
         ax.set(title=f"target: {target}", xlabel="step", ylabel="loss")
-        ax.legend(frameon=False, fontsize=5)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(frameon=False, fontsize=5)
     return save(fig, out, "training_curves")

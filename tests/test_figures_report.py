@@ -1,0 +1,86 @@
+"""Figures and REPORT.md are regenerated from saved results only (no model is loaded)."""
+
+from __future__ import annotations
+
+import random
+
+from emalab.report import render_report, write_report
+from figures import make_all
+from interp.io import atomic_write_json
+from interp.suite import DOMAINS
+
+R = random.Random(0)
+
+
+def _drop():
+    before = R.uniform(0.5, 1)
+    after = R.uniform(0, before)
+    return {"before": before, "after": after, "drop": before - after, "ci": [before - after - 0.1, before - after + 0.1],
+            "n": 24}
+
+
+def _claim(cid, status):
+    return {"id": cid, "claim": f"claim {cid}", "status": status, "evidence": "numbers"}
+
+
+def _write(results, exp, metrics):
+    atomic_write_json(results / exp / "run0" / "metrics.json", metrics)
+    (results / exp / "latest").symlink_to("run0")
+
+
+def make_results(results):
+    targets = ("cybersecurity", "safety")
+    conds = ("npo", "npo_retain", "sft")
+    _write(results, "h1_narrow_unlearning", {"claim": _claim("C1", "replicated")})
+    _write(results, "h4_retain_contains_ema", {"claim": _claim("C4", "not replicated"), "targets": {
+        t: {"conditions": {c: {d: _drop() for d in DOMAINS} for c in conds},
+            "mean_untouched": {c: {"drop": 0.3, "ci": [0.2, 0.4]} for c in conds}, "recovery": 0.5,
+            "target_refusal_with_retain": 0.1, "runs": {c: [str(results / "nope")] for c in conds}}
+        for t in targets}})
+    bands = {b: {"layers": ls, "judge": {"spearman": 0.4, "p_perm_spearman": 0.1, "ci_low": -0.1, "ci_high": 0.8},
+                 "logit": {"spearman": 0.3, "p_perm_spearman": 0.2}}
+             for b, ls in (("early", [0, 7]), ("middle", [8, 15]), ("late", [16, 23]))}
+    points = [{"target": t, "domain": d, "similarity": {b: R.uniform(-1, 1) for b in bands},
+               "drop_judge": R.random(), "drop_logit": R.random()} for t in targets for d in DOMAINS if d != t]
+    sim = [[[1.0 if i == j else 0.3 for j in range(7)] for i in range(7)] for _ in range(24)]
+    _write(results, "h5_geometry_predicts_ema", {"claim": _claim("C5", "inconclusive"), "bands": bands,
+                                                 "points": points, "similarity": {"names": list(DOMAINS),
+                                                                                  "layers": list(range(24)),
+                                                                                  "matrix": sim}})
+    proj = {d: [R.random() for _ in range(24)] for d in (*DOMAINS, "benign")}
+    _write(results, "h7_mechanism", {
+        "refusal_direction": {"layer": 12, "position": -1},
+        "ablation_drop": {d: _drop() for d in DOMAINS}, "ablation_logit": {d: _drop() for d in DOMAINS},
+        "layers": list(range(24)),
+        "targets": {t: {"drift": {d: [1.0] * 24 for d in DOMAINS}, "projection_before": proj,
+                        "projection_after": proj, "npo_drop": {d: 0.1 for d in DOMAINS},
+                        "ablation_vs_npo": {"judge": {"spearman": 0.5, "p_perm_spearman": 0.2}}} for t in targets}})
+    _write(results, "h8_transfer_matrix", {
+        "rows": list(DOMAINS), "cols": list(DOMAINS),
+        "drop_judge": {r: {c: R.random() for c in DOMAINS} for r in DOMAINS},
+        "similarity": {"early": {r: {c: R.uniform(-1, 1) for c in DOMAINS} for r in DOMAINS}},
+        "correlation": {"early": {"judge": {"spearman": 0.2, "p_perm_spearman": 0.3, "n": 42}}}})
+
+
+def test_figures_from_saved_results(tmp_path):
+    make_results(tmp_path)
+    paths = make_all(tmp_path)
+    names = {p.stem for p in paths}
+    assert {"refusal_heatmap", "ema_drops", "ema_vs_similarity", "similarity_layers", "refusal_projection",
+            "transfer_matrix"} <= names
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert {p.suffix for p in paths} == {".png", ".pdf"}
+
+
+def test_figures_skip_missing_experiments(tmp_path):
+    assert make_all(tmp_path) == []
+
+
+def test_report_has_claims_and_tables(tmp_path):
+    make_results(tmp_path)
+    make_all(tmp_path)
+    text = render_report(tmp_path)
+    for cid, status in (("C1", "replicated"), ("C4", "not replicated"), ("C5", "inconclusive")):
+        assert f"| {cid} |" in text and f"**{status}**" in text
+    assert "## Geometry vs EMA" in text and "![refusal_heatmap](figures/refusal_heatmap.png)" in text
+    assert write_report(tmp_path).read_text() == text
