@@ -151,7 +151,9 @@ def data_cache_dir() -> Path:
 
 
 def _cache_key(lm: LoadedModel, prompts: Sequence[SuitePrompt], gen: dict[str, Any]) -> str:
-    blob = json.dumps({"state": state_id(lm), "ids": [p.id for p in prompts], "gen": gen}, sort_keys=True)
+    dtype = str(next(lm.model.parameters()).dtype)  # bf16 and fp32 greedy decodes can differ
+    blob = json.dumps({"state": state_id(lm), "dtype": dtype, "ids": [p.id for p in prompts], "gen": gen},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

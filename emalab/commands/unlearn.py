@@ -1,0 +1,104 @@
+"""Unlearn one domain's refusals with NPO (or GA / GradDiff / SimNPO) on a LoRA adapter.
+
+  emalab unlearn --target cybersecurity --method npo
+  emalab unlearn --target cybersecurity --retain-ce --steps 40 --lr 2e-4
+  emalab unlearn --config my_run.json --out results/unlearn/mine     # resumes if interrupted
+  emalab unlearn --target safety --eval 16                          # + logit refusal before/after
+
+The forget set is the target's ``unlearn`` split paired with the model's own greedy refusals (kept
+where the judge says ``refusal``); ``--retain-ce`` adds cross-entropy on the model's own refusals to
+the other domains' ``retain`` prompts. Output goes to ``results/unlearn/<run_id>/`` (run id: method,
+target, config hash, git commit): the PEFT adapter in ``adapter/``, per-step losses in
+``metrics.jsonl``. An interrupted run resumes from its last checkpoint when started again with the
+same config; a finished one is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "unlearn"
+HELP = "unlearn a domain's refusals (NPO & friends on a LoRA adapter); resumable"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from interp.config import add_config_arguments
+    from interp.suite import DOMAINS
+    from training.config import UnlearnConfig
+
+    parser.add_argument("--target", nargs="+", dest="target_domains", choices=list(DOMAINS), metavar="DOMAIN",
+                        default=None, help="domain(s) whose refusals are unlearned (default: cybersecurity)")
+    parser.add_argument("--retain-ce", action="store_true",
+                        help="add the retain cross-entropy term (same as --retain-mode ce)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="UnlearnConfig JSON; options given on the command line override it")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default results/unlearn/<run_id>)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    parser.add_argument("--eval", type=int, default=0, metavar="N",
+                        help="also report the mean logit refusal score on N eval prompts per domain before "
+                             "and after unlearning (0: skip)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config JSON and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(parser, UnlearnConfig, skip=("target_domains", "output_dir"))
+
+
+def resolve_config(args: argparse.Namespace):
+    from interp.config import config_from_args
+    from training.config import UnlearnConfig
+
+    base = UnlearnConfig.from_json(args.config) if args.config else None
+    cfg = config_from_args(UnlearnConfig, args, base=base)
+    if args.retain_ce:
+        if args.retain_mode not in (None, "ce"):
+            raise ValueError(f"--retain-ce contradicts --retain-mode {args.retain_mode}")
+        cfg = cfg.replace(retain_mode="ce")
+    return cfg
+
+
+def _logit_means(lm, prompts_by_domain) -> dict[str, float]:
+    from interp.refusal import logit_refusal_scores
+
+    return {d: float(logit_refusal_scores(lm, [p.text for p in ps]).double().mean())
+            for d, ps in prompts_by_domain.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+
+    from interp.loading import load_model
+    from interp.suite import DOMAINS, load_prompts
+    from training.lora import merged_adapter
+    from training.trainer import default_run_dir, unlearn
+
+    out = args.out or (Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg))
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=args.device)
+    evals = {d: load_prompts(d, "eval", limit=args.eval) for d in DOMAINS} if args.eval else {}
+    before = _logit_means(lm, evals) if evals else {}
+    result = unlearn(lm, cfg, out, progress=not args.quiet, resume=not args.no_resume)
+    last = result.history[-1] if result.history else {}
+    print(f"adapter:  {result.adapter_dir}")
+    print(f"metrics:  {result.metrics_path}")
+    print(f"steps {result.steps}  final loss {last.get('loss', float('nan')):.4f}  "
+          f"{result.seconds_per_step:.2f} s/step  peak RSS {result.peak_rss_gb:.2f} GB  "
+          f"forget kept {result.manifest['forget']['kept']}/{result.manifest['forget']['candidates']}")
+    if evals:
+        with merged_adapter(lm):
+            after = _logit_means(lm, evals)
+        print(f"{'domain':<18} {'logit before':>12} {'after':>8}")
+        for d in evals:
+            mark = " *" if d in cfg.target_domains else ""
+            print(f"{d:<18} {before[d]:>+12.2f} {after[d]:>+8.2f}{mark}")
+        from interp.io import atomic_write_json
+
+        atomic_write_json(result.run_dir / "logit_eval.json", {"n_per_domain": args.eval, "before": before,
+                                                              "after": after})
+    sys.stdout.flush()
+    return 0
