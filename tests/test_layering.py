@@ -1,0 +1,61 @@
+"""Architecture rules of the house style, checked on the source tree."""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import tokenize
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ("interp", "probes", "training")
+APP = ("experiments", "figures", "emalab", "benchmarks", "tests")
+
+
+def _py_files(*packages):
+    for pkg in packages:
+        yield from sorted((ROOT / pkg).rglob("*.py"))
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("path", list(_py_files(*LIBRARY)), ids=lambda p: str(p.relative_to(ROOT)))
+def test_library_never_imports_the_app_layer(path):
+    assert not _imports(path) & set(APP), f"{path} imports {_imports(path) & set(APP)}"
+
+
+def _code_only(path: Path) -> str:
+    """The source with strings and comments removed (docstrings may name module paths)."""
+    toks = tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline)
+    return "".join(t.string for t in toks if t.type in (tokenize.NAME, tokenize.OP, tokenize.NUMBER))
+
+
+def test_module_paths_only_in_the_adapter():
+    pattern = re.compile(r"model\.model\.|\bmodel\.layers\[|embed_tokens|self_attn\.o_proj|mlp\.down_proj")
+    offenders = [str(p.relative_to(ROOT)) for p in _py_files(*LIBRARY, *APP[:-1])
+                 if p.name != "adapter.py" and pattern.search(_code_only(p))]
+    assert not offenders, f"module paths outside interp/adapter.py: {offenders}"
+
+
+def test_nnsight_traces_live_in_interp():
+    offenders = [str(p.relative_to(ROOT)) for p in _py_files("probes", "training", *APP[:-1])
+                 if re.search(r"\.trace\(|import nnsight|from nnsight", p.read_text(encoding="utf-8"))]
+    assert not offenders, f"nnsight used outside interp: {offenders}"
+
+
+def test_library_modules_declare_all():
+    missing = [str(p.relative_to(ROOT)) for p in _py_files(*LIBRARY)
+               if p.name != "__init__.py" and "__all__" not in p.read_text(encoding="utf-8")]
+    assert not missing, f"library modules without __all__: {missing}"
