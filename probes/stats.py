@@ -1,0 +1,202 @@
+"""Prediction statistics: rank/linear correlation with permutation p-values and bootstrap CIs, a
+paired test on per-prompt differences, and a generic bootstrap CI. Vectorised numpy, seeded.
+
+Small samples are reported, not hidden: with fewer than :data:`MIN_N` points every statistic is
+NaN and ``inconclusive`` is set, with the reason in ``note``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import binomtest, rankdata
+
+__all__ = [
+    "MIN_N",
+    "CorrelationResult",
+    "PairedResult",
+    "correlate",
+    "paired_test",
+    "bootstrap_ci",
+]
+
+MIN_N = 4
+"""Below this many points a correlation has too few permutations to mean anything."""
+
+_CHUNK = 2048  # resamples per vectorised block: bounds memory at _CHUNK × n floats
+
+
+@dataclass(frozen=True)
+class CorrelationResult:
+    """Correlation of paired observations ``x[i], y[i]``."""
+
+    spearman: float
+    pearson: float
+    p_perm_spearman: float
+    """Two-sided permutation p-value, ``(1 + #{|ρ_perm| ≥ |ρ|}) / (1 + n_perm)``."""
+    p_perm_pearson: float
+    ci_low: float
+    """Lower end of the percentile bootstrap CI of the Spearman correlation."""
+    ci_high: float
+    n: int
+    n_perm: int
+    n_boot: int
+    inconclusive: bool = False
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """A paired comparison of ``a[i]`` against ``b[i]`` (e.g. the same prompt before and after)."""
+
+    mean_diff: float
+    """Mean of ``a - b``."""
+    p_perm: float
+    """Two-sided sign-flip permutation p-value of the mean difference."""
+    p_sign: float
+    """Two-sided exact sign-test p-value (ties dropped)."""
+    ci_low: float
+    ci_high: float
+    """Percentile bootstrap CI of the mean difference."""
+    n: int
+    n_pos: int
+    n_neg: int
+    inconclusive: bool = False
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``x`` with the matching row of ``y`` (broadcasting)."""
+    xc = x - x.mean(-1, keepdims=True)
+    yc = y - y.mean(-1, keepdims=True)
+    num = (xc * yc).sum(-1)
+    den = np.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip(num / den, -1.0, 1.0)
+
+
+def _as_pair(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same length, got {x.size} and {y.size}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def _perm_p(stat: float, x: np.ndarray, y: np.ndarray, n_perm: int, rng: np.random.Generator) -> float:
+    hits = 0
+    done = 0
+    while done < n_perm:
+        m = min(_CHUNK, n_perm - done)
+        idx = rng.permuted(np.broadcast_to(np.arange(y.size), (m, y.size)), axis=1)
+        hits += int((np.abs(_pearson_rows(x[None], y[idx])) >= abs(stat) - 1e-12).sum())
+        done += m
+    return (1 + hits) / (1 + n_perm)
+
+
+def correlate(
+    x: Sequence[float], y: Sequence[float], n_perm: int = 10000, n_boot: int = 2000, seed: int = 0,
+    alpha: float = 0.05,
+) -> CorrelationResult:
+    """Spearman and Pearson correlation with permutation p-values and a bootstrap CI of Spearman.
+
+    Pairs where either value is non-finite are dropped. Spearman is Pearson on average ranks, so
+    ties are handled as in ``scipy.stats.spearmanr``.
+
+    Returns:
+        A :class:`CorrelationResult`; ``inconclusive`` (with NaN statistics) when fewer than
+        :data:`MIN_N` finite pairs remain or either variable is constant.
+    """
+    if n_perm < 1 or n_boot < 1:
+        raise ValueError(f"n_perm and n_boot must be >= 1, got {n_perm} and {n_boot}")
+    x, y = _as_pair(x, y)
+    n = int(x.size)
+    nan = float("nan")
+
+    def empty(note: str) -> CorrelationResult:
+        return CorrelationResult(nan, nan, nan, nan, nan, nan, n, n_perm, n_boot, True, note)
+
+    if n < MIN_N:
+        return empty(f"only {n} finite pairs; a correlation needs at least {MIN_N}")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return empty("one variable is constant; the correlation is undefined")
+    rng = np.random.default_rng(seed)
+    rx, ry = rankdata(x), rankdata(y)
+    rho = float(_pearson_rows(rx, ry))
+    r = float(_pearson_rows(x, y))
+    p_rho = _perm_p(rho, rx, ry, n_perm, rng)
+    p_r = _perm_p(r, x, y, n_perm, rng)
+    boots = []
+    done = 0
+    while done < n_boot:
+        m = min(_CHUNK, n_boot - done)
+        idx = rng.integers(0, n, size=(m, n))
+        boots.append(_pearson_rows(rankdata(x[idx], axis=1), rankdata(y[idx], axis=1)))
+        done += m
+    b = np.concatenate(boots)
+    b = b[np.isfinite(b)]  # a resample with a constant column has no correlation
+    lo, hi = (np.quantile(b, [alpha / 2, 1 - alpha / 2]) if b.size else (nan, nan))
+    note = "" if n >= 10 else f"n={n}: permutation p-values and the CI are coarse"
+    return CorrelationResult(rho, r, p_rho, p_r, float(lo), float(hi), n, n_perm, n_boot, False, note)
+
+
+def bootstrap_ci(
+    x: Sequence[float], stat: Callable[..., np.ndarray] = np.mean, n_boot: int = 2000, alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``stat`` (called as ``stat(samples, axis=1)``, vectorised).
+
+    Returns ``(nan, nan)`` for an empty sample.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    vals = []
+    done = 0
+    while done < n_boot:
+        m = min(_CHUNK, n_boot - done)
+        vals.append(np.asarray(stat(x[rng.integers(0, x.size, size=(m, x.size))], axis=1)))
+        done += m
+    lo, hi = np.quantile(np.concatenate(vals), [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def paired_test(
+    a: Sequence[float], b: Sequence[float], n_perm: int = 10000, n_boot: int = 2000, seed: int = 0,
+    alpha: float = 0.05,
+) -> PairedResult:
+    """Is ``a`` different from ``b``, pair by pair? Sign-flip permutation test of the mean
+    difference, exact sign test, and a bootstrap CI of the mean difference."""
+    a, b = _as_pair(a, b)
+    d = a - b
+    n = int(d.size)
+    n_pos, n_neg = int((d > 0).sum()), int((d < 0).sum())
+    nan = float("nan")
+    if n < 2:
+        return PairedResult(nan, nan, nan, nan, nan, n, n_pos, n_neg, True, f"only {n} finite pairs")
+    rng = np.random.default_rng(seed)
+    obs = abs(d.mean())
+    hits = 0
+    done = 0
+    while done < n_perm:
+        m = min(_CHUNK, n_perm - done)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(m, n))
+        hits += int((np.abs((signs * d).mean(1)) >= obs - 1e-12).sum())
+        done += m
+    p_perm = (1 + hits) / (1 + n_perm)
+    p_sign = float(binomtest(n_pos, n_pos + n_neg, 0.5).pvalue) if n_pos + n_neg else 1.0
+    lo, hi = bootstrap_ci(d, np.mean, n_boot, alpha, seed)
+    note = "" if n >= 10 else f"n={n}: p-values are coarse"
+    return PairedResult(float(d.mean()), p_perm, p_sign, lo, hi, n, n_pos, n_neg, n < MIN_N, note)

@@ -1,0 +1,80 @@
+"""Prediction statistics on planted data: monotone → ρ = 1 with a small p; noise → large p."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr, spearmanr
+
+from probes.stats import MIN_N, bootstrap_ci, correlate, paired_test
+
+
+def test_monotone_data_gives_spearman_one_and_small_p():
+    x = np.arange(12, dtype=float)
+    y = np.exp(x / 3)  # monotone, not linear
+    r = correlate(x, y, n_perm=2000, n_boot=500)
+    assert r.spearman == pytest.approx(1.0) and r.pearson < 1.0
+    assert r.p_perm_spearman <= 1e-3 and not r.inconclusive
+    assert r.ci_low == pytest.approx(1.0) and r.ci_high == pytest.approx(1.0)
+
+
+def test_matches_scipy_point_estimates_with_ties():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 5, 40).astype(float)
+    y = x + rng.normal(size=40)
+    r = correlate(x, y, n_perm=500, n_boot=200)
+    assert r.spearman == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert r.pearson == pytest.approx(pearsonr(x, y).statistic, abs=1e-12)
+    assert r.ci_low <= r.spearman <= r.ci_high
+
+
+def test_independent_noise_gives_large_p():
+    rng = np.random.default_rng(2)
+    r = correlate(rng.normal(size=30), rng.normal(size=30), n_perm=2000, n_boot=500, seed=3)
+    assert r.p_perm_spearman > 0.05 and r.p_perm_pearson > 0.05
+    assert r.ci_low < 0 < r.ci_high
+
+
+def test_seeded_and_anticorrelated():
+    x = np.arange(8.0)
+    a = correlate(x, -x, n_perm=300, n_boot=100, seed=5)
+    b = correlate(x, -x, n_perm=300, n_boot=100, seed=5)
+    assert a == b and a.spearman == pytest.approx(-1.0) and a.p_perm_spearman < 0.01
+
+
+@pytest.mark.parametrize("x,y,why", [([1, 2, 3], [3, 2, 1], "at least 4"), ([1, 2, 3, 4], [1, 1, 1, 1], "constant"),
+                                     ([1, 2, np.nan, 4, 5], [1, 2, 3, np.inf, 5], "at least 4")])
+def test_small_or_degenerate_samples_are_inconclusive(x, y, why):
+    r = correlate(x, y)
+    assert r.inconclusive and why in r.note
+    assert math.isnan(r.spearman) and math.isnan(r.p_perm_spearman)
+    assert r.to_dict()["spearman"] is None
+    assert MIN_N == 4
+
+
+def test_length_mismatch_raises():
+    with pytest.raises(ValueError, match="same length"):
+        correlate([1, 2, 3, 4], [1, 2, 3])
+
+
+def test_paired_test_detects_a_shift_and_not_noise():
+    rng = np.random.default_rng(4)
+    before = rng.normal(size=40)
+    shifted = paired_test(before + 1.0 + 0.1 * rng.normal(size=40), before, n_perm=2000, n_boot=500)
+    assert shifted.mean_diff == pytest.approx(1.0, abs=0.1)
+    assert shifted.p_perm < 1e-3 and shifted.p_sign < 1e-6 and shifted.n_pos == 40
+    assert shifted.ci_low < 1.0 < shifted.ci_high + 0.1
+    noise = paired_test(rng.normal(size=40), rng.normal(size=40), n_perm=2000, n_boot=500)
+    assert noise.p_perm > 0.05
+    assert paired_test([1.0], [0.0]).inconclusive
+
+
+def test_bootstrap_ci_covers_the_mean():
+    x = np.random.default_rng(5).normal(3.0, 1.0, size=200)
+    lo, hi = bootstrap_ci(x, np.mean, n_boot=1000)
+    assert lo < 3.0 < hi and hi - lo < 0.5
+    lo_med, hi_med = bootstrap_ci(x, np.median, n_boot=500)
+    assert lo_med < np.median(x) < hi_med
+    assert all(math.isnan(v) for v in bootstrap_ci([]))
