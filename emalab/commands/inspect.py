@@ -1,0 +1,82 @@
+"""Inspect prompts layer by layer in the browser: projections on the seven concept vectors and the
+refusal direction, a logit lens, and the greedy answer with its refusal label; base vs adapter.
+
+  emalab inspect                                         # default model, http://127.0.0.1:8765/
+  emalab inspect --adapter results/stages/unlearn/<hash>/adapter
+  emalab inspect --results results --port 9000
+
+Concept vectors and the refusal direction are read from --results when saved there; otherwise the
+concept vectors (and a fallback refusal direction) are computed once from the probe split and
+cached. The server binds to loopback only and logs method, path, status and latency, never
+prompts or answers. Stop it with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "inspect"
+HELP = "serve an interactive layer-by-layer inspector of prompts (base vs adapter) on 127.0.0.1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from interp.registry import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or directory (default: {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="an unlearning run's adapter directory: the page then shows base vs adapted")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="results root or run directory holding concepts.safetensors / direction.safetensors "
+                             "(default: results)")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: 8765)")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (default: bfloat16)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+    parser.add_argument("--probe-limit", type=int, default=12,
+                        help="probe prompts per domain when the concept vectors are computed here (default: 12)")
+    parser.add_argument("--answer-tokens", type=int, default=48, help="greedy answer length in tokens (default: 48)")
+    parser.add_argument("--k", type=int, default=5, help="logit-lens tokens per layer (default: 5)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=256, help="longest prompt accepted (default: 256)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emalab.inspector import (
+        InspectorConfig,
+        InspectorService,
+        check_loopback,
+        make_server,
+        resolve_vectors,
+    )
+    from interp.loading import load_model
+    from interp.registry import cache_root
+
+    check_loopback(args.host)  # before minutes of loading, not after
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.probe_limit < 2:
+        raise ValueError("--probe-limit must be at least 2 prompts per domain")
+    cfg = InspectorConfig(k=args.k, answer_tokens=args.answer_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.adapter is not None:
+        from training.lora import load_adapter
+
+        load_adapter(lm, args.adapter)  # AdapterMismatchError names both models
+    vectors = resolve_vectors(lm, args.results, cache_root() / "inspector", args.probe_limit)
+    print(f"concept vectors: {vectors.concepts_source}", file=sys.stderr)
+    print(f"refusal direction: {vectors.refusal_source}", file=sys.stderr)
+    service = InspectorService(lm, vectors, cfg, adapter=str(args.adapter) if args.adapter else None)
+    try:
+        server = make_server(service, args.host, args.port)
+    except OSError as err:
+        raise ConnectionError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
+                              "pick another --port (0 for any free one)") from err
+    print(f"emalab inspector on {server.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
