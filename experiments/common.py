@@ -173,18 +173,16 @@ class Study:
 
     def refusal_direction(self):
         """The base model's refusal direction, selected as in Arditi et al. (cached stage)."""
-        from interp.direction import Direction
-        from probes.refusal_direction import RefusalDirectionConfig, select_refusal_direction
+        from probes.refusal_direction import (
+            NoValidCandidateError,
+            RefusalDirectionConfig,
+            cached_refusal_direction,
+        )
 
-        rcfg = RefusalDirectionConfig()
-        key = {"weights": self.weights_id, "dtype": self.cfg.dtype, "config": rcfg.to_dict()}
-        stage = Stage(self.results, "refusal_direction", key)
-        if not stage.done:
-            path = stage.open()
-            selection = select_refusal_direction(self.lm, rcfg)
-            selection.save(path)
-            stage.complete({"layer": selection.layer, "position": selection.position})
-        return Direction.load(stage.path / "direction.safetensors")
+        direction, path = cached_refusal_direction(self.lm, RefusalDirectionConfig(), self.results, progress=True)
+        if direction is None:
+            raise NoValidCandidateError(f"no refusal-direction candidate passed the filters; see {path}/candidates.json")
+        return direction
 
     def ablation(self):
         """``(context-manager factory, id)`` that ablates the base refusal direction at every layer."""
