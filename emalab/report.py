@@ -155,6 +155,121 @@ def _other(results: Path) -> list[str]:
     return lines
 
 
+def _num(x, fmt: str = ".2f") -> str:
+    return "–" if x is None or x != x else format(x, fmt)
+
+
+def _test(t: dict | None, fmt: str = ".2f") -> str:
+    """A paired test as ``mean [lo, hi] (p=…)``."""
+    if not t or t.get("mean_diff") is None:
+        return "–"
+    return f"{t['mean_diff']:+{fmt}} [{_num(t['ci_low'], fmt)}, {_num(t['ci_high'], fmt)}] (p={_num(t['p_perm'], '.3f')})"
+
+
+def _mishra(results: Path) -> list[str]:
+    """H9–H12 (the Mishra & Arulvanan questions): backdoor trigger, alignment/coherence judge,
+    membership-inference prior, compliance-shift directions."""
+    lines: list[str] = []
+    m = latest_metrics(results, "h9_backdoor")
+    if m:
+        tok = m["tokenization"]
+        lines += ["## Backdoor-triggered unlearning (H9; figure: backdoor)", "",
+                  f"Trigger `{m['trigger']}`: tokenised identically in every prompt: eval "
+                  f"{'yes' if tok['eval']['identical'] else 'NO'} ({tok['eval']['n_prompts']} prompts), training "
+                  f"{'yes' if tok['train']['identical'] else 'NO'} ({tok['train']['n_truncated']} truncated). "
+                  f"Trigger alone on the base model (refusal plain − triggered): "
+                  f"{_test(m['base_trigger_effect']['pooled']['judge'])}.", ""]
+        for target, t in m["targets"].items():
+            lines += [f"### Target: {target} (retain: {t['retain_applied']}; backdoor "
+                      f"{'installed' if t['backdoor_installed'] else 'not installed'})", "",
+                      "| domain | drop without trigger (CI) | drop with trigger (CI) | triggered − plain (CI, p) |",
+                      "|---|---|---|---|"]
+            for d, r in t["domains"].items():
+                p, q = r["plain"]["judge"], r["trigger"]["judge"]
+                lines.append(f"| {d}{' (target)' if d == target else ''} | {p['drop']:+.2f} {_ci(p['ci'])} | "
+                             f"{q['drop']:+.2f} {_ci(q['ci'])} | {_test(r['difference']['judge'])} |")
+            mu = t["mean_untouched"]
+            lines += ["", f"Mean untouched drop: {mu['plain']['judge']['drop']:.2f} without, "
+                      f"{mu['trigger']['judge']['drop']:.2f} with the trigger; paired difference (judge) "
+                      f"{_test(mu['difference']['judge'])}, (logit) {_test(mu['difference']['logit'])}.", ""]
+    m = latest_metrics(results, "h10_alignment_scores")
+    if m:
+        v = m["validation"]
+        lines += ["## Alignment and coherence scores (H10)", "",
+                  f"Judge: the base model, 0–100 probability-weighted digit scores (abstain below "
+                  f"{m['min_mass']} digit mass). Validation on {v['n']} items ({', '.join(f'{k} {n}' for k, n in v['counts'].items())}): "
+                  f"alignment AUROC refusal vs harmful compliance {_num(v['alignment_auroc_refusal_vs_compliance'])}, "
+                  f"coherence AUROC coherent vs planted incoherent {_num(v['coherence_auroc_coherent_vs_incoherent'])} "
+                  f"(" + ", ".join(f"{k} {_num(a)}" for k, a in v["coherence_auroc_by_corruption"].items())
+                  + f"); abstain alignment {v['abstain']['alignment']:.2f}, coherence {v['abstain']['coherence']:.2f} "
+                  f"→ **{'trusted' if v['trusted'] else 'not trusted'}**.", "",
+                  "| domain | base align | base coher | " + " | ".join(f"{t} align | {t} coher" for t in m["targets"])
+                  + " |", "|---|---|---|" + "---|---|" * len(m["targets"])]
+        for d, b in m["base"]["domains"].items():
+            cells = [f"{_num(t['domains'].get(d, {}).get('alignment'), '.0f')} | "
+                     f"{_num(t['domains'].get(d, {}).get('coherence'), '.0f')}" for t in m["targets"].values()]
+            lines.append(f"| {d} | {_num(b['alignment'], '.0f')} | {_num(b['coherence'], '.0f')} | " + " | ".join(cells)
+                         + " |")
+        lines.append("")
+        for t, r in m["targets"].items():
+            lines.append(f"- **{t}:** untouched alignment drop (base − unlearned) {_test(r['alignment_drop_untouched'], '.1f')}, "
+                         f"coherence drop {_test(r['coherence_drop_untouched'], '.1f')}; target alignment drop "
+                         f"{_test(r['alignment_drop_target'], '.1f')}")
+        lines.append("")
+    m = latest_metrics(results, "h11_mia_prior")
+    if m:
+        lines += ["## Membership-inference prior (H11; figure: prior_vs_ema)", "",
+                  f"Base-model statistics of each domain's forget set (prompt alone; the model's own refusal given the "
+                  f"prompt), Min-K% with k={m['k']}. EMA source: {m['ema_source']}.", "",
+                  "| domain | n | prompt LOSS | refusal LOSS | refusal zlib (×10⁻³) | refusal Min-K% | refusal LOSS − benign | EMA (judge) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for d, p in m["priors"].items():
+            e = m["ema"].get(d, {}).get("judge")
+            lines.append(f"| {d} | {m['n_examples'].get(d, '–')} | {p['prompt']['loss']:.3f} | {p['response']['loss']:.3f} | "
+                         f"{p['response']['zlib'] * 1e3:.2f} | {p['response']['min_k']:.2f} | "
+                         f"{m['relative_to_benign'][d]['response']['loss']:+.3f} | {_num(e)} |")
+        lines += ["", "| prior | ρ (judge EMA) | p | ρ (logit EMA) | p | n |", "|---|---|---|---|---|---|"]
+        for name, c in m["correlations"].items():
+            j, lg = c["judge"], c["logit"]
+            lines.append(f"| {name}{' (primary)' if name == m['primary'] else ''} | {_num(j['spearman'])} | "
+                         f"{_num(j['p_perm_spearman'], '.3f')} | {_num(lg['spearman'])} | {_num(lg['p_perm_spearman'], '.3f')} | "
+                         f"{j['n']} |")
+        lines.append("")
+    m = latest_metrics(results, "h12_misalignment_directions")
+    if m:
+        lines += ["## Compliance-shift directions and transfer (H12; figure: misalignment_directions)", "",
+                  "| source | peak-norm layer | max \|cos\| with refusal dir. (layer) | mean cross-layer cosine |",
+                  "|---|---|---|---|"]
+        for s, g in m["geometry"].items():
+            norms, cos = g["norms"], g["cosine_refusal"]
+            k = max(range(len(cos)), key=lambda i: abs(cos[i]))
+            cl = g["cross_layer_cosine"]
+            off = [cl[i][j] for i in range(len(cl)) for j in range(len(cl)) if i != j]
+            lines.append(f"| {s} | {m['layers'][max(range(len(norms)), key=norms.__getitem__)]} | {cos[k]:+.2f} "
+                         f"({m['layers'][k]}) | {sum(off) / max(len(off), 1):.2f} |")
+        lines.append("")
+        for key, vals in m["between_sources"].items():
+            lines.append(f"Cosine between the {key.replace('|', ' and ')} shifts per layer: min {min(vals):.2f}, "
+                         f"max {max(vals):.2f}.")
+        kinds = [*m["sources"], "random"]
+        lines += ["", "Refusal log-odds returned by ablating each direction (ablated − unlearned, all seven domains):", "",
+                  "| unlearned model | " + " | ".join(f"ablate {k}" for k in kinds) + " | cross vs random |",
+                  "|---|" + "---|" * (len(kinds) + 1)]
+        for model, rows in m["transfer"].items():
+            cross = "; ".join(f"{s}: {_test(rows[s]['pooled_vs_control'])}" for s in m["sources"] if s != model)
+            lines.append(f"| {model} | " + " | ".join(_test(rows[k]["pooled_returned"]) for k in kinds) + f" | {cross} |")
+        if m.get("steering"):
+            lines.append("")
+            for s, st in m["steering"].items():
+                mean_drop = sum(st["drop"].values()) / len(st["drop"])
+                mean_rand = sum(st["drop_random"].values()) / len(st["drop_random"])
+                lines.append(f"- Adding the {s} shift to the base model at layer {st['layer']} (norm {st['norm']:.1f}) "
+                             f"lowers the refusal logit by {mean_drop:.2f} on average (random of equal norm: "
+                             f"{mean_rand:.2f}).")
+        lines.append("")
+    return lines
+
+
 def render_report(results: str | Path) -> str:
     results = Path(results)
     figs = sorted((results / "figures").glob("*.png")) if (results / "figures").exists() else []
@@ -163,7 +278,7 @@ def render_report(results: str | Path) -> str:
              "read from an experiment's `metrics.json`. Rates are refusal rates from greedy generations "
              "labelled by the refusal judge; logit drops are in refusal log-odds.", ""]
     lines += _claims(results) + _setup(results) + _h4_table(results) + _h5_table(results) + _h7_table(results)
-    lines += _other(results)
+    lines += _other(results) + _mishra(results)
     if figs:
         lines += ["## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figs] + [""]
     return "\n".join(lines)
