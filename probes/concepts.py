@@ -39,7 +39,7 @@ __all__ = [
 CONTRASTS = ("benign", "rest")
 _FORMAT = "emalab.concepts/v1"
 
-ActsLike = ActivationSet | Float[Tensor, "batch layer d_model"]
+ActsLike = ActivationSet | Float[Tensor, "_batch layer d_model"]  # sets differ in size
 
 
 def _tensor(acts: ActsLike) -> Tensor:

@@ -34,11 +34,12 @@ __all__ = [
     "class_means",
 ]
 
-LayerFn = Callable[[Float[Tensor, "batch layer d_model"], Float[Tensor, "batch layer d_model"]],
+LayerFn = Callable[[Float[Tensor, "_batch layer d_model"], Float[Tensor, "_batch layer d_model"]],
                    Float[Tensor, "layer d_model"]]
 """Maps positive and negative activations to one raw (unnormalised) vector per layer."""
 
-Acts = Float[Tensor, "batch layer d_model"] | ActivationSet
+# ``_batch``: positives and negatives may differ in number; jaxtyping must not tie their sizes.
+Acts = Float[Tensor, "_batch layer d_model"] | ActivationSet
 
 
 def _unpack(acts: Acts, layers: Sequence[int] | None) -> tuple[Tensor, list[int] | None]:
@@ -92,7 +93,7 @@ class DirectionBuilder:
 
 
 def class_means(
-    pos: Float[Tensor, "batch layer d_model"], neg: Float[Tensor, "batch layer d_model"]
+    pos: Float[Tensor, "_batch layer d_model"], neg: Float[Tensor, "_batch layer d_model"]
 ) -> tuple[Float[Tensor, "layer d_model"], Float[Tensor, "layer d_model"]]:
     """Per-layer means of both sets, accumulated in float64 (returned in float64)."""
     return pos.double().mean(0), neg.double().mean(0)

@@ -8,10 +8,11 @@ NaN and ``inconclusive`` is set, with the reason in ``note``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import binomtest, rankdata
 
 __all__ = [
@@ -74,7 +75,7 @@ class PairedResult:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray | np.floating:
     """Pearson correlation of each row of ``x`` with the matching row of ``y`` (broadcasting)."""
     xc = x - x.mean(-1, keepdims=True)
     yc = y - y.mean(-1, keepdims=True)
@@ -84,7 +85,7 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.clip(num / den, -1.0, 1.0)
 
 
-def _as_pair(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _as_pair(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
@@ -105,7 +106,7 @@ def _perm_p(stat: float, x: np.ndarray, y: np.ndarray, n_perm: int, rng: np.rand
 
 
 def correlate(
-    x: Sequence[float], y: Sequence[float], n_perm: int = 10000, n_boot: int = 2000, seed: int = 0,
+    x: ArrayLike, y: ArrayLike, n_perm: int = 10000, n_boot: int = 2000, seed: int = 0,
     alpha: float = 0.05,
 ) -> CorrelationResult:
     """Spearman and Pearson correlation with permutation p-values and a bootstrap CI of Spearman.
@@ -151,7 +152,7 @@ def correlate(
 
 
 def bootstrap_ci(
-    x: Sequence[float], stat: Callable[..., np.ndarray] = np.mean, n_boot: int = 2000, alpha: float = 0.05,
+    x: ArrayLike, stat: Callable[..., np.ndarray] = np.mean, n_boot: int = 2000, alpha: float = 0.05,
     seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of ``stat`` (called as ``stat(samples, axis=1)``, vectorised).
@@ -174,7 +175,7 @@ def bootstrap_ci(
 
 
 def paired_test(
-    a: Sequence[float], b: Sequence[float], n_perm: int = 10000, n_boot: int = 2000, seed: int = 0,
+    a: ArrayLike, b: ArrayLike, n_perm: int = 10000, n_boot: int = 2000, seed: int = 0,
     alpha: float = 0.05,
 ) -> PairedResult:
     """Is ``a`` different from ``b``, pair by pair? Sign-flip permutation test of the mean

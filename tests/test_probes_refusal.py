@@ -33,7 +33,7 @@ def test_config_roundtrip_and_validation(tmp_path):
     cfg = RefusalDirectionConfig(positions=[-2, -1], layer_step=2, kl_threshold=0.2)
     back = RefusalDirectionConfig.load(cfg.save(tmp_path / "c.json"))
     assert back == cfg and back.hash() == cfg.hash()
-    for bad in (dict(positions=[0]), dict(prune_layer_fraction=1.0), dict(kl_threshold=0), dict(n_val=0),
+    for bad in (dict(positions=[0]), dict(prune_layer_fraction=1.0), dict(kl_threshold=0.0), dict(n_val=0),
                 dict(harmful_domains=["benign"]), dict(site="resid_mid"), dict(splits=["train"])):
         with pytest.raises(ValueError):
             RefusalDirectionConfig(**bad)
