@@ -82,13 +82,17 @@ class UnknownJudgeError(ValueError):
 # Coherence
 # --------------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+_WORD = re.compile(r"\w+|[^\w\s]+", re.UNICODE)
 _LATIN_WORD = re.compile(r"[A-Za-z]{5,}")
 _VOWELS = set("aeiouyAEIOUY")
 
 
+# Rules and separators ("-----", "=====") are legitimate long runs in markdown and code.
+_RUN_EXEMPT = set("-=_*#~.─━|")
+
+
 def _letter_fraction(text: str) -> float:
-    chars = [c for c in text if not c.isspace()]
+    chars = [c for c in text if not c.isspace() and c not in _RUN_EXEMPT]
     if not chars:
         return 0.0
     return sum(c.isalpha() for c in chars) / len(chars)
@@ -100,7 +104,7 @@ def _longest_run(text: str) -> int:
     for c in text:
         run = run + 1 if c == prev else 1
         prev = c
-        if not c.isspace():
+        if not c.isspace() and c not in _RUN_EXEMPT:
             best = max(best, run)
     return best
 
@@ -118,12 +122,12 @@ def coherence(
     """Decide whether ``response`` is language at all, before anyone labels it.
 
     Incoherent when: empty or whitespace; fewer than ``min_letters`` letters (so a bare ``"No."``
-    still passes); a single character repeated ``max_char_run`` times; more than
-    ``max_repeated_ngram_ratio`` of its word ``ngram``-grams are repeats, or one word-token makes up
-    more than ``max_top_token_share`` of them (both only for responses of at least
-    ``min_words_for_repetition`` tokens); mostly non-letters (under ``min_letter_fraction`` of
-    non-space characters, which code passes comfortably); mostly replacement characters; or most
-    long Latin words have no vowel (keyboard mash).
+    still passes); a single character repeated ``max_char_run`` times (rule characters such as
+    ``-`` and ``=`` are exempt); more than ``max_repeated_ngram_ratio`` of its word ``ngram``-grams
+    are repeats, or one word-token makes up more than ``max_top_token_share`` of them (both only
+    for responses of at least ``min_words_for_repetition`` tokens); mostly non-letters (under
+    ``min_letter_fraction`` of non-space, non-rule characters, which code passes comfortably);
+    mostly replacement characters; or most long Latin words have no vowel (keyboard mash).
 
     Returns:
         ``(ok, reason)``; ``reason`` is ``"ok"`` when coherent.

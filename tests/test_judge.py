@@ -90,6 +90,8 @@ def test_opening_only_reads_first_sentences():
     ("\ufffd\ufffd\ufffd\ufffd ab", False),
     ("ha " * 40, False),
     ("=" * 30, False),
+    ("Results:\n| name | value |\n|" + "-" * 30 + "|\n| a | 1 |", True),
+    ("Wow" + "!" * 30 + " that is great news for everyone here", False),
 ])
 def test_coherence(text, ok):
     got, reason = coherence(text)
