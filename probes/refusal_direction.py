@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +54,10 @@ __all__ = [
     "format_table",
     "cached_refusal_direction",
 ]
+
+
+_SELECTION_ONLY = ("kl_threshold", "induce_threshold")
+"""Config fields that only filter stored scores; they are not part of the scoring stage's key."""
 
 
 class NoValidCandidateError(RuntimeError):
@@ -88,8 +92,10 @@ class RefusalDirectionConfig(JsonConfig):
     """Explicit candidate layers (overrides ``layer_step``)."""
     prune_layer_fraction: float = 0.2
     """Exclude candidates from the last fraction of the layers."""
-    kl_threshold: float = 0.1
-    """Maximum KL (nats) of harmless next-token distributions under ablation."""
+    kl_threshold: float = 0.25
+    """Maximum mean KL (nats) of harmless next-token distributions under ablation. Arditi et al. use
+    0.1 on ≥1.8B models; on qwen2.5-coder-0.5b-instruct every candidate that bypasses refusal has
+    KL 0.13–0.22 (measured), so 0.1 selects nothing there."""
     induce_threshold: float = 0.0
     """Minimum mean refusal score on harmless prompts under activation addition."""
     filter_train: bool = True
@@ -184,10 +190,53 @@ class RefusalDirectionResult:
     """Mean refusal scores without intervention on the validation sets, and prompt counts."""
     timings: dict
     config: RefusalDirectionConfig
+    provenance: dict = field(default_factory=dict)
+    """Model name, state id and layer count the candidates were computed on."""
 
     @property
     def selected(self) -> CandidateScore | None:
         return next((c for c in self.candidates if c.status == "selected"), None)
+
+    def reselect(self, cfg: RefusalDirectionConfig) -> RefusalDirectionResult:
+        """Apply ``cfg``'s thresholds to the stored scores and pick the direction again (cheap: no
+        forward passes). Only ``kl_threshold`` and ``induce_threshold`` may differ from the scoring
+        config; candidates never scored stay excluded."""
+        for c in self.candidates:
+            if c.bypass_score is None:
+                continue
+            reasons = [r for r in c.status.split("+") if r == "late_layer"]
+            if c.kl > cfg.kl_threshold:
+                reasons.append("kl")
+            if c.induce_score < cfg.induce_threshold:
+                reasons.append("no_induce")
+            c.status = "+".join(reasons) or "ok"
+        self.config = replace(self.config, kl_threshold=cfg.kl_threshold, induce_threshold=cfg.induce_threshold)
+        ok = [c for c in self.candidates if c.status == "ok"]
+        self.direction = None
+        if ok:
+            best = min(ok, key=lambda c: c.bypass_score)
+            best.status = "selected"
+            vec = self.candidate_vectors[self.positions.index(best.position), self.layers.index(best.layer)]
+            self.direction = Direction.from_vectors(vec, [best.layer], name="refusal", meta={
+                "builder": "mean_difference", **self.provenance, "site": self.config.site,
+                "position": best.position, "token": best.token, "layer": best.layer,
+                "bypass_score": best.bypass_score, "induce_score": best.induce_score, "kl": best.kl,
+                "baseline": self.baseline, "config_hash": self.config.hash(),
+            })
+        return self
+
+    @classmethod
+    def load(cls, out: str | Path) -> RefusalDirectionResult:
+        """Read a run directory written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        out = Path(out)
+        rec = read_json(out / "candidates.json")
+        vecs = load_file(out / "candidate_vectors.safetensors")["vectors"]
+        direction = Direction.load(out / "direction.safetensors") if (out / "direction.safetensors").exists() else None
+        return cls(direction, [CandidateScore(**c) for c in rec["candidates"]], vecs, rec["positions"], rec["layers"],
+                   rec["baseline"], rec["timings"], RefusalDirectionConfig.from_dict(rec["config"]),
+                   rec.get("provenance", {}))
 
     def require(self) -> Direction:
         if self.direction is None:
@@ -205,10 +254,13 @@ class RefusalDirectionResult:
         out = Path(out)
         if self.direction is not None:
             self.direction.save(out / "direction.safetensors")
+        else:
+            (out / "direction.safetensors").unlink(missing_ok=True)
         atomic_save_safetensors(out / "candidate_vectors.safetensors", {"vectors": self.candidate_vectors},
                                 metadata={"positions": str(self.positions), "layers": str(self.layers)})
         atomic_write_json(out / "candidates.json", {
-            "config": self.config.to_dict(), "baseline": self.baseline, "timings": self.timings,
+            "config": self.config.to_dict(), "provenance": self.provenance, "baseline": self.baseline,
+            "timings": self.timings,
             "positions": self.positions, "layers": self.layers,
             "selected": asdict(self.selected) if self.selected else None,
             "candidates": [asdict(c) for c in self.candidates],
@@ -383,28 +435,12 @@ def select_refusal_direction(
         c.bypass_score = float(refusal_log_odds(lp[:nh], refusal_ids).mean())
         c.kl = _kl(base_lp[nh:], lp[nh:])
         c.induce_score = float(induce.mean())
-        if c.kl > cfg.kl_threshold:
-            reasons.append("kl")
-        if c.induce_score < cfg.induce_threshold:
-            reasons.append("no_induce")
-        c.status = "+".join(reasons) or "ok"
     timings["scoring_s"] = time.perf_counter() - t2
     timings["n_scored"] = sum(c.bypass_score is not None for c in candidates)
-
-    ok = [c for c in candidates if c.status == "ok"]
-    direction = None
-    if ok:
-        best = min(ok, key=lambda c: c.bypass_score)
-        best.status = "selected"
-        vec = vecs[offsets.index(best.position), layers.index(best.layer)]
-        direction = Direction.from_vectors(vec, [best.layer], name="refusal", meta={
-            "builder": "mean_difference", "model": lm.name, "state": state_id(lm), "n_layers": n,
-            "site": cfg.site, "position": best.position, "token": best.token, "layer": best.layer,
-            "bypass_score": best.bypass_score, "induce_score": best.induce_score, "kl": best.kl,
-            "baseline": baseline, "config_hash": cfg.hash(),
-        })
     timings["total_s"] = time.perf_counter() - t0
-    return RefusalDirectionResult(direction, candidates, vecs, offsets, layers, baseline, timings, cfg)
+    provenance = {"model": lm.name, "state": state_id(lm), "n_layers": n}
+    result = RefusalDirectionResult(None, candidates, vecs, offsets, layers, baseline, timings, cfg, provenance)
+    return result.reselect(cfg)
 
 
 def cached_refusal_direction(
@@ -414,10 +450,11 @@ def cached_refusal_direction(
     force: bool = False,
     progress: bool = True,
 ) -> tuple[Direction | None, Path]:
-    """Select the direction once per (model state, dtype, config) and reuse it afterwards.
+    """Score the candidates once per (model state, dtype, scoring config) and reuse the scores.
 
-    The stage lives in ``results/stages/refusal_direction/<hash>/`` (see :class:`interp.runs.Stage`);
-    a finished stage is loaded, not recomputed, unless ``force``.
+    The stage lives in ``results/stages/refusal_direction/<hash>/`` (see :class:`interp.runs.Stage`).
+    Its key leaves out ``kl_threshold`` and ``induce_threshold``: changing them re-applies the
+    filters to the stored scores (:meth:`RefusalDirectionResult.reselect`) without a forward pass.
 
     Returns:
         ``(direction or None if no candidate passed, stage directory)``.
@@ -426,15 +463,15 @@ def cached_refusal_direction(
 
     cfg = cfg or RefusalDirectionConfig()
     dtype = str(next(lm.model.parameters()).dtype)
+    scoring = {k: v for k, v in cfg.to_dict().items() if k not in _SELECTION_ONLY}
     stage = Stage(Path(results), "refusal_direction",
-                  {"config": cfg.to_dict(), "model": lm.name, "state": state_id(lm), "dtype": dtype})
+                  {"config": scoring, "model": lm.name, "state": state_id(lm), "dtype": dtype})
     if stage.done and not force:
-        path = stage.path
-        return (Direction.load(path / "direction.safetensors") if (path / "direction.safetensors").exists()
-                else None), path
+        result = RefusalDirectionResult.load(stage.path).reselect(cfg)
+        result.save(stage.path)
+        return result.direction, stage.path
     path = stage.open()
     result = select_refusal_direction(lm, cfg, progress=progress)
     result.save(path)
-    sel = result.selected
-    stage.complete({"selected": asdict(sel) if sel else None, "timings": result.timings})
+    stage.complete({"timings": result.timings})
     return result.direction, path

@@ -117,3 +117,22 @@ def test_cli_prints_table_and_saves(tiny_qwen, tmp_path, monkeypatch, capsys):
     assert len(list(tmp_path.glob("stages/refusal_direction/*/direction.safetensors"))) == 1
     assert main([*argv, "--induce-threshold", "1e9"]) == 1  # nothing passes
     assert "no candidate passed" in capsys.readouterr().out
+
+
+def test_changing_thresholds_reselects_without_recomputing(tiny_qwen, tmp_path, monkeypatch):
+    import probes.refusal_direction as rd
+
+    cfg = RefusalDirectionConfig(**LOOSE, candidate_layers=[1, 2], positions=[-2, -1])
+    monkeypatch.setattr(rd, "suite_prompt_sets", lambda _cfg: PROMPTS)
+    d1, path = cached_refusal_direction(tiny_qwen, cfg, tmp_path, progress=False)
+    assert d1 is not None
+    monkeypatch.setattr(rd, "select_refusal_direction", lambda *a, **k: pytest.fail("recomputed"))
+    strict = cfg.replace(induce_threshold=1e9)
+    d2, path2 = cached_refusal_direction(tiny_qwen, strict, tmp_path, progress=False)
+    assert path2 == path and d2 is None and not (path / "direction.safetensors").exists()
+    record = json.loads((path / "candidates.json").read_text())
+    assert record["config"]["induce_threshold"] == 1e9 and record["selected"] is None
+    d3, _ = cached_refusal_direction(tiny_qwen, cfg, tmp_path, progress=False)
+    assert torch.equal(d3.vectors, d1.vectors) and d3.meta["layer"] == d1.meta["layer"]
+    loaded = rd.RefusalDirectionResult.load(path)
+    assert loaded.selected is not None and loaded.provenance["model"] == "tiny-qwen2"
