@@ -30,6 +30,10 @@ __all__ = [
     "trace_batch",
     "collect_activations",
     "collect_cached",
+    "ShardMismatchError",
+    "shard_indices",
+    "collect_shard",
+    "merge_activation_shards",
 ]
 
 POSITIONS = ("last", "post_instruction_mean", "all", "post_instruction")
@@ -89,7 +93,9 @@ def trace_batch(
     The forward stops after the deepest requested layer, so the unembedding is never computed.
     """
     saved: list[Tensor] = []
-    with nlm.trace({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote) as tracer:
+    # use_cache=False: a single forward never reuses keys/values, so building a KV cache is wasted copies.
+    with nlm.trace({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote,
+                   use_cache=False) as tracer:
         for layer in layers:  # forward order
             saved.append(stream(envoy_for_site(nlm, site, layer).output)[:, -n_last:, :].save())
         tracer.stop()
@@ -199,3 +205,120 @@ def collect_cached(
         parts.append(acts)
     return ActivationSet(torch.cat(parts), list(prompt_ids), layers, site, position,
                          meta={"cache": str(root), "state": key["state"]})
+
+
+# -- sharding across processes ------------------------------------------------------------------
+
+_SHARD_FORMAT = "emalab.activation_shard/v1"
+
+
+class ShardMismatchError(ValueError):
+    """Shards that do not form one collection (other model state, layers, sizes, or missing ranks)."""
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """The prompt indices process ``rank`` of ``world_size`` handles: a contiguous block of ``range(n)``.
+
+    Blocks differ in size by at most one (the first ``n % world_size`` ranks take one more), are
+    deterministic, and concatenated in rank order give ``range(n)``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (rank < extra)))
+
+
+def collect_shard(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    prompt_ids: Sequence[str],
+    out_dir: str | Path,
+    rank: int,
+    world_size: int,
+    layers: Sequence[int] | None = None,
+    site: str = "resid_post",
+    position: str = "last",
+    batch_size: int = 16,
+    system: str | None = None,
+    raw: bool = False,
+) -> Path:
+    """Collect this process's shard of ``prompts`` (:func:`shard_indices`) and write it to ``out_dir`` as
+    ``shard-<rank>-of-<world_size>.safetensors`` plus a JSON manifest (written last, atomically).
+
+    Every process passes the full prompt list; :func:`merge_activation_shards` restores input order.
+
+    Returns:
+        The manifest path.
+    """
+    if len(prompts) != len(prompt_ids):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
+    layers = check_layers(lm.model, layers)
+    idx = shard_indices(len(prompts), rank, world_size)
+    root = ensure_writable_dir(out_dir, "activation shard directory")
+    stem = f"shard-{rank:05d}-of-{world_size:05d}"
+    manifest = {
+        "format": _SHARD_FORMAT, "rank": rank, "world_size": world_size, "n_total": len(prompts), "indices": idx,
+        "prompt_ids": [prompt_ids[i] for i in idx], "layers": layers, "site": site, "position": position,
+        "model": lm.name, "state": state_id(lm), "dtype": str(next(lm.model.parameters()).dtype),
+        "system": system, "raw": raw, "file": None,
+    }
+    if idx:
+        acts = collect_activations(lm, [prompts[i] for i in idx], layers, site, position, batch_size, system, raw)
+        atomic_save_safetensors(root / f"{stem}.safetensors", {"acts": acts})
+        manifest["file"] = f"{stem}.safetensors"
+    return atomic_write_json(root / f"{stem}.json", manifest)
+
+
+def merge_activation_shards(paths: Sequence[str | Path] | str | Path) -> ActivationSet:
+    """Concatenate the shards written by :func:`collect_shard` back into input order.
+
+    Args:
+        paths: Shard manifests (``shard-*-of-*.json``), or one directory holding them.
+
+    Raises:
+        ShardMismatchError: The shards disagree on model state, layers, site, position, size or
+            world size, or a rank is missing or duplicated.
+    """
+    from safetensors.torch import load_file
+
+    if isinstance(paths, (str, Path)):
+        paths = sorted(Path(paths).glob("shard-*-of-*.json")) if Path(paths).is_dir() else [Path(paths)]
+    manifests = [(Path(p), read_json(p)) for p in paths]
+    if not manifests:
+        raise ShardMismatchError("no shard manifests given (or none in the directory)")
+    keys = ("world_size", "n_total", "layers", "site", "position", "model", "state", "dtype", "system", "raw")
+    first = manifests[0][1]
+    for path, m in manifests:
+        if m.get("format") != _SHARD_FORMAT:
+            raise ShardMismatchError(f"{path} is not an emalab activation shard manifest")
+        diff = [k for k in keys if m.get(k) != first.get(k)]
+        if diff:
+            raise ShardMismatchError(f"{path} differs from {manifests[0][0]} in {diff}; shards of one collection "
+                                     "must share the model state, layers, site, position and world size")
+    ranks = sorted(m["rank"] for _, m in manifests)
+    if ranks != list(range(first["world_size"])):
+        missing = sorted(set(range(first["world_size"])) - set(ranks))
+        raise ShardMismatchError(f"expected ranks 0..{first['world_size'] - 1} once each; got {ranks}"
+                                 + (f" (missing {missing})" if missing else ""))
+    n = first["n_total"]
+    order = [i for _, m in sorted(manifests, key=lambda pm: pm[1]["rank"]) for i in m["indices"]]
+    if sorted(order) != list(range(n)):
+        raise ShardMismatchError(f"the shards' prompt indices do not cover 0..{n - 1} exactly once")
+    acts: Tensor | None = None
+    ids: list[str | None] = [None] * n
+    for path, m in manifests:
+        for i, pid in zip(m["indices"], m["prompt_ids"], strict=True):
+            ids[i] = pid
+        if not m["indices"]:
+            continue
+        part = load_file(path.parent / m["file"])["acts"]
+        if acts is None:
+            acts = torch.empty(n, *part.shape[1:], dtype=part.dtype)
+        acts[m["indices"]] = part
+    if acts is None:
+        raise ShardMismatchError("every shard is empty")
+    return ActivationSet(acts, ids, list(first["layers"]), first["site"], first["position"],
+                         meta={"state": first["state"], "shards": [str(p) for p, _ in manifests]})
