@@ -1,0 +1,52 @@
+"""Benchmark inputs: a length-varied prompt set from the suite, and fixed training examples.
+
+The inputs are deterministic (the suite's seeded order, evenly spaced quantiles of length), so two
+runs of a benchmark time the same work. No generated text is needed: training examples pair suite
+prompts with one fixed, neutral response, which is all a step's timing depends on.
+"""
+
+from __future__ import annotations
+
+from interp.suite import DOMAINS, EmptySplitError, load_prompts
+from training.data import Example
+
+__all__ = ["varied_prompts", "training_examples", "domain_prompts", "NEUTRAL_RESPONSE"]
+
+NEUTRAL_RESPONSE = (
+    "Thanks for the question. Here is a short overview of the topic, the main points to consider, "
+    "and where to read more about it in reliable public sources. First, the background: "
+)
+
+
+def _pool(split: str = "eval") -> list[tuple[str, str]]:
+    pool = []
+    for domain in (*DOMAINS, "benign"):
+        try:
+            pool += [(p.id, p.text) for p in load_prompts(domain, split)]
+        except EmptySplitError:
+            continue
+    return pool
+
+
+def varied_prompts(n: int, split: str = "eval") -> list[str]:
+    """``n`` suite prompts at evenly spaced length quantiles (shortest to longest), in a shuffled but
+    fixed order so that input order is not length order."""
+    pool = sorted(_pool(split), key=lambda p: (len(p[1]), p[0]))
+    if n > len(pool):
+        raise ValueError(f"asked for {n} prompts but the {split!r} split holds {len(pool)}")
+    picked = [pool[round(i * (len(pool) - 1) / max(n - 1, 1))][1] for i in range(n)]
+    # A fixed interleaving (not sorted by length): batching code must do its own length sorting.
+    return picked[0::2] + picked[1::2][::-1]
+
+
+def training_examples(n: int, response: str = NEUTRAL_RESPONSE) -> list[Example]:
+    """``n`` (prompt, response) pairs: varied suite prompts with one fixed neutral response."""
+    return [Example(prompt_id=f"bench-{i}", domain="bench", prompt=text, response=response, label="refusal")
+            for i, text in enumerate(varied_prompts(n))]
+
+
+def domain_prompts(per_domain: int, n_benign: int, split: str = "probe") -> tuple[dict[str, list[str]], list[str]]:
+    """``({domain: prompts}, benign prompts)`` for the probe benchmark (the suite's fixed order)."""
+    harmful = {d: [p.text for p in load_prompts(d, split, limit=per_domain)] for d in DOMAINS}
+    benign = [p.text for p in load_prompts("benign", split, limit=n_benign)]
+    return harmful, benign

@@ -1,0 +1,58 @@
+"""Benchmark 5 — end to end: the quick main job's wall time and peak memory, read from the
+``pipeline.json`` that ``emalab run`` writes. Never runs the pipeline itself (it takes hours on a
+laptop CPU); before the main job has run, the result says ``not_measured``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result
+from interp.io import read_json
+
+__all__ = ["pipeline_json_path", "run"]
+
+_RSS_KEYS = ("peak_rss_gb", "max_rss_gb", "peak_rss")
+
+
+def pipeline_json_path(cfg: BenchConfig) -> Path:
+    if cfg.pipeline_json:
+        return Path(cfg.pipeline_json)
+    return Path(os.environ.get("EMALAB_RESULTS", "results")) / "pipeline.json"
+
+
+def _find(data: Any, keys: tuple[str, ...]) -> Any:
+    if isinstance(data, dict):
+        for k in keys:
+            if k in data:
+                return data[k]
+        for v in data.values():
+            found = _find(v, keys)
+            if found is not None:
+                return found
+    return None
+
+
+def run(lm: Any, cfg: BenchConfig) -> BenchResult:
+    path = pipeline_json_path(cfg)
+    config = {"pipeline_json": str(path)}
+    if not path.exists():
+        return make_result("e2e", {}, {}, config, notes=[f"{path} does not exist: the main job (`emalab run`) has "
+                                                         "not been run here yet"], status="not_measured")
+    data = read_json(path)
+    timings = data.get("timings_s", {})
+    total = timings.get("total")
+    if total is None:
+        return make_result("e2e", {}, {}, config, notes=[f"{path} holds no timings_s.total"], status="not_measured")
+    rss = _find(data, _RSS_KEYS)
+    study = data.get("config", {}).get("study", {})
+    config.update(model=study.get("model"), dtype=study.get("dtype"), experiments=data.get("config", {}).get("experiments"))
+    variant = Variant([float(total)], {"runs": 1}, "emalab run (quick preset): all experiments, figures, report",
+                      extra={"stage_seconds": {k: v for k, v in timings.items() if k != "total"},
+                             "peak_rss_gb": rss})
+    notes = ["read from the main job's pipeline.json; not re-run by the benchmark"]
+    if rss is None:
+        notes.append("peak RSS is not recorded in pipeline.json (needs a peak_rss_gb field there)")
+    return make_result("e2e", {"emalab_run_quick": variant}, {}, config, notes=notes)
