@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-tokens", type=int, default=48, help="greedy answer length in tokens (default: 48)")
     parser.add_argument("--k", type=int, default=5, help="logit-lens tokens per layer (default: 5)")
     parser.add_argument("--max-prompt-tokens", type=int, default=256, help="longest prompt accepted (default: 256)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is often faster on a busy shared CPU")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.probe_limit < 2:
         raise ValueError("--probe-limit must be at least 2 prompts per domain")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = InspectorConfig(k=args.k, answer_tokens=args.answer_tokens, max_prompt_tokens=args.max_prompt_tokens)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.adapter is not None:

@@ -119,13 +119,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _start(self) -> None:
         self._t0 = time.perf_counter()
-        self._compute: float | None = None
+        self._compute: tuple[float, float] | None = None
 
     def _finish(self, status: int) -> None:
         path = urlsplit(self.path).path
         line = f"{self.command} {path} {status} {1000 * (time.perf_counter() - self._t0):.0f}ms"
         if self._compute is not None:
-            line += f" (inspection {self._compute:.2f}s)"
+            line += f" (inspection {self._compute[0]:.2f}s, cpu {self._compute[1]:.2f}s)"
         self.server.log(line)
 
     def _send(self, status: int, body: bytes, ctype: str, cache: bool = False) -> None:
@@ -223,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
         service = self.server.service
         req = service.parse(data)
         result = service.inspect(req)
-        self._compute = result["seconds"]
+        self._compute = (result["seconds"], result["cpu_seconds"])
         self._json(200, result)
 
     def _content_length(self) -> int:

@@ -11,6 +11,7 @@ so two requests computing at once would see each other's interventions.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -226,17 +227,21 @@ class InspectorService:
         from interp.generate import generate
         from interp.inspect import inspect_prompt
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         self._set_phase(f"{name}: layer-by-layer trace", step, total)
         with self._interventions(req):
             ins = inspect_prompt(self.lm, req.prompt, concepts=self.concept_dirs, refusal=self.vectors.refusal,
                                  k=self.cfg.k, layers=self.layers)
+            t1 = time.perf_counter()
             self._set_phase(f"{name}: generating {self.cfg.answer_tokens} tokens", step + 1, total)
             answer = generate(self.lm, [req.prompt], max_new_tokens=self.cfg.answer_tokens, progress=False,
                               max_prompt_tokens=self.cfg.max_prompt_tokens)[0]
+            t2 = time.perf_counter()
         ins.answer = answer
         verdict = self.judge.judge([req.prompt], [answer])[0]
         out = ins.to_dict()
+        out["lens_tokens"] = [[_token_text(self.lm.tokenizer, i, t) for i, t in zip(ids, toks, strict=True)]
+                              for ids, toks in zip(ins.lens_ids, ins.lens_tokens, strict=True)]
         proj = [[*row, ref] for row, ref in zip(ins.projections, ins.refusal, strict=True)]
         out["columns"] = self.columns
         out["matrix"] = proj
@@ -245,6 +250,11 @@ class InspectorService:
         out["label"] = verdict.label
         out["label_reason"] = verdict.reason
         out["seconds"] = time.perf_counter() - t0
+        # CPU seconds of this process: on a shared, oversubscribed CPU the wall time says more about
+        # the neighbours than about the inspection.
+        out["timing"] = {"trace": t1 - t0, "generate": t2 - t1, "judge": time.perf_counter() - t2,
+                         "cpu": time.process_time() - cpu0,
+                         "answer_tokens": len(self.lm.tokenizer(answer, add_special_tokens=False)["input_ids"])}
         return out
 
     def _set_phase(self, phase: str, step: int, total: int) -> None:
@@ -256,7 +266,7 @@ class InspectorService:
         Blocks while another inspection holds the model.
         """
         with self._lock:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             total = 4 if self.has_adapter else 2
             try:
                 with adapter_disabled(self.lm):
@@ -271,7 +281,33 @@ class InspectorService:
                 out["diff"] = {key: _difference(views["adapted"][key], views["base"][key])
                                for key in ("matrix", "cosine")}
             out["seconds"] = time.perf_counter() - t0
+            out["cpu_seconds"] = time.process_time() - cpu0
             return out
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character table, which byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return {c: b for b, c in chars.items()}
+
+
+def _token_text(tokenizer, token_id: int, decoded: str) -> str:
+    """A lens token as the page shows it: decoded text, or, for a token holding part of a multi-byte
+    character (decoded alone it is only U+FFFD), its bytes as ``\\xNN`` escapes."""
+    if "\ufffd" not in decoded:
+        return decoded
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    try:  # byte-level BPE (GPT-2, Qwen, Llama 3): every character of the piece stands for one byte
+        return bytes(_byte_decoder()[c] for c in piece).decode("utf-8", errors="backslashreplace")
+    except (KeyError, TypeError):
+        return piece if isinstance(piece, str) else decoded  # sentencepiece byte pieces read "<0xE4>"
 
 
 def _difference(a: list[list[float | None]], b: list[list[float | None]]) -> list[list[float | None]]:

@@ -149,10 +149,13 @@ def compute_vectors(
     c_path, r_path = where / "concepts.safetensors", where / "refusal_fallback.safetensors"
     if c_path.exists() and r_path.exists():
         return ConceptVectors.load(c_path), Direction.load(r_path), where
-    with adapter_disabled(lm):
-        acts = {name: collect_activations(lm, [p.text for p in load_prompts(name, "probe", limit=probe_limit)],
-                                          batch_size=batch_size)
-                for name in (*DOMAINS, "benign")}
+    sets = {name: [p.text for p in load_prompts(name, "probe", limit=probe_limit)] for name in (*DOMAINS, "benign")}
+    texts = [t for prompts in sets.values() for t in prompts]
+    with adapter_disabled(lm):  # one call: length-sorted batches across sets, one progress bar
+        stacked = collect_activations(lm, texts, batch_size=batch_size, progress=True)
+    acts, start = {}, 0
+    for name, prompts in sets.items():
+        acts[name], start = stacked[start:start + len(prompts)], start + len(prompts)
     meta = {"weights": lm.weights_id, "dtype": dtype, "limit": probe_limit, "split": "probe"}
     cv = concept_vectors({d: acts[d] for d in DOMAINS}, acts["benign"], contrast="benign", meta=meta)
     layer = round(FALLBACK_LAYER_FRACTION * (n_layers(lm.model) - 1))

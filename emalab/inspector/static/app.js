@@ -167,7 +167,8 @@ function render(result) {
     const box = el("div", { class: "view " + name, id: `view-${name}`, "data-view": name }, [
       el("h2", { text: name === "base" ? (state.meta.adapter.present ? "base (adapter disabled)" : "model") : "adapted" }),
       el("div", { class: "small", text:
-        `${v.n_prompt_tokens} prompt tokens · ${v.seconds.toFixed(2)} s · state ${v.state.slice(0, 12)}…` +
+        `${v.n_prompt_tokens} prompt tokens · ${v.seconds.toFixed(2)} s (trace ${v.timing.trace.toFixed(2)} s, ` +
+        `${v.timing.answer_tokens} answer tokens ${v.timing.generate.toFixed(2)} s) · state ${v.state.slice(0, 12)}…` +
         (v.interventions.length ? ` · interventions: ${v.interventions.join(", ")}` : "") }),
       el("div", { class: "answer-box" }, [
         el("span", {}, ["answer ", label]),
@@ -192,7 +193,7 @@ function render(result) {
   const parts = names.map((n) => `${n} ${views[n].seconds.toFixed(2)} s`);
   const legend = el("span", {}, names.map((n) => el("span", {}, [el("span", { class: `legend-key ${n}` }), n])));
   $("timing").replaceChildren(
-    el("span", { id: "latency", "data-seconds": String(result.seconds), text: `computed in ${result.seconds.toFixed(2)} s (${parts.join(", ")})` }),
+    el("span", { id: "latency", "data-seconds": String(result.seconds), text: `computed in ${result.seconds.toFixed(2)} s (${parts.join(", ")}; ${result.cpu_seconds.toFixed(1)} CPU s)` }),
     legend);
   $("results").hidden = false;
 }
