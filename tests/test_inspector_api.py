@@ -106,6 +106,16 @@ def test_meta_and_page(served):
     assert b"http" not in client.get("/static/app.js")[1].replace(b"http://www.w3.org/2000/svg", b"")  # no external assets
 
 
+def test_partial_byte_tokens_show_their_bytes(served):
+    from emalab.inspector.service import _token_text
+
+    _, service, _ = served
+    tok = service.lm.tokenizer
+    (i,) = tok("é", add_special_tokens=False)["input_ids"][:1]
+    assert _token_text(tok, i, tok.decode([i])) == "\\xc3"
+    assert _token_text(tok, 70, "a") == "a"
+
+
 def test_prompts_and_status(served):
     client, _, _ = served
     status, data = client.get("/api/prompts?domain=cybersecurity")
@@ -127,8 +137,12 @@ def test_inspect_shapes(served):
         assert all(isinstance(v, float) for row in view[key] for v in row)
     assert all(abs(c) <= 1 + 1e-6 for row in view["cosine"] for c in row)
     assert len(view["lens_tokens"]) == N_LAYERS and all(len(r) == service.cfg.k for r in view["lens_tokens"])
+    # byte tokens that are part of a UTF-8 character show as escapes, not as U+FFFD
+    assert all("\ufffd" not in t for r in view["lens_tokens"] for t in r)
     assert isinstance(view["answer"], str) and view["label"] in LABELS
-    assert view["interventions"] == [] and out["seconds"] > 0 and view["seconds"] > 0
+    assert view["interventions"] == [] and out["seconds"] > 0 and view["seconds"] > 0 and out["cpu_seconds"] > 0
+    assert set(view["timing"]) == {"trace", "generate", "judge", "cpu", "answer_tokens"}
+    assert 0 <= view["timing"]["answer_tokens"] <= service.cfg.answer_tokens
     # the refusal column is the projection on the refusal unit vector
     assert view["matrix"][1][-1] == pytest.approx(view["refusal"][1])
 
@@ -233,7 +247,7 @@ def test_log_has_no_prompt_or_answer(served):
     lines = "\n".join(log)
     assert SECRET not in lines and (not answer or answer not in lines)
     last = [line for line in log if line.startswith("POST /api/inspect 200")][-1]
-    assert "ms" in last and "inspection" in last and "s)" in last
+    assert "ms" in last and "inspection" in last and "cpu" in last
 
 
 def test_lock_serialises_inspections(served):
