@@ -246,6 +246,7 @@ def test_log_has_no_prompt_or_answer(served):
     answer = out["views"]["base"]["answer"].strip()
     lines = "\n".join(log)
     assert SECRET not in lines and (not answer or answer not in lines)
+    assert not any(line.startswith("GET /api/status 200") for line in log)  # polled: not logged
     last = [line for line in log if line.startswith("POST /api/inspect 200")][-1]
     assert "ms" in last and "inspection" in last and "cpu" in last
 

@@ -123,6 +123,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _finish(self, status: int) -> None:
         path = urlsplit(self.path).path
+        if path == "/api/status" and status == 200:
+            return  # the page polls it several times a second while computing
         line = f"{self.command} {path} {status} {1000 * (time.perf_counter() - self._t0):.0f}ms"
         if self._compute is not None:
             line += f" (inspection {self._compute[0]:.2f}s, cpu {self._compute[1]:.2f}s)"
