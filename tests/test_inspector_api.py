@@ -241,13 +241,22 @@ def test_bad_routes(served, method, path, kwargs, status, needle):
 
 def test_log_has_no_prompt_or_answer(served):
     client, _, log = served
+
+    def inspect_lines() -> list[str]:
+        return [line for line in log if line.startswith("POST /api/inspect 200")]
+
+    before = len(inspect_lines())
     status, out = client.post({"prompt": f"What is {SECRET}?"})
     assert status == 200
     answer = out["views"]["base"]["answer"].strip()
+    deadline = time.monotonic() + 10  # the line is written just after the response is sent
+    while len(inspect_lines()) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
     lines = "\n".join(log)
     assert SECRET not in lines and (not answer or answer not in lines)
     assert not any(line.startswith("GET /api/status 200") for line in log)  # polled: not logged
-    last = [line for line in log if line.startswith("POST /api/inspect 200")][-1]
+    last = inspect_lines()[-1]
+    assert len(inspect_lines()) == before + 1
     assert "ms" in last and "inspection" in last and "cpu" in last
 
 
