@@ -5,10 +5,13 @@ A domain's concept vector is a difference of means of last-token activations:
 the domain minus the pooled other domains (what is specific to the domain, not to harm in general).
 
 Probe accuracy is cross-validated (stratified, seeded folds). Two fitters share the folds and the
-objective (L2 logistic regression on standardised features): ``"logistic"`` runs scikit-learn once
-per layer × fold; ``"batched"`` solves every layer at once by Newton's method in the n-dimensional
-row space of the data (n prompts ≪ d_model), which is much faster and reaches the same optimum
-(tested against scikit-learn on planted data; measured on the real model).
+objective (L2 logistic regression on standardised features): ``"logistic"`` (default) runs
+scikit-learn once per layer × fold; ``"batched"`` solves every layer at once by Newton's method in
+the n-dimensional row space of the data. Measured on the default model (24 layers × 7 domains × 5
+folds, probe split, one busy CPU thread): accuracies agree to 0.07 points on average (max 1.4, one
+fold example); against benign (n ≈ 100–145) batched takes 9 s vs 11.5 s, against the other domains
+(n ≈ 400) 69 s vs 25 s, because Newton's cost grows as n³. So scikit-learn is the default and
+``"batched"`` pays off only for small prompt sets (8× faster at n ≈ 100 on planted data).
 """
 
 from __future__ import annotations
@@ -252,7 +255,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def _fold_acc_batched(x: Tensor, y: np.ndarray, tr: np.ndarray, te: np.ndarray, C: float,
-                      max_iter: int = 100, tol: float = 1e-9) -> np.ndarray:
+                      max_iter: int = 100, tol: float = 1e-12) -> np.ndarray:
     """Accuracy per layer of the *same* L2 logistic probe as scikit-learn's, fitted for every layer
     at once.
 
@@ -282,24 +285,31 @@ def _fold_acc_batched(x: Tensor, y: np.ndarray, tr: np.ndarray, te: np.ndarray, 
         return C * torch.nn.functional.softplus(-margins).sum(-1) + 0.5 * (pen * th * th).sum(-1)
 
     f = objective(theta)
+    active = torch.ones(feats.shape[0], dtype=torch.bool)
     for _ in range(max_iter):
         margins = t * torch.einsum("lnk,lk->ln", feats, theta)
         p = torch.sigmoid(-margins)
         grad = torch.einsum("lnk,ln->lk", feats, -C * t * p) + pen * theta
-        if grad.abs().max() < tol:
-            break
         weight = C * p * (1 - p)
         hess = (feats * weight[..., None]).transpose(1, 2) @ feats + torch.diag(pen + 1e-12)
         step = torch.linalg.solve(hess, grad)
+        # Newton decrement: half of it bounds the remaining suboptimality, per layer.
+        decrement = (grad * step).sum(-1)
+        active &= decrement / 2 > tol * (1.0 + f.abs())
+        if not active.any():
+            break
         size = torch.ones(feats.shape[0], dtype=torch.float64)
         for _ in range(40):  # backtracking (Armijo), per layer
             new = theta - size[:, None] * step
             f_new = objective(new)
-            ok = f_new <= f - 1e-4 * size * (grad * step).sum(-1)
-            if ok.all():
+            ok = f_new <= f - 1e-4 * size * decrement
+            if ok[active].all():
                 break
             size = torch.where(ok, size, size / 2)
-        theta, f = new, f_new
+        accept = active & (f_new <= f)  # a layer whose line search found no decrease has converged
+        theta = torch.where(accept[:, None], new, theta)
+        f = torch.where(accept, f_new, f)
+        active &= accept
     # w = Zᵀ Q Λ^-½ β, so test margins are K(test, train) Q Λ^-½ β + b.
     inv_root = torch.where(keep, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
     coef = torch.einsum("lnk,lk->ln", q, inv_root * theta[:, :-1])
@@ -311,7 +321,7 @@ def probe_accuracy(
     harmful: Mapping[str, ActsLike],
     benign: ActsLike | None = None,
     contrast: str = "benign",
-    method: str = "batched",
+    method: str = "logistic",
     n_folds: int = 5,
     seed: int = 0,
     C: float = 1.0,
@@ -324,8 +334,8 @@ def probe_accuracy(
     and seeded, and shared by all layers and both methods.
 
     Args:
-        method: ``"batched"`` (all layers in one batched Newton fit, fast) or ``"logistic"`` (scikit-learn,
-            one fit per layer × fold); both minimise the same objective.
+        method: ``"logistic"`` (scikit-learn, one fit per layer × fold) or ``"batched"`` (all layers in
+            one batched Newton fit; faster for small sets); both minimise the same objective.
         C: inverse L2 regularisation strength, as in scikit-learn.
     """
     import time
