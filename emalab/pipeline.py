@@ -39,7 +39,8 @@ class PipelineConfig(JsonConfig):
 PRESETS: dict[str, PipelineConfig] = {
     "quick": PipelineConfig(),
     "full": PipelineConfig(
-        study=StudyConfig(eval_limit=None, probe_limit=None, seeds=(0, 1, 2), max_new_tokens=48),
+        study=StudyConfig(eval_limit=None, probe_limit=None, seeds=(0, 1, 2), max_new_tokens=48,
+                          direction_layer_step=1, direction_positions=None),
         experiments=FULL,
     ),
 }

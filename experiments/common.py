@@ -58,6 +58,10 @@ class StudyConfig(JsonConfig):
     """Batch size of evaluation forwards and generation."""
     judge: str = "keyword"
     """Refusal judge for generations: keyword | model."""
+    direction_layer_step: int = 2
+    """Refusal-direction candidates at every n-th layer (1 = all layers, as in Arditi et al.)."""
+    direction_positions: tuple[int, ...] | None = (-1,)
+    """Post-instruction positions tried for the refusal direction (None = all of them)."""
 
     def __post_init__(self) -> None:
         if self.eval_limit is not None and self.eval_limit < 4:
@@ -179,7 +183,10 @@ class Study:
             cached_refusal_direction,
         )
 
-        direction, path = cached_refusal_direction(self.lm, RefusalDirectionConfig(), self.results, progress=True)
+        rcfg = RefusalDirectionConfig(
+            layer_step=self.cfg.direction_layer_step,
+            positions=list(self.cfg.direction_positions) if self.cfg.direction_positions else None)
+        direction, path = cached_refusal_direction(self.lm, rcfg, self.results, progress=True)
         if direction is None:
             raise NoValidCandidateError(f"no refusal-direction candidate passed the filters; see {path}/candidates.json")
         return direction
