@@ -40,10 +40,11 @@ class StudyConfig(JsonConfig):
     """Probe-split prompts per domain used for concept vectors."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds; metrics average over them."""
-    steps: int = 30
+    steps: int = 20
     """Unlearning steps per run."""
-    lr: float = 1e-4
-    """Unlearning learning rate (LoRA)."""
+    lr: float = 3e-5
+    """Unlearning learning rate (LoRA). Measured on the 0.5B default: 2e-4 drives every domain's refusal
+    log-odds below -4 within 10 steps (saturation, nothing left to compare); 3e-5 leaves room."""
     beta: float = 0.1
     """NPO inverse temperature."""
     alpha: float = 1.0
