@@ -34,6 +34,8 @@ class PipelineConfig(JsonConfig):
     """Regenerate the figures from the saved results."""
     report: bool = True
     """Write REPORT.md from the saved results."""
+    overrides: dict[str, dict] = field(default_factory=dict)
+    """Per-experiment Config fields, e.g. {"h4_retain_contains_ema": {"sft_targets": ["safety"]}}."""
 
 
 PRESETS: dict[str, PipelineConfig] = {
@@ -42,6 +44,7 @@ PRESETS: dict[str, PipelineConfig] = {
         study=StudyConfig(eval_limit=None, probe_limit=None, seeds=(0, 1, 2), max_new_tokens=48,
                           direction_layer_step=1, direction_positions=None),
         experiments=FULL,
+        overrides={"h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]}},
     ),
 }
 
@@ -53,7 +56,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     t_all = time.perf_counter()
     for name in cfg.experiments:
         module = importlib.import_module(f"experiments.{name}")
-        exp_cfg = module.Config(study=cfg.study)
+        exp_cfg = module.Config.from_dict({**cfg.overrides.get(name, {}), "study": cfg.study.to_dict()})
         log(f"[emalab] {name}: {module.__doc__.strip().splitlines()[0]}")
         t0 = time.perf_counter()
         metrics = module.main(exp_cfg)
