@@ -7,6 +7,9 @@ domains' concept vectors (domain − benign difference of means, base model) cor
 with the domain's refusal drop; Spearman ρ > 0 with permutation p < 0.05 for the early band.
 Falsified if: ρ ≤ 0 in the early band. Positive but not significant is inconclusive. The middle
 and late bands are reported for contrast: the claim is specifically about early layers.
+When unlearning saturates the judged refusal (untouched domains at ≤5% refusal afterwards), the
+judged drop only restates each domain's baseline rate, so the logit drop becomes the primary
+measure; the metrics say which one the verdict used.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from probes.entanglement import BANDS, band_layers, early_similarity, similarity
 from probes.stats import correlate
 
 EXPERIMENT = "h5_geometry_predicts_ema"
+SATURATED = 0.05
 
 
 @dataclass
@@ -53,6 +57,7 @@ def points(study: Study, targets: tuple[str, ...], contrast: str) -> list[dict]:
             out.append({"target": target, "domain": d,
                         "similarity": {band: sims[band][d] for band in BANDS},
                         "drop_judge": paired_drop(cond["base"], cond["after"], d, "judge")["drop"],
+                        "after_judge": paired_drop(cond["base"], cond["after"], d, "judge")["after"],
                         "drop_logit": paired_drop(cond["base"], cond["after"], d, "logit")["drop"]})
     return out
 
@@ -69,7 +74,9 @@ def main(cfg: Config) -> dict:
             "judge": correlate(x, [p["drop_judge"] for p in pts], n_perm=cfg.n_perm).to_dict(),
             "logit": correlate(x, [p["drop_logit"] for p in pts], n_perm=cfg.n_perm).to_dict(),
         }
-    early = bands["early"]["judge"]
+    saturated = sum(p["after_judge"] for p in pts) / len(pts) <= SATURATED
+    primary = "logit" if saturated else "judge"
+    early = bands["early"][primary]
     if early.get("inconclusive"):
         status = "inconclusive"
     elif early["spearman"] > 0 and early["p_perm_spearman"] < 0.05:
@@ -78,11 +85,13 @@ def main(cfg: Config) -> dict:
         status = "not replicated"
     else:
         status = "inconclusive"
-    evidence = "; ".join(
-        f"{b}: ρ={m['judge']['spearman']:.2f} (p={m['judge']['p_perm_spearman']:.3f}, "
-        f"logit-drop ρ={m['logit']['spearman']:.2f})" for b, m in bands.items()) + f"; n={len(pts)} pairs"
+    evidence = (f"verdict on the {primary} drop" + (" (judged refusal saturated)" if saturated else "") + "; "
+                ) + "; ".join(
+        f"{b}: judge-drop ρ={m['judge']['spearman']:.2f} (p={m['judge']['p_perm_spearman']:.3f}), "
+        f"logit-drop ρ={m['logit']['spearman']:.2f} (p={m['logit']['p_perm_spearman']:.3f})"
+        for b, m in bands.items()) + f"; n={len(pts)} pairs"
     similarity = similarity_matrix(study.concepts(contrast=cfg.contrast)).to_dict()
-    metrics = {"points": pts, "bands": bands, "contrast": cfg.contrast, "similarity": similarity, "claim": claim(
+    metrics = {"points": pts, "bands": bands, "primary": primary, "saturated": saturated, "contrast": cfg.contrast, "similarity": similarity, "claim": claim(
         "C5", "Early-layer concept similarity to the target predicts EMA", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
