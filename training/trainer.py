@@ -227,17 +227,29 @@ def _cached_reference(lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, run_dir:
 # -- one step -----------------------------------------------------------------------------------
 
 
+def _finite(value: torch.Tensor, name: str, losses: dict[str, float]) -> None:
+    if not torch.isfinite(value.detach()).all():
+        raise NonFiniteLossError(f"the {name} loss became {float(value.detach())} (components so far {losses})")
+
+
 def train_step(
     lm: LoadedModel,
     cfg: UnlearnConfig,
     forget_batch: TokenBatch,
     logp_ref: torch.Tensor | None = None,
     retain_batch: TokenBatch | None = None,
+    backward: bool = True,
 ) -> TrainStepOutput:
     """Forward the forget (and retain) batch and compute ``gamma·forget + alpha·retain``.
 
     Args:
         logp_ref: reference log-probs of the forget batch's rows (NPO).
+        backward: backpropagate each weighted term as soon as it is computed, so only one batch's
+            activations are alive at a time (the gradient is the same as the sum's); ``loss`` is then
+            returned detached.
+
+    Raises:
+        NonFiniteLossError: a term is NaN/inf (checked before its backward).
     """
     model = lm.model
     fb = forget_batch.to(lm.device)
@@ -250,22 +262,30 @@ def train_step(
     metrics = {"forget_logp_tok": float(logp.detach().sum() / n.sum())}
     if ref is not None:
         metrics["forget_logratio_tok"] = float(((logp.detach() - ref) / n).mean())
+    _finite(f, "forget", losses)
+    if backward:
+        (cfg.gamma * f).backward()
+        f = f.detach()
+        del rl, logp
     r = None
     if cfg.retain_mode != "none":
         if retain_batch is None:
             raise ValueError(f"retain_mode={cfg.retain_mode!r} needs a retain batch")
         rb = retain_batch.to(lm.device)
+        ref_logits = None
+        if cfg.retain_mode == "kl":
+            with torch.no_grad(), adapter_disabled(lm):
+                ref_logits = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
         rr = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask)
         rlogp = sequence_logprobs(rr.logits, rr.labels, rr.mask)
         rn = response_token_counts(rr.mask)
         metrics["retain_logp_tok"] = float(rlogp.detach().sum() / rn.sum())
-        if cfg.retain_mode == "ce":
-            r = ce_loss(rlogp, rn)
-        else:
-            with torch.no_grad(), adapter_disabled(lm):
-                ref_logits = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
-            r = kl_loss(rr.logits, ref_logits, rr.mask)
+        r = ce_loss(rlogp, rn) if ref_logits is None else kl_loss(rr.logits, ref_logits, rr.mask)
         losses["retain"] = float(r.detach())
+        _finite(r, "retain", losses)
+        if backward:
+            (cfg.alpha * r).backward()
+            r = r.detach()
     loss = combine_losses(f, r, cfg.gamma, cfg.alpha)
     return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
 
@@ -477,13 +497,12 @@ def _train(
             if cfg.retain_mode != "none":
                 ridx = batch_order(len(data.retain), cfg.retain_batch_size, step, cfg.seed + 1)
                 rbatch = _collate(lm, cfg, data.retain, ridx, forget=False)
-            out = train_step(lm, cfg, fbatch, logp_ref[fidx] if logp_ref is not None else None, rbatch)
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            if not torch.isfinite(out.loss):
-                raise NonFiniteLossError(
-                    f"loss became {float(out.loss.detach())} at step {step + 1} (components {out.losses}); stopped, {where}. "
-                    "Lower the learning rate or use float32.")
-            out.loss.backward()
+            try:
+                out = train_step(lm, cfg, fbatch, logp_ref[fidx] if logp_ref is not None else None, rbatch)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err} at step {step + 1}; stopped before the update, {where}. "
+                                         "Lower the learning rate or use float32.") from None
             clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not math.isfinite(grad_norm):
