@@ -258,8 +258,9 @@ def run_architecture(arch: str, cfg: BenchConfig) -> BenchResult:
              for i in range(0, batch, cfg.gpu_micro_batch)]
     res = bench_unlearn.measure(lm, micro, cfg.reps, cfg.warmup)
     tok = res[0]["npo_precomputed"].work["tokens"]
-    merge("unlearn", res, {"npo_precomputed": _Flops(4 * n_full, peak), "npo_live_ref": _Flops(6 * n_full, peak),
-                           "sft_peft_torch": _Flops(4 * n_full, peak)}, dict.fromkeys(res[0], tok))
+    flops = {k: _Flops(4 * n_full, peak) for k in res[0]}
+    flops["npo_live_ref"] = _Flops(6 * n_full, peak)
+    merge("unlearn", res, flops, dict.fromkeys(res[0], tok))
 
     if device.type == "cuda":
         checks["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

@@ -62,15 +62,15 @@ class BenchConfig(JsonConfig):
     """cpu | cuda | mps."""
     dtype: str = "bfloat16"
     """Weights dtype: bfloat16 (fastest on this CPU and on GPUs) or float32."""
-    reps: int = 3
+    reps: int = 5
     """Timed repetitions per variant (after warm-up), alternating the variants."""
     warmup: int = 1
     """Untimed warm-up calls per variant."""
-    n_prompts: int = 32
-    """Prompts for the activation benchmark (refusal uses half), length-varied, drawn from the suite."""
+    n_prompts: int = 16
+    """Prompts for the activation and refusal benchmarks, length-varied, drawn from the suite."""
     batch_size: int = 16
     """Prompts per forward for activations and refusal scoring."""
-    train_batch: int = 8
+    train_batch: int = 4
     """Sequences per training step in the unlearning benchmark."""
     train_response_tokens: int = 32
     """Response tokens per training sequence (the loss covers these)."""
@@ -80,6 +80,8 @@ class BenchConfig(JsonConfig):
     """Harmful prompts per domain in the probe benchmark (benign: twice that)."""
     probe_folds: int = 3
     """Cross-validation folds in the probe benchmark."""
+    cache_activations: bool = True
+    """probes: cache the (untimed) input activations under the emalab cache, keyed on the model state."""
     tiny: bool = False
     """gpu7b: run the tiny configs of the same architectures (CPU-sized) instead of the 7B ones."""
     gpu_batch: int = 32

@@ -59,7 +59,7 @@ def measure(
 
 
 def run(lm: LoadedModel, cfg: BenchConfig) -> BenchResult:
-    prompts = varied_prompts(max(cfg.n_prompts // 2, 1))
+    prompts = varied_prompts(cfg.n_prompts)
     variants, ratios, checks = measure(lm, prompts, cfg.batch_size, cfg.max_new_tokens, cfg.reps, cfg.warmup)
     config = {"model": lm.name, "dtype": str(next(lm.model.parameters()).dtype), "device": str(lm.device),
               "n_prompts": len(prompts), "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,

@@ -25,7 +25,8 @@ from benchmarks.harness import (
 from benchmarks.report import render_markdown, write_markdown
 
 TINY = dict(reps=1, warmup=0, n_prompts=6, batch_size=4, train_batch=3, train_response_tokens=8, max_new_tokens=4,
-            probe_per_domain=4, probe_folds=2, tiny=True, gpu_batch=4, gpu_seq=40, gpu_micro_batch=2)
+            probe_per_domain=4, probe_folds=2, tiny=True, gpu_batch=4, gpu_seq=40, gpu_micro_batch=2,
+            cache_activations=False)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,10 @@ def test_refusal_benchmark(lm, cfg):
 
 def test_unlearn_benchmark_restores_the_model(lm, cfg):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    d = _check_schema(unlearn.run(lm, cfg), {"npo_precomputed", "npo_live_ref", "sft_peft_torch"},
-                      {"npo_precomputed/sft_peft_torch", "npo_live_ref/sft_peft_torch", "npo_precomputed/npo_live_ref"})
+    d = _check_schema(unlearn.run(lm, cfg), {"npo_precomputed", "npo_live_ref", "sft_peft_torch", "npo_precomputed_indexed_keep"},
+                      {"npo_precomputed/sft_peft_torch", "npo_live_ref/sft_peft_torch", "npo_precomputed/npo_live_ref",
+                       "npo_precomputed_indexed_keep/sft_peft_torch"})
+    assert d["checks"]["indexed_keep_max_abs_logp_diff"] < 1e-4
     assert d["checks"]["first_npo_loss"] == pytest.approx(d["checks"]["expected_first_npo_loss"], rel=1e-5)
     assert not hasattr(lm.model, "peft_config")  # adapter detached
     after = lm.model.state_dict()

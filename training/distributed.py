@@ -146,7 +146,8 @@ def data_parallel_step(
     n_local = float(len(forget_batch))
     (n_global,) = _global_sum([n_local], ctx)
     weight = n_local / n_global
-    out = train_step(lm, cfg, forget_batch, logp_ref, retain_batch)
+    # backward=False: the rank's loss is weighted by its row share before backpropagating.
+    out = train_step(lm, cfg, forget_batch, logp_ref, retain_batch, backward=False)
     if not torch.isfinite(out.loss):
         raise FloatingPointError(f"rank {ctx.rank}: loss became {float(out.loss.detach())}; stopping all ranks is "
                                  "the launcher's job (it tears the group down when a process exits)")
