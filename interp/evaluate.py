@@ -216,7 +216,8 @@ class EvalReport:
             lines.append(f"{r.domain:<{width}} {r.n:>5}  {ref:<20} {compl:>6} {incoh:>6}  {logit:<22} "
                          f"{r.logit_refusal_rate:>7.2f}")
         t = self.timings
-        parts = [f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items() if k.endswith("_s")]
+        parts = [f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items()
+                 if k.endswith("_s") and not k.endswith("_per_s")]
         if t.get("logit_prompts_per_s"):
             parts.append(f"logit {t['logit_prompts_per_s']:.1f} prompts/s")
         lines.append("timings: " + ", ".join(parts))
@@ -348,7 +349,7 @@ def evaluate_prompts(
         idx = [i for i, (dd, _, _) in enumerate(flat) if dd == d]
         results[d] = _summarise(d, scores[idx], [labels[i] for i in idx] if labels else None, cfg)
     over = results.pop(OVER_REFUSAL, None)
-    timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
+    timings["total_s"] = sum(timings[k] for k in ("logit_s", "generate_s", "judge_s") if k in timings)
     return EvalReport(config=cfg, model=lm.name, state_id=state_id(lm), domains=results, over_refusal=over,
                       timings=timings, judge=judge_name, records=records)
 

@@ -94,6 +94,7 @@ def test_eval_report_roundtrip_and_table(tmp_path, generate):
     assert back.to_dict() == rep.to_dict()
     table = back.table()
     assert "safety" in table and OVER_REFUSAL in table and "logit 1.5 s" in table
+    assert "logit 10.0 prompts/s" in table and "per" not in table.splitlines()[-1].replace("prompts/s", "")
     if generate:
         assert "0.50 [0.20, 0.80]" in table
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
@@ -166,6 +167,8 @@ def test_evaluate_suite_end_to_end(tiny_qwen, tmp_path):
         assert d.n == 2
         assert d.refusal_rate + d.compliance_rate + d.incoherent_rate == pytest.approx(1.0)
     assert {"logit_s", "generate_s", "judge_s", "total_s"} <= set(rep.timings)
+    t = rep.timings
+    assert t["total_s"] == pytest.approx(t["logit_s"] + t["generate_s"] + t["judge_s"])
     rep.save_records(tmp_path / "rec.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "rec.jsonl").read_text().splitlines()]
     assert set(rows[0]) == {"id", "domain", "logit_score", "label", "reason"}
