@@ -204,6 +204,14 @@ def test_eval_cli_tiny(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "res" / "eval.records.jsonl").exists()
 
 
+def test_eval_cli_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "95% confidence intervals" in out and "--calibrate" in out
+
+
 def test_eval_cli_unknown_judge_and_domain(tiny_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(_eval_args(tiny_dir, "--judge", "gpt4"))

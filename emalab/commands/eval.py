@@ -35,7 +35,7 @@ def _field_doc(name: str) -> str:
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                return str(nxt.value.value)
+                return str(nxt.value.value).replace("%", "%%")  # argparse %-formats help strings
     return ""
 
 
