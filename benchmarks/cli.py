@@ -32,12 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(result) -> str:
-    if result.status != "measured":
+    if result.status == "not_measured":
         return f"{result.bench}: not measured ({'; '.join(result.notes)})"
     parts = [f"{k} {v.median_s:.3g}s" for k, v in result.variants.items()]
     parts += [f"{k} ×{r['paired_ratio']:.3g}" + (f" (target {r['target']}: {'met' if r['met'] else 'MISSED'})"
                                                  if "target" in r else "") for k, r in result.ratios.items()]
-    return f"{result.bench}: " + "; ".join(parts)
+    return f"{result.bench}{' (PARTIAL, see notes)' if result.status == 'partial' else ''}: " + "; ".join(parts)
 
 
 def run_suites(cfg, log=print) -> list:

@@ -62,8 +62,9 @@ class BenchConfig(JsonConfig):
     """cpu | cuda | mps."""
     dtype: str = "bfloat16"
     """Weights dtype: bfloat16 (fastest on this CPU and on GPUs) or float32."""
-    reps: int = 5
-    """Timed repetitions per variant (after warm-up), alternating the variants."""
+    reps: int = 7
+    """Timed repetitions per variant (after warm-up), alternating the variants (refusal uses at most 5,
+    probes and unlearn at most 3: their slow baselines take 10-60 s a call on a shared 2-core CPU)."""
     warmup: int = 1
     """Untimed warm-up calls per variant."""
     n_prompts: int = 16
@@ -153,7 +154,7 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     env: dict[str, Any] = field(default_factory=dict)
     status: str = "measured"
-    """``measured``, or ``not_measured`` (e.g. e2e before the main job has run)."""
+    """``measured``, ``partial`` (e.g. e2e from a run that reused cached stages) or ``not_measured``."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -60,10 +60,11 @@ def measure(
 
 def run(lm: LoadedModel, cfg: BenchConfig) -> BenchResult:
     prompts = varied_prompts(cfg.n_prompts)
-    variants, ratios, checks = measure(lm, prompts, cfg.batch_size, cfg.max_new_tokens, cfg.reps, cfg.warmup)
+    reps = min(cfg.reps, 5)
+    variants, ratios, checks = measure(lm, prompts, cfg.batch_size, cfg.max_new_tokens, reps, cfg.warmup)
     config = {"model": lm.name, "dtype": str(next(lm.model.parameters()).dtype), "device": str(lm.device),
               "n_prompts": len(prompts), "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
-              "reps": cfg.reps, "warmup": cfg.warmup}
+              "reps": reps, "warmup": cfg.warmup}
     notes = ["ratio = how many times faster the logit score is than generation + keyword judge",
              "the prompts are the length-varied suite set (harmful domains and benign); rates only, no text"]
     return make_result("refusal", variants, ratios, config, lm.device, checks, notes)

@@ -75,8 +75,10 @@ def _machine_header(machine: str, results: dict[str, dict[str, Any]]) -> list[st
 def _bench_table(name: str, r: dict[str, Any]) -> list[str]:
     cfg = r.get("config", {})
     lines = [f"### {name}", ""]
-    if r.get("status") != "measured":
+    if r.get("status") == "not_measured":
         return [*lines, f"Not yet measured: {'; '.join(r.get('notes', []))}", ""]
+    if r.get("status") == "partial":
+        lines += ["**Partial** — not a measurement of the full job (see the notes).", ""]
     keys = [k for k in ("model", "architecture", "dtype", "device", "n_prompts", "batch_size", "train_batch", "batch",
                         "seq", "max_new_tokens", "layers", "folds", "reps") if k in cfg]
     lines.append("Setup: " + ", ".join(f"{k} {cfg[k]}" for k in keys) + ".")
@@ -94,6 +96,8 @@ def _bench_table(name: str, r: dict[str, Any]) -> list[str]:
                          f"{_fmt(q.get('target'))} | {_fmt(q.get('met'))} |")
     if r.get("checks"):
         lines += ["", "Checks: " + "; ".join(f"{k} = {_fmt(val, 4)}" for k, val in r["checks"].items()) + "."]
+    if r.get("notes"):
+        lines += ["", *[f"- {n}" for n in r["notes"]]]
     return [*lines, ""]
 
 

@@ -110,9 +110,19 @@ def test_e2e_reads_pipeline_json_or_says_not_measured(cfg, tmp_path):
     path.write_text(json.dumps({"config": {"study": {"model": "m", "dtype": "bfloat16"}, "experiments": ["h1"]},
                                 "timings_s": {"h1": 10.0, "total": 12.5}, "peak_rss_gb": 3.2}))
     d = e2e.run(None, cfg.replace(pipeline_json=str(path))).to_dict()
-    assert d["status"] == "measured"
-    v = d["variants"]["emalab_run_quick"]
+    assert d["status"] == "partial" and not d["checks"]["complete_quick_preset"]
+    v = d["variants"]["emalab_run"]
     assert v["median_s"] == 12.5 and v["peak_rss_gb"] == 3.2 and v["stage_seconds"] == {"h1": 10.0}
+    from emalab.pipeline import QUICK
+
+    path.write_text(json.dumps({"config": {"experiments": list(QUICK)}, "peak_rss_gb": 3.2,
+                                "timings_s": {**{q: 600.0 for q in QUICK}, "total": 4000.0}}))
+    d = e2e.run(None, cfg.replace(pipeline_json=str(path))).to_dict()
+    assert d["status"] == "measured" and d["checks"] == {"complete_quick_preset": True, "cold_run": True}
+    path.write_text(json.dumps({"config": {"experiments": list(QUICK)},
+                                "timings_s": {**{q: 0.1 for q in QUICK}, "total": 2.0}}))
+    d = e2e.run(None, cfg.replace(pipeline_json=str(path))).to_dict()
+    assert d["status"] == "partial" and not d["checks"]["cold_run"] and any("RSS" in n for n in d["notes"])
 
 
 # -- the 7B script on tiny configs --------------------------------------------------------------
