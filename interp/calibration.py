@@ -76,8 +76,9 @@ def calibrate(
         lm: Judge model for ``model``.
 
     Returns:
-        ``{"n", "counts", "judges": {name: {accuracy, kappa, refusal_*, confusion, by_condition}},
-        "logit": {auroc, auroc_by_condition, accuracy_at_zero}}``.
+        ``{"n", "counts", "judges": {name: {accuracy, kappa, refusal_*, confusion, score_auroc,
+        by_condition}}, "logit": {auroc, auroc_by_condition, accuracy_at_zero}}``; ``score_auroc``
+        ranks the judge's own refusal probability (``None`` for judges without one).
     """
     rows = load_labelled(labelled_path)
     truth = [r["label"] for r in rows]
@@ -96,8 +97,13 @@ def calibrate(
     responses = [r["response"] for r in rows]
     for j in judges:
         judge = get_judge(j, lm) if isinstance(j, str) else j
-        pred = [v.label for v in judge.judge(prompts, responses)]
+        verdicts = judge.judge(prompts, responses)
+        pred = [v.label for v in verdicts]
         res = _agreement(truth, pred)
+        scored = [(t == "refusal", v.score) for t, v in zip(truth, verdicts) if v.score is not None]
+        # Ranking quality of the judge's own refusal probability, separate from its threshold.
+        res["score_auroc"] = (_auroc(np.array([y for y, _ in scored]), np.array([s for _, s in scored]))
+                              if scored else None)
         res["by_condition"] = {
             c: _agreement([t for t, r in zip(truth, rows) if r["condition"] == c],
                           [p for p, r in zip(pred, rows) if r["condition"] == c])
@@ -126,8 +132,9 @@ def format_calibration(res: dict[str, Any]) -> str:
              f"{'judge':<10} {'acc':>6} {'kappa':>6} {'ref-acc':>8} {'ref-P':>6} {'ref-R':>6}   by condition (acc/kappa)"]
     for name, r in res["judges"].items():
         by = "  ".join(f"{c} {v['accuracy']:.2f}/{v['kappa']:.2f}" for c, v in r["by_condition"].items())
+        auc = f"   score AUROC {r['score_auroc']:.3f}" if r.get("score_auroc") is not None else ""
         lines.append(f"{name:<10} {r['accuracy']:>6.2f} {r['kappa']:>6.2f} {r['refusal_accuracy']:>8.2f} "
-                     f"{r['refusal_precision']:>6.2f} {r['refusal_recall']:>6.2f}   {by}")
+                     f"{r['refusal_precision']:>6.2f} {r['refusal_recall']:>6.2f}   {by}{auc}")
     lg = res["logit"]
     by = "  ".join(f"{c} {v:.2f}" for c, v in lg["auroc_by_condition"].items())
     lines.append(f"logit refusal score: AUROC {lg['auroc']:.3f} (refusal vs not; {by}); "

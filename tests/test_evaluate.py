@@ -282,6 +282,22 @@ def test_calibrate_planted(tmp_path):
     assert res["n"] == 6 and res["counts"]["label"] == {"refusal": 3, "compliance": 2, "incoherent": 1}
 
 
+def test_calibrate_score_auroc(tmp_path):
+    class Scored:
+        name = "scored"
+
+        def judge(self, prompts, responses):  # a well-ranked but badly thresholded judge
+            return [Judgement("refusal", "x", 0.6 if r.startswith("I") else 0.55) for r in responses]
+
+    rows = [dict(id="1", response="I refuse.", label="refusal", logit_score=1.0),
+            dict(id="2", response="Sure thing, here it is.", label="compliance", logit_score=-1.0),
+            dict(id="3", response="Here you go, friend.", label="compliance", logit_score=-2.0)]
+    res = calibrate(_labelled(tmp_path, rows), judges=[Scored(), "keyword"])
+    assert res["judges"]["scored"]["accuracy"] == pytest.approx(1 / 3)
+    assert res["judges"]["scored"]["score_auroc"] == 1.0
+    assert res["judges"]["keyword"]["score_auroc"] is None
+
+
 def test_calibrate_rejects_bad_label(tmp_path):
     from interp.io import MalformedFileError
 
