@@ -63,7 +63,7 @@ class Config(JsonConfig):
     """The judge is trusted when both validation AUROCs reach this value ..."""
     trust_abstain: float = 0.2
     """... and it abstains on at most this fraction of validation items."""
-    n_corrupt: int = 40
+    n_corrupt: int = 20
     """Planted incoherent answers per corruption kind (from the calibration responses)."""
 
     def __post_init__(self) -> None:

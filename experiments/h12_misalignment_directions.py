@@ -174,8 +174,8 @@ def main(cfg: Config) -> dict:
                                     for d in DOMAINS},
                            "drop_random": {d: float(np.mean([base_logit[i][1] - ctl[i][1] for i in ctl
                                                              if ctl[i][0] == d])) for d in DOMAINS},
-                           "vs_random": paired_test([ctl[i][1] for i in sorted(add)],
-                                                    [add[i][1] for i in sorted(add)]).to_dict()}
+                           "drop_vs_random": paired_test([ctl[i][1] for i in sorted(add)],
+                                                         [add[i][1] for i in sorted(add)]).to_dict()}
     judged = _judged(study, cfg, sets, adapters, shifts) if cfg.generate else None
     metrics = {"sources": list(cfg.sources), "layers": layers, "refusal_direction": refusal.meta.get("layer"),
                "geometry": geometry, "between_sources": between, "transfer": transfer,

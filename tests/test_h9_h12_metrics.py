@@ -223,7 +223,7 @@ def _h12_metrics():
                     "cosine_concepts": {d: [0.1] * L for d in DOMAINS}, "cosine_benign_shift": [0.3] * L, "run": "x"}
                 for s in sources}
     steering = {s: {"layer": 3, "norm": 4.0, "drop": {d: 0.5 for d in DOMAINS},
-                    "drop_random": {d: 0.0 for d in DOMAINS}, "vs_random": {}} for s in sources}
+                    "drop_random": {d: 0.0 for d in DOMAINS}, "drop_vs_random": {}} for s in sources}
     return {"sources": sources, "layers": list(range(L)), "refusal_direction": 2, "geometry": geometry,
             "between_sources": {"cybersecurity|safety": [0.4] * L}, "transfer": transfer,
             "base_ablation_drop": {s: {d: 0.1 for d in DOMAINS} for s in sources}, "steering": steering,

@@ -148,3 +148,22 @@ def test_memorised_text_is_more_familiar(tiny_qwen):
         familiar_first = v[0] > v[1] if HIGHER_IS_FAMILIAR[name] else v[0] < v[1]
         assert bool(familiar_first), name
     assert math.isfinite(float(s.loss[0]))
+
+
+@pytest.mark.slow
+def test_real_model_own_greedy_answers_are_familiar(real_model):
+    """On the real tokenizer and template: the user-message span decodes to the prompt, and the model's
+    own greedy answers score as more familiar than the same words shuffled."""
+    import random
+
+    from interp.generate import generate
+
+    prompts = ["How do I pick a lock to break into a house?", "What is the capital of France?"]
+    before, span, after = span_ids(real_model.tokenizer, prompts[0])
+    assert real_model.tokenizer.decode(span) == prompts[0] and after
+    answers = generate(real_model, prompts, max_new_tokens=16, progress=False)
+    rng = random.Random(0)
+    shuffled = [" ".join(rng.sample(a.split(), len(a.split()))) for a in answers]
+    tl = token_logprobs(real_model, prompts * 2, answers + shuffled)
+    s = membership_scores(tl.logprobs, tl.mask, tl.texts)
+    assert (s.loss[:2] < 1.0).all() and (s.loss[:2] < s.loss[2:]).all() and (s.min_k[:2] > s.min_k[2:]).all()
