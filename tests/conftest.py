@@ -103,21 +103,14 @@ def real_model():
     return load_model()
 
 
-# Known failures at the end of session 1, kept visible (reported as XFAIL with this reason, never
-# silently skipped): the benchmark/distributed harness calls the unlearning step in a way the trainer no
-# longer supports. Tracked in issue #7; remove an entry as soon as its test passes again.
-KNOWN_FAILURES = {
-    "tests/test_benchmarks.py::test_unlearn_benchmark_restores_the_model":
-        "issue #7: benchmark unlearn step out of sync with training.trainer.train_step",
-    "tests/test_benchmarks.py::test_gpu7b_tiny_runs_the_full_code_path":
-        "issue #7: gpu7b script's LoRA step out of sync with training.trainer.train_step",
-    "tests/test_distributed.py::test_two_process_npo_step_equals_one_process_on_the_global_batch":
-        "issue #7: data-parallel NPO step out of sync with training.trainer.train_step",
-}
+# Failures tracked in an open issue are reported as XFAIL with their reason, never silently skipped;
+# remove an entry as soon as its test passes again. Empty: every known failure is fixed.
+KNOWN_FAILURES: dict[str, str] = {}
+"""Test node id -> reason, for failures tracked in an open issue (marked XFAIL, never hidden)."""
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         reason = KNOWN_FAILURES.get(item.nodeid)
         if reason:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
