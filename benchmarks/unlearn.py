@@ -14,8 +14,7 @@ step. The adapter is removed afterwards, leaving ``lm`` as it came.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
@@ -28,35 +27,11 @@ from training.lora import attach_lora, detach_lora, has_adapter
 from training.losses import response_logits, sequence_logprobs
 from training.trainer import train_step
 
-__all__ = ["TARGET", "LR", "indexed_logits_to_keep", "sft_step", "npo_step", "reference_logp", "measure", "run"]
+__all__ = ["TARGET", "LR", "sft_step", "npo_step", "reference_logp", "measure", "run"]
 
 TARGET = 0.9
 LR = 1e-6
 """Small, so that the adapter barely moves while the variants take turns on the same weights."""
-
-
-@contextmanager
-def indexed_logits_to_keep(model: torch.nn.Module) -> Iterator[None]:
-    """Turn an integer ``logits_to_keep=k`` into the index tensor of the last ``k`` positions.
-
-    Diagnostic for the proposed fix of ``training.losses.response_logits``: HF slices the hidden
-    states with ``[:, -k:, :]``, a non-contiguous view, and on CPU a bf16 ``F.linear`` of such a view
-    under autograd takes a slow path (the unembedding's forward + backward measured 2.5× slower than on
-    a contiguous copy). An index tensor makes HF gather the rows into a contiguous tensor; same logits.
-    """
-
-    def hook(_module, args, kwargs):
-        k, ids = kwargs.get("logits_to_keep"), kwargs.get("input_ids")
-        if isinstance(k, int) and k > 0 and ids is not None:
-            width = ids.shape[1]
-            kwargs["logits_to_keep"] = torch.arange(width - min(k, width), width, device=ids.device)
-        return args, kwargs
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -115,20 +90,12 @@ def measure(
         logp_refs = [reference_logp(lm, b) for b in batches]
         # With B = 0 the policy is the reference, so the first NPO loss is (2/β)·log 2 exactly.
         first_loss = float(train_step(lm, cfg, batches[0], logp_refs[0], backward=False).loss.detach())
-        with torch.no_grad(), indexed_logits_to_keep(lm.model):
-            indexed_diff = float((reference_logp(lm, batches[0]) - logp_refs[0]).abs().max())
-        names = ("npo_precomputed", "npo_live_ref", "sft_peft_torch", "npo_precomputed_indexed_keep")
+        names = ("npo_precomputed", "npo_live_ref", "sft_peft_torch")
         opts = {k: torch.optim.AdamW(params, lr=LR) for k in names}
-
-        def indexed():
-            with indexed_logits_to_keep(lm.model):
-                return npo_step(lm, cfg, batches, opts["npo_precomputed_indexed_keep"], params, logp_refs)
-
         fns = {
             "npo_precomputed": lambda: npo_step(lm, cfg, batches, opts["npo_precomputed"], params, logp_refs),
             "npo_live_ref": lambda: npo_step(lm, cfg, batches, opts["npo_live_ref"], params, None),
             "sft_peft_torch": lambda: sft_step(lm, batches, opts["sft_peft_torch"]),
-            "npo_precomputed_indexed_keep": indexed,
         }
         times = time_alternating(fns, reps, warmup, device=lm.device)
         n_trainable = sum(p.numel() for p in params)
@@ -140,18 +107,13 @@ def measure(
             "padded_tokens": sum(b.input_ids.numel() for b in batches)}
     desc = {"npo_precomputed": "training.trainer.train_step (NPO, cached logp_ref; it backpropagates) + clip + AdamW",
             "npo_live_ref": "reference forward (adapter disabled, no grad) + the npo_precomputed step",
-            "sft_peft_torch": "model(..., labels=labels).loss.backward(); AdamW.step() (plain PEFT + torch)",
-            "npo_precomputed_indexed_keep": "diagnostic: npo_precomputed with logits_to_keep passed as an index tensor "
-                                            "(the proposed one-line fix in training.losses.response_logits)"}
+            "sft_peft_torch": "model(..., labels=labels).loss.backward(); AdamW.step() (plain PEFT + torch)"}
     variants = {k: Variant(times[k], work, desc[k]) for k in fns}
     ratios = {"npo_precomputed/sft_peft_torch": ratio(variants, "npo_precomputed", "sft_peft_torch", TARGET),
               "npo_live_ref/sft_peft_torch": ratio(variants, "npo_live_ref", "sft_peft_torch"),
-              "npo_precomputed/npo_live_ref": ratio(variants, "npo_precomputed", "npo_live_ref"),
-              "npo_precomputed_indexed_keep/sft_peft_torch": ratio(variants, "npo_precomputed_indexed_keep",
-                                                                   "sft_peft_torch", TARGET)}
+              "npo_precomputed/npo_live_ref": ratio(variants, "npo_precomputed", "npo_live_ref")}
     checks = {"first_npo_loss": first_loss, "expected_first_npo_loss": 2.0 / cfg.beta * math.log(2.0),
-              "trainable_params": n_trainable, "micro_batches": len(batches),
-              "indexed_keep_max_abs_logp_diff": indexed_diff}
+              "trainable_params": n_trainable, "micro_batches": len(batches)}
     return variants, ratios, checks
 
 

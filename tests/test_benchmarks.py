@@ -74,10 +74,8 @@ def test_refusal_benchmark(lm, cfg):
 
 def test_unlearn_benchmark_restores_the_model(lm, cfg):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    d = _check_schema(unlearn.run(lm, cfg), {"npo_precomputed", "npo_live_ref", "sft_peft_torch", "npo_precomputed_indexed_keep"},
-                      {"npo_precomputed/sft_peft_torch", "npo_live_ref/sft_peft_torch", "npo_precomputed/npo_live_ref",
-                       "npo_precomputed_indexed_keep/sft_peft_torch"})
-    assert d["checks"]["indexed_keep_max_abs_logp_diff"] < 1e-4
+    d = _check_schema(unlearn.run(lm, cfg), {"npo_precomputed", "npo_live_ref", "sft_peft_torch"},
+                      {"npo_precomputed/sft_peft_torch", "npo_live_ref/sft_peft_torch", "npo_precomputed/npo_live_ref"})
     assert d["checks"]["first_npo_loss"] == pytest.approx(d["checks"]["expected_first_npo_loss"], rel=1e-5)
     assert not hasattr(lm.model, "peft_config")  # adapter detached
     after = lm.model.state_dict()
