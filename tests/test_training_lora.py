@@ -129,3 +129,27 @@ def test_save_load_round_trip_and_foreign_model_refused(tmp_path):
         load_adapter(other, path)
     with pytest.raises(FileNotFoundError, match="no emalab adapter"):
         load_adapter(make_tiny_loaded("qwen2"), tmp_path)
+
+
+def test_unembedding_input_stays_contiguous_after_an_adapter_comes_and_goes(tiny_qwen):
+    """A frozen head fed HF's non-contiguous ``hidden[:, -k:]`` hits a pathological CPU matmul; the
+    loader's guard must survive attaching and unloading an adapter, and must not change the logits."""
+    from interp.loading import contiguous_unembedding_input
+
+    lm = tiny_qwen
+    ids = torch.randint(0, lm.model.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        want = lm.model(input_ids=ids, logits_to_keep=1).logits
+    contiguous_unembedding_input(lm.model)
+    contiguous_unembedding_input(lm.model)  # idempotent: one hook
+    seen = []
+    lm.model.get_output_embeddings().register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous()))
+    attach_lora(lm)
+    detach_lora(lm)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        got = lm.model(input_ids=ids, logits_to_keep=1).logits
+    assert seen == [True]
+    assert torch.equal(got, want)
+    assert len(lm.model.get_output_embeddings()._forward_pre_hooks) == 2
