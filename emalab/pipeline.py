@@ -13,9 +13,9 @@ from pathlib import Path
 
 from experiments.common import StudyConfig
 from interp.config import JsonConfig
-from interp.io import atomic_write_json
+from interp.io import atomic_write_json, read_json
 
-__all__ = ["PRESETS", "PipelineConfig", "run_pipeline"]
+__all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json", "peak_rss_gb"]
 
 QUICK = ("h1_narrow_unlearning", "h2_ema_spreads", "h3_safety_spreads_further", "h5_geometry_predicts_ema",
          "h4_retain_contains_ema", "h7_mechanism")
@@ -49,10 +49,35 @@ PRESETS: dict[str, PipelineConfig] = {
 }
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1e9 if sys.platform == "darwin" else 1e6), 2)
+
+
+def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started: str) -> None:
+    """Record this invocation; earlier invocations of the *same* config are kept, so the cost of a run
+    that was interrupted and resumed is the sum over ``invocations`` (``timings_s`` is the latest)."""
+    entry = {"started": started, "timings_s": timings, "peak_rss_gb": peak_rss_gb()}
+    history = []
+    if path.exists():
+        old = read_json(path)
+        if old.get("config") == cfg.to_dict():
+            history = old.get("invocations", [])
+    history.append(entry)
+    atomic_write_json(path, {"config": cfg.to_dict(), "timings_s": timings, "peak_rss_gb": entry["peak_rss_gb"],
+                             "invocations": history,
+                             "total_s_all_invocations": round(sum(h["timings_s"]["total"] for h in history), 1)})
+
+
 def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     """Run the experiments, figures and report; returns the path of REPORT.md (or the results dir)."""
     results = Path(cfg.study.results)
     timings = {}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t_all = time.perf_counter()
     for name in cfg.experiments:
         module = importlib.import_module(f"experiments.{name}")
@@ -70,7 +95,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
         paths = make_all(results)
         log(f"[emalab] {len(paths)} figures in {results / 'figures'}")
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    atomic_write_json(results / "pipeline.json", {"config": cfg.to_dict(), "timings_s": timings})
+    write_pipeline_json(results / "pipeline.json", cfg, timings, started)
     if cfg.report:
         from emalab.report import write_report
 

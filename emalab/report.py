@@ -41,7 +41,10 @@ def _setup(results: Path) -> list[str]:
             f"- **Evaluation:** {s['eval_limit'] or 'all'} eval prompts per domain, greedy {s['max_new_tokens']} "
             f"tokens, `{s['judge']}` judge; concept vectors from {s['probe_limit'] or 'all'} probe prompts per domain",
             f"- **Experiments run:** {', '.join(p['config']['experiments'])}",
-            "- **Wall time:** " + ", ".join(f"{k} {v:.0f}s" for k, v in p["timings_s"].items()),
+            "- **Wall time (latest invocation):** " + ", ".join(f"{k} {v:.0f}s" for k, v in p["timings_s"].items())
+            + (f"; {len(p['invocations'])} invocations of this config took {p['total_s_all_invocations']:.0f}s in all"
+               if len(p.get("invocations", [])) > 1 else "")
+            + (f"; peak RSS {p['peak_rss_gb']:.1f} GB" if p.get("peak_rss_gb") else ""),
         ]
     suite = Path(__file__).resolve().parents[1] / "interp" / "data" / "suite" / "manifest.json"
     if suite.exists():

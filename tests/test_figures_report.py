@@ -84,3 +84,18 @@ def test_report_has_claims_and_tables(tmp_path):
         assert f"| {cid} |" in text and f"**{status}**" in text
     assert "## Geometry vs EMA" in text and "![refusal_heatmap](figures/refusal_heatmap.png)" in text
     assert write_report(tmp_path).read_text() == text
+
+
+def test_pipeline_json_keeps_the_invocations_of_one_config(tmp_path):
+    from emalab.pipeline import PipelineConfig, write_pipeline_json
+    from interp.io import read_json
+
+    path = tmp_path / "pipeline.json"
+    cfg = PipelineConfig(experiments=("h1_narrow_unlearning",))
+    write_pipeline_json(path, cfg, {"h1_narrow_unlearning": 500.0, "total": 510.0}, "t0")
+    write_pipeline_json(path, cfg, {"h1_narrow_unlearning": 0.1, "total": 3.0}, "t1")  # resumed from cache
+    d = read_json(path)
+    assert [h["started"] for h in d["invocations"]] == ["t0", "t1"]
+    assert d["timings_s"]["total"] == 3.0 and d["total_s_all_invocations"] == 513.0 and d["peak_rss_gb"] > 0
+    write_pipeline_json(path, PipelineConfig(), {"total": 7.0}, "t2")  # another config starts afresh
+    assert [h["started"] for h in read_json(path)["invocations"]] == ["t2"]
