@@ -90,6 +90,14 @@ def _h4_table(results: Path) -> list[str]:
         lines += ["", "Mean untouched-domain drop: " + ", ".join(
             f"{c} {mu[c]['drop']:.2f} {_ci(mu[c]['ci'])}" for c in conds)
             + f"; retain-CE recovers {t['recovery']:.0%} of NPO's untouched drop.", ""]
+        sweep = t.get("alpha_sweep", [])
+        if len(sweep) > 2:
+            lines += [f"Retain-CE weight α (α = 0: NPO alone), {target} target: mean refusal after unlearning.", "",
+                      "| α | target (judge) | untouched (judge) | target (logit) | untouched (logit) |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {p['alpha']:g} | {_pct(p['target_refusal'])} | {_pct(p['untouched_refusal'])} | "
+                      f"{p['target_logit']:+.2f} | {p['untouched_logit']:+.2f} |" for p in sweep]
+            lines.append("")
     return lines
 
 

@@ -40,15 +40,20 @@ class StudyConfig(JsonConfig):
     """Probe-split prompts per domain used for concept vectors."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds; metrics average over them."""
-    steps: int = 20
+    steps: int = 10
     """Unlearning steps per run."""
     lr: float = 3e-5
-    """Unlearning learning rate (LoRA). Measured on the 0.5B default: 2e-4 drives every domain's refusal
-    log-odds below -4 within 10 steps (saturation, nothing left to compare); 3e-5 leaves room."""
+    """Unlearning learning rate (LoRA). Measured on the 0.5B default (NPO on cybersecurity, 16 eval
+    prompts/domain): 2e-4 drives every domain's refusal log-odds below -4 within 10 steps; 3e-5 × 20
+    steps takes every domain to ~0 judged refusal; 3e-5 × 10 steps brings the target to 0.06 while the
+    others keep 0.06-0.25 judged refusal and distinct log-odds (-0.1 to -1.9): room to compare."""
     beta: float = 0.1
     """NPO inverse temperature."""
-    alpha: float = 1.0
-    """Weight of the retain cross-entropy when retain-CE is on."""
+    alpha: float = 10.0
+    """Weight of the retain cross-entropy when retain-CE is on. NPO's forget term is on summed sequence
+    log-probs, the retain CE is a token mean, so α=1 is ~50x weaker per example and measured to do
+    nothing (cybersecurity, 10 steps); α=10 restores part of the refusal, α=30 restores all of it,
+    the target's included."""
     n_forget: int = 24
     """Forget prompts (target domain, unlearn split) per run."""
     n_retain_per_domain: int = 6
@@ -203,7 +208,8 @@ class Study:
     # -- unlearning ---------------------------------------------------------------------------
     def unlearn(self, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
                 seed: int = 0, trigger: str | None = None, ablation=None, ablation_id: str | None = None,
-                steps: int | None = None, n_retain_per_domain: int | None = None) -> Path:
+                steps: int | None = None, n_retain_per_domain: int | None = None,
+                alpha: float | None = None) -> Path:
         """Train (or reuse) an unlearning adapter; returns the stage directory (adapter under ``adapter/``).
 
         Args:
@@ -218,7 +224,8 @@ class Study:
         if retain_domains is None:
             retain_domains = tuple(d for d in DOMAINS if d != target)
         ucfg = UnlearnConfig(
-            target_domains=(target,), method=method, beta=self.cfg.beta, alpha=self.cfg.alpha,
+            target_domains=(target,), method=method, beta=self.cfg.beta,
+            alpha=self.cfg.alpha if alpha is None else alpha,
             retain_mode="ce" if retain_domains else "none", retain_domains=tuple(retain_domains) or None,
             n_forget=self.cfg.n_forget, n_retain_per_domain=n_retain_per_domain or self.cfg.n_retain_per_domain,
             steps=steps or self.cfg.steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr,

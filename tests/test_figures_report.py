@@ -35,7 +35,10 @@ def make_results(results):
     _write(results, "h4_retain_contains_ema", {"claim": _claim("C4", "not replicated"), "targets": {
         t: {"conditions": {c: {d: _drop() for d in DOMAINS} for c in conds},
             "mean_untouched": {c: {"drop": 0.3, "ci": [0.2, 0.4]} for c in conds}, "recovery": 0.5,
-            "target_refusal_with_retain": 0.1, "runs": {c: [str(results / "nope")] for c in conds}}
+            "target_refusal_with_retain": 0.1, "runs": {c: [str(results / "nope")] for c in conds},
+            "passing_conditions": [],
+            "alpha_sweep": [{"alpha": a, "target_refusal": 0.1, "untouched_refusal": 0.2, "target_logit": -1.0,
+                             "untouched_logit": -0.5} for a in ((0.0, 1.0, 10.0) if t == "cybersecurity" else (0.0, 10.0))]}
         for t in targets}})
     bands = {b: {"layers": ls, "judge": {"spearman": 0.4, "p_perm_spearman": 0.1, "ci_low": -0.1, "ci_high": 0.8},
                  "logit": {"spearman": 0.3, "p_perm_spearman": 0.2}}
@@ -83,6 +86,8 @@ def test_report_has_claims_and_tables(tmp_path):
     for cid, status in (("C1", "replicated"), ("C4", "not replicated"), ("C5", "inconclusive")):
         assert f"| {cid} |" in text and f"**{status}**" in text
     assert "## Geometry vs EMA" in text and "![refusal_heatmap](figures/refusal_heatmap.png)" in text
+    assert "Retain-CE weight α (α = 0: NPO alone), cybersecurity target" in text  # a sweep of 3 points
+    assert "safety target: mean refusal" not in text  # two points are just the table above
     assert write_report(tmp_path).read_text() == text
 
 
@@ -99,3 +104,21 @@ def test_pipeline_json_keeps_the_invocations_of_one_config(tmp_path):
     assert d["timings_s"]["total"] == 3.0 and d["total_s_all_invocations"] == 513.0 and d["peak_rss_gb"] > 0
     write_pipeline_json(path, PipelineConfig(), {"total": 7.0}, "t2")  # another config starts afresh
     assert [h["started"] for h in read_json(path)["invocations"]] == ["t2"]
+
+
+def test_h4_dose_response_orders_alphas_and_averages_records():
+    from experiments.h4_retain_contains_ema import _dose_response
+    from interp.evaluate import PromptRecord
+
+    def recs(t, u):
+        return [PromptRecord(id="a", domain="cybersecurity", logit_score=t, label="refusal" if t > 0 else "compliance"),
+                PromptRecord(id="b", domain="bias", logit_score=u, label="refusal" if u > 0 else "compliance"),
+                PromptRecord(id="c", domain="bias", logit_score=-1.0, label="compliance")]
+
+    conds = {"npo": {"after": recs(-2.0, -2.0)}, "npo_retain": {"after": recs(-1.0, 1.0)},
+             "npo_retain_a30": {"after": recs(1.0, 3.0)}, "sft": {"after": recs(0.0, 0.0)}}
+    pts = _dose_response(conds, "cybersecurity", ["bias"], 10.0)
+    assert [p["alpha"] for p in pts] == [0.0, 10.0, 30.0]
+    assert [p["untouched_refusal"] for p in pts] == [0.0, 0.5, 0.5]
+    assert [p["target_refusal"] for p in pts] == [0.0, 0.0, 1.0]
+    assert pts[2]["untouched_logit"] == 1.0
