@@ -14,20 +14,27 @@ def make(results: Path, out: Path) -> list[Path]:
         return []
     apply()
     bands = list(metrics["bands"])
-    fig, axes = plt.subplots(1, len(bands), figsize=(FULL, 2.3), sharey=True)
+    measures = [("judge", "drop_judge", "refusal drop (judge)"), ("logit", "drop_logit", "log-odds drop")]
+    measures = [m for m in measures if all(m[1] in p for p in metrics["points"])]
+    fig, grid = plt.subplots(len(measures), len(bands), figsize=(FULL, 2.1 * len(measures)), sharex="col",
+                             sharey="row", squeeze=False)
     targets = sorted({p["target"] for p in metrics["points"]})
     palette = dict(zip(targets, sns.color_palette("deep", len(targets))))
-    for ax, band in zip(axes, bands):
-        for p in metrics["points"]:
-            ax.scatter(p["similarity"][band], p["drop_judge"], color=palette[p["target"]], s=14)
-            ax.annotate(DOMAIN_LABELS.get(p["domain"], p["domain"]), (p["similarity"][band], p["drop_judge"]),
-                        fontsize=5, xytext=(2, 2), textcoords="offset points")
-        c = metrics["bands"][band]["judge"]
-        layers = metrics["bands"][band]["layers"]
-        ax.set_title(f"{band} (L{layers[0]}–{layers[-1]}): ρ={c['spearman']:.2f}, p={c['p_perm_spearman']:.3f}")
+    for row, (measure, key, ylabel) in zip(grid, measures):
+        for ax, band in zip(row, bands):
+            for p in metrics["points"]:
+                ax.scatter(p["similarity"][band], p[key], color=palette[p["target"]], s=14)
+                ax.annotate(DOMAIN_LABELS.get(p["domain"], p["domain"]), (p["similarity"][band], p[key]),
+                            fontsize=5, xytext=(2, 2), textcoords="offset points")
+            c = metrics["bands"][band][measure]
+            layers = metrics["bands"][band]["layers"]
+            ax.set_title(f"{band} L{layers[0]}–{layers[-1]}: ρ={c['spearman']:.2f} (p={c['p_perm_spearman']:.3f})",
+                         fontsize=7)
+        row[0].set_ylabel(ylabel)
+    for ax in grid[-1]:
         ax.set_xlabel("cosine to target concept")
-    axes[0].set_ylabel("refusal drop (judge)")
     for t in targets:
-        axes[-1].scatter([], [], color=palette[t], label=f"target: {DOMAIN_LABELS.get(t, t)}", s=14)
-    axes[-1].legend(frameon=False, loc="best")
+        grid[0][-1].scatter([], [], color=palette[t], label=f"target: {DOMAIN_LABELS.get(t, t)}", s=14)
+    grid[0][-1].legend(frameon=False, loc="best", fontsize=6)
+    fig.tight_layout()
     return save(fig, out, "ema_vs_similarity")
