@@ -13,7 +13,7 @@ from pathlib import Path
 
 from experiments.common import StudyConfig
 from interp.config import JsonConfig
-from interp.io import atomic_write_json, read_json
+from interp.io import append_jsonl, atomic_write_json, config_hash, read_jsonl
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json", "peak_rss_gb"]
 
@@ -59,18 +59,17 @@ def peak_rss_gb() -> float:
 
 
 def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started: str) -> None:
-    """Record this invocation; earlier invocations of the *same* config are kept, so the cost of a run
-    that was interrupted and resumed is the sum over ``invocations`` (``timings_s`` is the latest)."""
-    entry = {"started": started, "timings_s": timings, "peak_rss_gb": peak_rss_gb()}
-    history = []
-    if path.exists():
-        old = read_json(path)
-        if old.get("config") == cfg.to_dict():
-            history = old.get("invocations", [])
-    history.append(entry)
+    """Record this invocation in ``pipeline.json`` (the latest one) and append it to
+    ``pipeline_history.jsonl`` beside it. The cost of a run that was interrupted and resumed is the sum
+    over the history entries of the same config (``invocations``), whatever ran in between."""
+    key = config_hash(cfg.to_dict())
+    entry = {"config_hash": key, "started": started, "timings_s": timings, "peak_rss_gb": peak_rss_gb()}
+    history_path = path.with_name("pipeline_history.jsonl")
+    append_jsonl(history_path, entry)
+    same = [h for h in read_jsonl(history_path) if h.get("config_hash") == key]
     atomic_write_json(path, {"config": cfg.to_dict(), "timings_s": timings, "peak_rss_gb": entry["peak_rss_gb"],
-                             "invocations": history,
-                             "total_s_all_invocations": round(sum(h["timings_s"]["total"] for h in history), 1)})
+                             "invocations": same,
+                             "total_s_all_invocations": round(sum(h["timings_s"]["total"] for h in same), 1)})
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> Path:

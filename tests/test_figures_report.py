@@ -104,6 +104,8 @@ def test_pipeline_json_keeps_the_invocations_of_one_config(tmp_path):
     assert d["timings_s"]["total"] == 3.0 and d["total_s_all_invocations"] == 513.0 and d["peak_rss_gb"] > 0
     write_pipeline_json(path, PipelineConfig(), {"total": 7.0}, "t2")  # another config starts afresh
     assert [h["started"] for h in read_json(path)["invocations"]] == ["t2"]
+    write_pipeline_json(path, cfg, {"total": 1.0}, "t3")  # ... and the first one's history is not lost
+    assert [h["started"] for h in read_json(path)["invocations"]] == ["t0", "t1", "t3"]
 
 
 def test_h4_dose_response_orders_alphas_and_averages_records():
