@@ -58,12 +58,19 @@ def peak_rss_gb() -> float:
     return round(rss / (1e9 if sys.platform == "darwin" else 1e6), 2)
 
 
-def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started: str) -> None:
+def count_stages(results: Path) -> int:
+    """Completed cached stages under ``results/stages`` (0 at the start of a cold run)."""
+    return sum(1 for _ in (Path(results) / "stages").glob("*/*/DONE.json"))
+
+
+def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started: str,
+                        stages_at_start: int | None = None) -> None:
     """Record this invocation in ``pipeline.json`` (the latest one) and append it to
     ``pipeline_history.jsonl`` beside it. The cost of a run that was interrupted and resumed is the sum
     over the history entries of the same config (``invocations``), whatever ran in between."""
     key = config_hash(cfg.to_dict())
-    entry = {"config_hash": key, "started": started, "timings_s": timings, "peak_rss_gb": peak_rss_gb()}
+    entry = {"config_hash": key, "started": started, "stages_at_start": stages_at_start, "timings_s": timings,
+             "peak_rss_gb": peak_rss_gb()}
     history_path = path.with_name("pipeline_history.jsonl")
     append_jsonl(history_path, entry)
     same = [h for h in read_jsonl(history_path) if h.get("config_hash") == key]
@@ -77,6 +84,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     results = Path(cfg.study.results)
     timings = {}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stages_at_start = count_stages(results)
     t_all = time.perf_counter()
     for name in cfg.experiments:
         module = importlib.import_module(f"experiments.{name}")
@@ -94,7 +102,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
         paths = make_all(results)
         log(f"[emalab] {len(paths)} figures in {results / 'figures'}")
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    write_pipeline_json(results / "pipeline.json", cfg, timings, started)
+    write_pipeline_json(results / "pipeline.json", cfg, timings, started, stages_at_start)
     if cfg.report:
         from emalab.report import write_report
 

@@ -121,6 +121,21 @@ def test_e2e_reads_pipeline_json_or_says_not_measured(cfg, tmp_path):
                                 "timings_s": {**{q: 0.1 for q in QUICK}, "total": 2.0}}))
     d = e2e.run(None, cfg.replace(pipeline_json=str(path))).to_dict()
     assert d["status"] == "partial" and not d["checks"]["cold_run"] and any("RSS" in n for n in d["notes"])
+    # interrupted after h1, resumed: the cost is the sum of the invocations
+    first = {**{q: 0.0 for q in QUICK}, QUICK[0]: 300.0, "total": 301.0}
+    second = {**{q: 200.0 for q in QUICK}, QUICK[0]: 0.1, "total": 200.0 * (len(QUICK) - 1) + 1.1}
+    path.write_text(json.dumps({"config": {"experiments": list(QUICK)}, "timings_s": second, "peak_rss_gb": 5.0,
+                                "invocations": [{"timings_s": first, "peak_rss_gb": 7.0},
+                                                {"timings_s": second, "peak_rss_gb": 5.0}]}))
+    d = e2e.run(None, cfg.replace(pipeline_json=str(path))).to_dict()
+    v = d["variants"]["emalab_run"]
+    assert d["status"] == "measured" and v["median_s"] == first["total"] + second["total"] and v["peak_rss_gb"] == 7.0
+    # analysis-only experiments take 0 s in a cold run; the recorded stage count decides
+    zero = {**{q: 100.0 for q in QUICK}, QUICK[1]: 0.0, "total": 500.0}
+    for n, status in ((0, "measured"), (3, "partial")):
+        path.write_text(json.dumps({"config": {"experiments": list(QUICK)}, "timings_s": zero, "peak_rss_gb": 5.0,
+                                    "invocations": [{"timings_s": zero, "peak_rss_gb": 5.0, "stages_at_start": n}]}))
+        assert e2e.run(None, cfg.replace(pipeline_json=str(path))).to_dict()["status"] == status
 
 
 # -- the 7B script on tiny configs --------------------------------------------------------------

@@ -10,7 +10,13 @@ import pytest
 
 from interp import registry
 from interp.loading import ModelLoadError, load_model
-from interp.registry import EMBEDDED_MODELS, HashMismatchError, UnknownModelError, fetch_embedded, join_and_verify
+from interp.registry import (
+    EMBEDDED_MODELS,
+    HashMismatchError,
+    UnknownModelError,
+    fetch_embedded,
+    join_and_verify,
+)
 
 
 def _fake_wheels(tmp_path, spec, payloads):
