@@ -68,7 +68,11 @@ def run(lm: Any, cfg: BenchConfig) -> BenchResult:
     else:
         cached = sorted(k for k, v in stages.items() if v < CACHED_STAGE_S)
     checks = {"complete_quick_preset": complete, "cold_run": not cached}
-    notes = ["read from the main job's pipeline.json; not re-run by the benchmark"]
+    notes = ["read from the main job's pipeline.json; not re-run by the benchmark",
+             "seconds per experiment: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
+             + (f"; peak RSS {rss:.1f} GB" if rss is not None else "")]
+    if len(invocations) > 1:
+        notes.append(f"summed over {len(invocations)} invocations of the same config (interrupted/extended, resumed)")
     if not complete:
         notes.append(f"not the whole quick preset: ran {len(ran)} of its {len(quick)} experiments "
                      f"(missing {sorted(set(quick) - set(ran))})")
