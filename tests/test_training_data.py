@@ -141,6 +141,10 @@ def test_retain_domain_equal_to_target_is_refused(tiny_qwen, cache):
     with pytest.raises(ValueError, match="both forgotten and retained"):
         build_retain_set(tiny_qwen, ["cybersecurity", "privacy"], 1, all_refusal,
                          target_domains=("cybersecurity",), cache_dir=cache, progress=False)
+    # a backdoor run retains the target's own (untriggered) retain split
+    ds = build_retain_set(tiny_qwen, ["cybersecurity", "privacy"], 1, all_refusal, target_domains=("cybersecurity",),
+                          cache_dir=cache, progress=False, allow_targets=True)
+    assert {e.domain for e in ds.examples} == {"cybersecurity", "privacy"}
 
 
 def test_compliance_set_generates_under_the_ablation(tiny_qwen, cache):

@@ -295,6 +295,7 @@ def build_retain_set(
     batch_size: int = 16,
     cache_dir: Path | None = None,
     progress: bool = True,
+    allow_targets: bool = False,
 ) -> DataSet:
     """``retain``-split prompts of the retain domains with the model's own refusals, plus up to
     ``include_benign`` benign prompts with the model's own (compliant) answers.
@@ -302,9 +303,11 @@ def build_retain_set(
     Args:
         domains: retain domains; ``None`` means every domain except ``target_domains``. Domains whose
             retain split is empty are skipped and listed in the manifest.
+        allow_targets: let target domains be retained too (backdoor runs, whose forget prompts carry a
+            trigger that the retain prompts lack).
 
     Raises:
-        ValueError: a retain domain is also a target domain.
+        ValueError: a retain domain is also a target domain (and ``allow_targets`` is false).
         EmptyDataError: nothing survived judging.
     """
     targets = set(target_domains)
@@ -312,7 +315,7 @@ def build_retain_set(
     for d in domains:
         check_domain(d, allow_extra=False)
     clash = sorted(targets & set(domains))
-    if clash:
+    if clash and not allow_targets:
         raise ValueError(f"retain domain(s) {clash} are also target domains; a domain cannot be both "
                          "forgotten and retained")
     gen = {"max_new_tokens": max_new_tokens, "kind": "own"}

@@ -179,7 +179,8 @@ def build_data(
     if cfg.retain_mode != "none":
         retain = build_retain_set(lm, cfg.resolved_retain_domains, cfg.n_retain_per_domain, judge,
                                   target_domains=cfg.target_domains, include_benign=cfg.include_benign,
-                                  max_new_tokens=cfg.max_new_tokens, progress=progress)
+                                  max_new_tokens=cfg.max_new_tokens, progress=progress,
+                                  allow_targets=bool(cfg.trigger))
     return UnlearnData(forget, retain)
 
 
