@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from experiments.common import Study, StudyConfig, condition, mean_drop
+from experiments.common import Study, StudyConfig, claim, condition, mean_drop
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from interp.suite import DOMAINS
@@ -40,6 +40,20 @@ class Config(JsonConfig):
     def __post_init__(self) -> None:
         if not 1 <= self.k < len(DOMAINS) - 1:
             raise ValueError(f"k must be between 1 and {len(DOMAINS) - 2}")
+
+
+def _claim(out: dict) -> dict:
+    """Point estimates only (one retain set per strategy, a few random draws): a loss for the predicted
+    choice in every target falsifies; a win is not confirmed without a paired test (inconclusive)."""
+    beats = [t["predicted_beats_random"] for t in out.values()]
+    status = "not replicated" if not any(beats) else "inconclusive"
+    evidence = "; ".join(
+        f"{target}: mean untouched drop with retain on predicted {t['predicted']} "
+        f"{t['strategies']['predicted']['mean_untouched_drop']:.2f}, random "
+        f"{t['strategies']['random']['mean_untouched_drop']:.2f}, all {t['strategies']['all']['mean_untouched_drop']:.2f}, "
+        f"no retain {t['strategies']['none']['mean_untouched_drop']:.2f}" for target, t in out.items())
+    return claim("L1", "Retain domains chosen by early-layer similarity contain EMA better than random ones "
+                 "at the same budget", status, evidence + " (point estimates, no CI)")
 
 
 def main(cfg: Config) -> dict:
@@ -72,6 +86,6 @@ def main(cfg: Config) -> dict:
         out[target] = {"early_similarity": sims, "predicted": list(predicted), "strategies": results,
                        "predicted_beats_random": results["predicted"]["mean_untouched_drop"]
                        < results["random"]["mean_untouched_drop"]}
-    metrics = {"targets": out, "k": cfg.k, "budget": budget}
+    metrics = {"targets": out, "k": cfg.k, "budget": budget, "claim": _claim(out)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
