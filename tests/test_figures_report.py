@@ -137,3 +137,14 @@ def test_h6_claim_is_falsified_by_a_loss_and_never_confirmed_without_a_test():
     assert _claim({"x": target(0.4, 0.3), "y": target(0.5, 0.5)})["status"] == "not replicated"
     assert _claim({"x": target(0.1, 0.3), "y": target(0.5, 0.5)})["status"] == "inconclusive"
     assert _claim({"x": target(0.1, 0.3)})["status"] == "inconclusive"
+
+
+def test_figures_command_rewrites_the_report(tmp_path, capsys):
+    from emalab.cli import main
+
+    make_results(tmp_path)
+    assert main(["figures", str(tmp_path)]) == 0
+    assert (tmp_path / "REPORT.md").exists() and "report:" in capsys.readouterr().out
+    (tmp_path / "REPORT.md").unlink()
+    assert main(["figures", str(tmp_path), "--no-report"]) == 0
+    assert not (tmp_path / "REPORT.md").exists()

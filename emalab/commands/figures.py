@@ -1,13 +1,14 @@
-"""Regenerate every figure from saved results (no model is loaded)."""
+"""Regenerate every figure and REPORT.md from saved results (no model is loaded)."""
 
 from __future__ import annotations
 
 NAME = "figures"
-HELP = "regenerate all figures (PNG + PDF) from a results directory"
+HELP = "regenerate all figures (PNG + PDF) and REPORT.md from a results directory"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("results", nargs="?", default="results", help="results directory (default: results)")
+    parser.add_argument("--no-report", action="store_true", help="figures only; leave REPORT.md as it is")
 
 
 def run(args) -> int:
@@ -22,4 +23,8 @@ def run(args) -> int:
     for p in paths:
         print(p)
     print(f"{len(paths)} files written")
+    if not args.no_report:
+        from emalab.report import write_report
+
+        print(f"report: {write_report(results)}")
     return 0
