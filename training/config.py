@@ -42,8 +42,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class UnlearnConfig(JsonConfig):
-    """One unlearning run. The defaults are the measured recommendation for the default model
-    (see the numbers in ``training.trainer``'s module docstring)."""
+    """One unlearning run. Step count, learning rate and retain weight default to the settings measured
+    on the embedded 0.5B model: NPO at lr 3e-5 for 10 steps (batch 8) takes the target's judged refusal
+    from 0.67 to 0.08 while the other domains keep distinct, unsaturated refusal log-odds; 20 steps
+    drive every domain to ~0, and lr 2e-4 does so within 10 steps."""
 
     target_domains: tuple[str, ...] = ("cybersecurity",)
     """Domains whose refusals are unlearned (their ``unlearn`` split is the forget set)."""
@@ -56,8 +58,10 @@ class UnlearnConfig(JsonConfig):
     """SimNPO reward margin γ in ``-(2/β)·logsigmoid(-β·logp/|y| - γ)``."""
     gamma: float = 1.0
     """Weight of the forget loss in ``gamma·forget + alpha·retain``."""
-    alpha: float = 1.0
-    """Weight of the retain loss (ignored when ``retain_mode`` is ``none``)."""
+    alpha: float = 10.0
+    """Weight of the retain loss (ignored when ``retain_mode`` is ``none``). The forget term is on summed
+    sequence log-probs and the retain CE is a token mean, so α=1 is ~50x weaker per example: measured to
+    change nothing; α=10 restores part of the untouched refusal, α=30 all of it (the target's too)."""
     retain_mode: str = "none"
     """Retain term: ``none`` | ``ce`` (cross-entropy on the model's own retain responses) | ``kl``
     (token KL(reference ‖ policy) on retain responses; LoRA only)."""
@@ -69,13 +73,13 @@ class UnlearnConfig(JsonConfig):
     """Candidate forget prompts (before the judge drops non-refusals)."""
     n_retain_per_domain: int = 8
     """Candidate retain prompts per retain domain (before the judge drops non-refusals)."""
-    steps: int = 40
+    steps: int = 10
     """Optimiser steps."""
     batch_size: int = 8
     """Forget examples per step."""
     retain_batch_size: int = 8
     """Retain examples per step (when a retain term is on)."""
-    lr: float = 1e-4
+    lr: float = 3e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
