@@ -14,8 +14,9 @@ from pathlib import Path
 from experiments.common import StudyConfig
 from interp.config import JsonConfig
 from interp.io import append_jsonl, atomic_write_json, config_hash, read_jsonl
+from training.trainer import peak_rss_gb
 
-__all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json", "peak_rss_gb"]
+__all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json"]
 
 QUICK = ("h1_narrow_unlearning", "h2_ema_spreads", "h3_safety_spreads_further", "h5_geometry_predicts_ema",
          "h4_retain_contains_ema", "h7_mechanism")
@@ -49,15 +50,6 @@ PRESETS: dict[str, PipelineConfig] = {
 }
 
 
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(rss / (1e9 if sys.platform == "darwin" else 1e6), 2)
-
-
 def count_stages(results: Path) -> int:
     """Completed cached stages under ``results/stages`` (0 at the start of a cold run)."""
     return sum(1 for _ in (Path(results) / "stages").glob("*/*/DONE.json"))
@@ -70,7 +62,7 @@ def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started:
     over the history entries of the same config (``invocations``), whatever ran in between."""
     key = config_hash(cfg.to_dict())
     entry = {"config_hash": key, "started": started, "stages_at_start": stages_at_start, "timings_s": timings,
-             "peak_rss_gb": peak_rss_gb()}
+             "peak_rss_gb": round(peak_rss_gb(), 2)}
     history_path = path.with_name("pipeline_history.jsonl")
     append_jsonl(history_path, entry)
     same = [h for h in read_jsonl(history_path) if h.get("config_hash") == key]
