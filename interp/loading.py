@@ -34,6 +34,9 @@ class LoadedModel:
     chat: bool
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        contiguous_unembedding_input(self.model)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -110,7 +113,6 @@ def load_model(
     if device_map is None:
         model.to(resolve_device(device))
     model.eval()
-    contiguous_unembedding_input(model)
     spec_of(model)  # fail early, with the supported families, on an unknown architecture
     if weights_id is None:
         weights_id = config_hash({"name": str(name), "config": model.config.to_dict()}, length=16)
@@ -123,7 +125,7 @@ def load_model(
 
 
 def contiguous_unembedding_input(model: torch.nn.Module) -> None:
-    """Make the unembedding's input contiguous (idempotent).
+    """Make the unembedding's input contiguous (idempotent; every :class:`LoadedModel` does it).
 
     HF feeds the unembedding ``hidden[:, -k:]`` (``logits_to_keep``, used by ``generate``), a
     non-contiguous view. On CPU, torch 2.x's ``F.linear`` of such a 3-D view with a weight that does
@@ -131,7 +133,7 @@ def contiguous_unembedding_input(model: torch.nn.Module) -> None:
     matmul: measured 160x slower than on a contiguous copy, which made every evaluation after
     unlearning 8x slower. The copy costs batch × k × d_model elements.
     """
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "_emalab_contiguous", False):
         return
     head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]) if args else None)
