@@ -140,7 +140,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
+        help_text = f"{docs.get(f.name, '')} (default: {default})".strip().replace("%", "%%")  # argparse %-formats
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue

@@ -75,3 +75,14 @@ def test_run_dir_carries_hash_and_commit(tmp_path):
     assert path.parent.name == "h0" and path.name.startswith(cfg.hash(8)[:8])
     write_run(path, cfg, {"x": 1})
     assert (tmp_path / "h0" / "latest" / "metrics.json").exists()
+
+
+def test_help_keeps_a_percent_sign_from_field_docs():
+    @dataclass
+    class Pct(JsonConfig):
+        ci: float = 0.95
+        """Coverage of the 95% interval."""
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Pct)
+    assert "95% interval" in parser.format_help()

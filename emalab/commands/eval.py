@@ -25,18 +25,10 @@ class AdapterMismatchError(ValueError):
 
 
 def _field_doc(name: str) -> str:
-    import ast
-    import inspect
-
+    from interp.config import field_docs
     from interp.evaluate import EvalConfig
 
-    tree = ast.parse(inspect.getsource(EvalConfig))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                return str(nxt.value.value).replace("%", "%%")  # argparse %-formats help strings
-    return ""
+    return field_docs(EvalConfig).get(name, "").replace("%", "%%")  # argparse %-formats help strings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
