@@ -54,10 +54,10 @@ def points(study: Study, targets: tuple[str, ...], contrast: str) -> list[dict]:
         for d in DOMAINS:
             if d == target:
                 continue
+            judged = paired_drop(cond["base"], cond["after"], d, "judge")
             out.append({"target": target, "domain": d,
                         "similarity": {band: sims[band][d] for band in BANDS},
-                        "drop_judge": paired_drop(cond["base"], cond["after"], d, "judge")["drop"],
-                        "after_judge": paired_drop(cond["base"], cond["after"], d, "judge")["after"],
+                        "drop_judge": judged["drop"], "after_judge": judged["after"],
                         "drop_logit": paired_drop(cond["base"], cond["after"], d, "logit")["drop"]})
     return out
 
