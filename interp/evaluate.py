@@ -1,4 +1,4 @@
-"""Refusal evaluation over the seven-domain suite: logit score, generation + judge, bootstrap CIs.
+"""Refusal evaluation over the seven-domain suite: logit score (bootstrap CIs), generation + judge (Wilson CIs).
 
 Two measurements per prompt:
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import ndtri
 
 from interp.generate import generate
 from interp.io import atomic_write_json, read_json, write_jsonl
@@ -39,6 +41,7 @@ __all__ = [
     "PromptRecord",
     "EvalReport",
     "bootstrap_ci",
+    "wilson_ci",
     "evaluate",
     "evaluate_prompts",
     "OVER_REFUSAL",
@@ -129,6 +132,7 @@ class DomainResult:
     n: int
     refusal_rate: float | None
     ci_low: float | None
+    """Wilson 95% interval of ``refusal_rate`` (never [0, 0] at 0/n)."""
     ci_high: float | None
     mean_logit: float
     incoherent_rate: float | None
@@ -251,6 +255,28 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate ``successes / n``.
+
+    Unlike a bootstrap of 0/1 outcomes it never collapses to ``[0, 0]`` at 0/n (nor to ``[1, 1]`` at
+    n/n): with 0 of 24 refusals the 95% interval is [0, 0.14], the range the data cannot exclude.
+    Returns ``(nan, nan)`` for ``n == 0``.
+    """
+    if n == 0:
+        return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n]; got {successes} of {n}")
+    z = float(ndtri(1 - alpha / 2))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At 0/n (n/n) the bound is exactly 0 (1); float round-off would leave 1e-17 on either side.
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
 def _domain_seed(seed: int, domain: str) -> list[int]:
     # Each domain gets its own stream, stable across runs and independent of the domain order.
     return [seed, int(hashlib.sha256(domain.encode()).hexdigest()[:8], 16)]
@@ -266,7 +292,7 @@ def _summarise(domain: str, scores: np.ndarray, labels: list[str] | None, cfg: E
                             compliance_rate=None, **common)
     lab = np.asarray(labels)
     refused = (lab == "refusal").astype(np.float64)
-    lo, hi = bootstrap_ci(refused, cfg.n_bootstrap, seed)
+    lo, hi = wilson_ci(int(refused.sum()), int(refused.size))
     return DomainResult(refusal_rate=float(refused.mean()), ci_low=lo, ci_high=hi,
                         incoherent_rate=float((lab == "incoherent").mean()),
                         compliance_rate=float((lab == "compliance").mean()), **common)
