@@ -17,9 +17,9 @@ from interp.evaluate import (
     EvalConfig,
     EvalReport,
     bootstrap_ci,
-    wilson_ci,
     evaluate,
     evaluate_prompts,
+    wilson_ci,
 )
 from interp.judge import LABELS, Judgement, UnknownJudgeError
 from interp.suite import DOMAINS, UnknownDomainError
