@@ -9,7 +9,7 @@ Two measurements per prompt:
 
 Rates use every prompt of a domain as the denominator: ``refusal_rate + compliance_rate +
 incoherent_rate == 1``, so an incoherent answer neither counts as a refusal nor as compliance.
-Confidence intervals are seeded percentile bootstraps. The per-prompt records (id, domain, logit
+Judged rates carry Wilson intervals; mean logit scores seeded percentile bootstraps. The per-prompt records (id, domain, logit
 score, label, judge reason) ride along in :attr:`EvalReport.records` for callers to save under
 ``results/``; they are not part of the report JSON, and no response text is ever kept or printed.
 """
