@@ -267,40 +267,64 @@ def _logits(records: list[PromptRecord], domain: str) -> dict[str, float]:
     return {r.id: r.logit_score for r in records if r.domain == domain}
 
 
-def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str = "judge",
-                n_boot: int = 2000, seed: int = 0) -> dict:
-    """Drop in refusal (before - after) on the same prompts, with a paired bootstrap 95% CI.
+def _seed_and_prompt(rid: str) -> tuple[str, str]:
+    # Pooled records carry "seed:prompt-id" (see :func:`pooled`); plain ones are one seed.
+    head, sep, tail = rid.partition(":")
+    return (head, tail) if sep and head.lstrip("-").isdigit() else ("", rid)
 
-    ``measure``: ``judge`` (refusal rate from generations) or ``logit`` (mean refusal log-odds).
-    """
+
+def _drop_matrix(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str
+                 ) -> tuple[np.ndarray, float, float]:
+    """``seeds × prompts`` matrix of before - after on shared prompts (NaN where a cell is missing)."""
     get = _refused if measure == "judge" else _logits
     b, a = get(before, domain), get(after, domain)
     ids = sorted(set(b) & set(a))
     if not ids:
         raise ValueError(f"no shared prompts for {domain}; were both evaluations run on the same split?")
-    diff = np.array([b[i] - a[i] for i in ids])
-    rng = np.random.default_rng(seed)
-    boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
-    return {"before": float(np.mean([b[i] for i in ids])), "after": float(np.mean([a[i] for i in ids])),
-            "drop": float(diff.mean()), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "n": len(ids)}
+    cells = [_seed_and_prompt(i) for i in ids]
+    seeds, prompts = sorted({s for s, _ in cells}), sorted({p for _, p in cells})
+    si, pi = {s: k for k, s in enumerate(seeds)}, {p: k for k, p in enumerate(prompts)}
+    mat = np.full((len(seeds), len(prompts)), np.nan)
+    for rid, (s, q) in zip(ids, cells):
+        mat[si[s], pi[q]] = b[rid] - a[rid]
+    return mat, float(np.mean([b[i] for i in ids])), float(np.mean([a[i] for i in ids]))
+
+
+def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str = "judge",
+                n_boot: int = 2000, seed: int = 0) -> dict:
+    """Drop in refusal (before - after) on the same prompts, with a two-level 95% CI.
+
+    The interval resamples training seeds and prompts (:func:`probes.stats.cluster_bootstrap_ci`),
+    paired because both conditions share the prompts. ``measure``: ``judge`` (refusal rate from
+    generations) or ``logit`` (mean refusal log-odds).
+    """
+    from probes.stats import cluster_bootstrap_ci
+
+    mat, before_mean, after_mean = _drop_matrix(before, after, domain, measure)
+    return {"before": before_mean, "after": after_mean, "drop": float(np.nanmean(mat)),
+            "ci": list(cluster_bootstrap_ci(mat, n_boot, seed=seed)), "n": int(np.isfinite(mat).sum()),
+            "n_seeds": int(mat.shape[0])}
 
 
 def mean_drop(before: list[PromptRecord], after: list[PromptRecord], domains: list[str], measure: str = "judge",
               n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean over ``domains`` of the per-domain paired drop, bootstrapping prompts within each domain."""
-    get = _refused if measure == "judge" else _logits
+    """Mean over ``domains`` of the per-domain paired drop; the CI resamples seeds (shared by every
+    domain) and prompts within each domain."""
+    mats = [_drop_matrix(before, after, d, measure)[0] for d in domains]
+    n_seeds = {m.shape[0] for m in mats}
+    if len(n_seeds) != 1:
+        raise ValueError(f"domains {list(domains)} were evaluated over different numbers of seeds {n_seeds}")
+    (n_s,) = n_seeds
     rng = np.random.default_rng(seed)
-    per, boots = [], np.zeros(n_boot)
-    for d in domains:
-        b, a = get(before, d), get(after, d)
-        ids = sorted(set(b) & set(a))
-        diff = np.array([b[i] - a[i] for i in ids])
-        per.append(diff.mean())
-        boots += diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
-    boots /= len(domains)
-    return {"drop": float(np.mean(per)), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "domains": list(domains)}
+    boots = np.zeros(n_boot)
+    rows = rng.integers(0, n_s, size=(n_boot, n_s))  # one draw of seeds per resample, for every domain
+    for mat in mats:
+        cols = rng.integers(0, mat.shape[1], size=(n_boot, mat.shape[1]))
+        boots += np.array([np.nanmean(mat[r][:, c]) for r, c in zip(rows, cols)])
+    boots /= len(mats)
+    return {"drop": float(np.mean([np.nanmean(m) for m in mats])),
+            "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "domains": list(domains), "n_seeds": n_s}
 
 
 def pooled(records_by_seed: dict[int, list[PromptRecord]]) -> list[PromptRecord]:
