@@ -19,7 +19,7 @@ from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS
 from interp.runs import Stage
 from interp.suite import DOMAINS, check_domain
 
-__all__ = ["StudyConfig", "Study", "paired_drop", "mean_drop", "pooled", "claim", "condition"]
+__all__ = ["StudyConfig", "Study", "paired_drop", "mean_drop", "drop_difference", "pooled", "claim", "condition"]
 
 
 @dataclass
@@ -306,25 +306,51 @@ def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: s
             "n_seeds": int(mat.shape[0])}
 
 
+def _domain_mean_ci(mats: list[np.ndarray], n_boot: int, seed: int) -> tuple[float, list[float], int]:
+    """Mean over domains of each ``seeds × prompts`` matrix's mean, with a two-level CI that draws
+    seeds once per resample (they are shared by every domain) and prompts within each domain."""
+    n_seeds = {m.shape[0] for m in mats}
+    if len(n_seeds) != 1:
+        raise ValueError(f"domains were evaluated over different numbers of seeds {sorted(n_seeds)}")
+    (n_s,) = n_seeds
+    rng = np.random.default_rng(seed)
+    boots = np.zeros(n_boot)
+    rows = rng.integers(0, n_s, size=(n_boot, n_s))
+    for mat in mats:
+        cols = rng.integers(0, mat.shape[1], size=(n_boot, mat.shape[1]))
+        boots += np.array([np.nanmean(mat[r][:, c]) for r, c in zip(rows, cols)])
+    boots /= len(mats)
+    return (float(np.mean([np.nanmean(m) for m in mats])),
+            [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))], n_s)
+
+
 def mean_drop(before: list[PromptRecord], after: list[PromptRecord], domains: list[str], measure: str = "judge",
               n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean over ``domains`` of the per-domain paired drop; the CI resamples seeds (shared by every
     domain) and prompts within each domain."""
     mats = [_drop_matrix(before, after, d, measure)[0] for d in domains]
-    n_seeds = {m.shape[0] for m in mats}
-    if len(n_seeds) != 1:
-        raise ValueError(f"domains {list(domains)} were evaluated over different numbers of seeds {n_seeds}")
-    (n_s,) = n_seeds
-    rng = np.random.default_rng(seed)
-    boots = np.zeros(n_boot)
-    rows = rng.integers(0, n_s, size=(n_boot, n_s))  # one draw of seeds per resample, for every domain
-    for mat in mats:
-        cols = rng.integers(0, mat.shape[1], size=(n_boot, mat.shape[1]))
-        boots += np.array([np.nanmean(mat[r][:, c]) for r, c in zip(rows, cols)])
-    boots /= len(mats)
-    return {"drop": float(np.mean([np.nanmean(m) for m in mats])),
-            "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "domains": list(domains), "n_seeds": n_s}
+    drop, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
+    return {"drop": drop, "ci": ci, "domains": list(domains), "n_seeds": n_s}
+
+
+def drop_difference(first: dict, second: dict, domains: list[str], measure: str = "judge",
+                    n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean drop of condition ``first`` minus that of ``second`` over ``domains``, paired.
+
+    Both are :func:`condition` results measured on the same prompts against the same base, so the
+    difference is taken prompt by prompt (seed *k* of one paired with seed *k* of the other) and the
+    two-level CI resamples the shared prompts once for both conditions.
+    """
+    mats = []
+    for d in domains:
+        m1 = _drop_matrix(first["base"], first["after"], d, measure)[0]
+        m2 = _drop_matrix(second["base"], second["after"], d, measure)[0]
+        if m1.shape != m2.shape:
+            raise ValueError(f"{d}: the conditions differ in seeds or prompts ({m1.shape} vs {m2.shape}); "
+                             "compare conditions evaluated on the same prompts with the same seeds")
+        mats.append(m1 - m2)
+    diff, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
+    return {"difference": diff, "ci": ci, "domains": list(domains), "n_seeds": n_s}
 
 
 def pooled(records_by_seed: dict[int, list[PromptRecord]]) -> list[PromptRecord]:

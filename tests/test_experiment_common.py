@@ -92,3 +92,18 @@ def test_mean_drop_shares_seed_draws_across_domains():
     assert m["n_seeds"] == 2
     # The seed effect is common to both domains, so averaging domains does not average it away.
     assert (m["ci"][1] - m["ci"][0]) > 0.6 * (d["ci"][1] - d["ci"][0])
+
+
+def test_drop_difference_is_paired_over_shared_prompts():
+    from experiments.common import drop_difference
+
+    # Both conditions share a large prompt effect; their difference is a constant 0.1 per prompt.
+    b, a1 = _seeded(24, [0.0, 0.0])
+    _, a2 = _seeded(24, [0.1, 0.1])
+    first, second = {"base": b, "after": a2}, {"base": b, "after": a1}
+    res = drop_difference(first, second, ["bias"], "logit")
+    assert res["difference"] == pytest.approx(0.1)
+    # Paired: the shared prompt effect cancels, so the interval is tight around 0.1.
+    assert res["ci"][0] == pytest.approx(0.1) and res["ci"][1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="differ in seeds or prompts"):
+        drop_difference(first, {"base": b[:24], "after": a1[:24]}, ["bias"], "logit")
