@@ -15,7 +15,8 @@ from interp.adapter import family_of, spec_of
 from interp.io import config_hash
 from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS, fetch_embedded
 
-__all__ = ["LoadedModel", "load_model", "state_id", "adapter_disabled", "resolve_dtype", "resolve_device", "ModelLoadError"]
+__all__ = ["LoadedModel", "load_model", "state_id", "adapter_disabled", "resolve_dtype", "resolve_device", "ModelLoadError",
+           "position_ids_from_mask"]
 
 
 class ModelLoadError(RuntimeError):
@@ -122,6 +123,15 @@ def load_model(
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return LoadedModel(model=model, tokenizer=tok, name=str(name), weights_id=weights_id, chat=chat)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, for left-padded batches (batch × pos).
+
+    Rotary models are indifferent (only relative positions matter), but models with learned absolute
+    positions (GPT-2) see a left-padded row shifted unless given these.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def contiguous_unembedding_input(model: torch.nn.Module) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interp.adapter import base_model, layer_module, unembed_module
+from interp.adapter import base_model, layer_module, lora_target_types, unembed_module
 from interp.io import atomic_write_json, git_commit, read_json
 from interp.loading import LoadedModel
 
@@ -62,9 +62,10 @@ def resolve_lora_targets(
     unembed = unembed_module(base)
     scope = None if single_layer is None else {id(m) for m in layer_module(base, single_layer).modules()}
     every = "all-linear" in targets
+    linear = lora_target_types()
     names, suffixes = [], set()
     for name, mod in base.named_modules():
-        if not isinstance(mod, nn.Linear) or mod is unembed:
+        if not isinstance(mod, linear) or mod is unembed:
             continue
         if scope is not None and id(mod) not in scope:
             continue
@@ -94,8 +95,11 @@ def attach_lora(
     if has_adapter(lm):
         raise RuntimeError("the model already carries a PEFT adapter; detach_lora(lm) first")
     names = resolve_lora_targets(lm.model, targets, single_layer)
+    base = base_model(lm.model)
+    # GPT-2's Conv1D stores its weight as (in, out): PEFT must be told, or it warns and guesses.
+    transposed = any(not isinstance(base.get_submodule(n), nn.Linear) for n in names)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                     use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
+                     use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM", fan_in_fan_out=transposed)
     lm.model = get_peft_model(lm.model, cfg)
     lm.extra.pop("adapter_id", None)
     return lm
