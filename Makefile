@@ -16,7 +16,7 @@ constraints:
 
 # The 7B-architecture GPU check (random weights; about 5 minutes on one H100/H200).
 gpucheck:
-	$(PY) -m benchmarks.gpu_check --device cuda
+	$(PY) -m benchmarks.gpu_check --device cuda --gpu7b --out benchmarks/results/gpucheck.json
 
 reproduce: install
 	emalab run --preset quick

@@ -37,6 +37,7 @@ __all__ = [
     "load_adapter",
     "resolve_adapter_dir",
     "same_base",
+    "enable_gradient_checkpointing",
 ]
 
 ADAPTER_META = "emalab_adapter.json"
@@ -104,6 +105,18 @@ def attach_lora(
                      use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM", fan_in_fan_out=transposed)
     lm.model = get_peft_model(lm.model, cfg)
     lm.extra.pop("adapter_id", None)
+    return lm
+
+
+def enable_gradient_checkpointing(lm: LoadedModel) -> LoadedModel:
+    """Recompute decoder activations in the backward pass instead of storing them (7B LoRA at long
+    sequences): about a third more compute for activation memory that no longer grows with depth.
+
+    Non-reentrant checkpointing, so the frozen embedding needs no ``requires_grad`` trick. In place.
+    """
+    base = base_model(lm.model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
     return lm
 
 
