@@ -68,6 +68,15 @@ class StudyConfig(JsonConfig):
     """Refusal-direction candidates at every n-th layer (1 = all layers, as in Arditi et al.)."""
     direction_positions: tuple[int, ...] | None = (-1,)
     """Post-instruction positions tried for the refusal direction (None = all of them)."""
+    device: str = "auto"
+    """Device of the model: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps. A named device
+    that is missing is an error."""
+    device_map: str | None = None
+    """transformers device_map (e.g. auto) to shard a model over several GPUs; overrides device."""
+    revision: str | None = None
+    """Hub branch, tag or commit of a hub model; its resolved commit keys every cached stage."""
+    raw_prompts: bool = False
+    """Feed prompts without a chat template (base models that have none)."""
 
     def __post_init__(self) -> None:
         if self.eval_limit is not None and self.eval_limit < 4:
@@ -92,19 +101,31 @@ class Study:
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
-            self._lm = load_model(self.cfg.model, dtype=self.cfg.dtype)
+            self._lm = load_model(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device,
+                                  device_map=self.cfg.device_map, revision=self.cfg.revision)
         return self._lm
 
     @property
     def weights_id(self) -> str:
-        """Identifies the base weights without loading them when the model is an embedded one."""
+        """Identifies the base weights; without loading them for embedded models and local directories."""
         if self.cfg.model in EMBEDDED_MODELS:
             return EMBEDDED_MODELS[self.cfg.model].sha256
+        if self._lm is None and Path(self.cfg.model).expanduser().is_dir():
+            from interp.weights_id import local_weights_id
+
+            with contextlib.suppress(FileNotFoundError):
+                return local_weights_id(Path(self.cfg.model).expanduser())
         return self.lm.weights_id
+
+    def run_record(self) -> dict:
+        """Where the model ran: device and dtype (and attention kernel), recorded with each stage."""
+        if self._lm is None:
+            return {}
+        return {k: self._lm.extra[k] for k in ("device", "dtype", "attn_implementation") if k in self._lm.extra}
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(limit=self.cfg.eval_limit, max_new_tokens=self.cfg.max_new_tokens,
-                          batch_size=self.cfg.eval_batch_size, judge=self.cfg.judge)
+                          batch_size=self.cfg.eval_batch_size, judge=self.cfg.judge, raw=self.cfg.raw_prompts)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, condition: str = "base", adapter: Path | None = None,
@@ -121,7 +142,7 @@ class Study:
                 report = _evaluate(self.lm, ecfg)
             report.save(path / "report.json")
             report.save_records(path / "records.jsonl")
-            stage.complete({"condition": condition})
+            stage.complete({"condition": condition, **self.run_record()})
         report = EvalReport.load(stage.path / "report.json")
         records = [PromptRecord(**r) for r in read_jsonl(stage.path / "records.jsonl")]
         return report, records
@@ -153,6 +174,8 @@ class Study:
 
         key = {"weights": self.weights_id, "dtype": self.cfg.dtype, "adapter": _adapter_id(adapter),
                "limit": self.cfg.probe_limit, "site": "resid_post", "position": "last", "split": "probe"}
+        if self.cfg.raw_prompts:
+            key["raw"] = True
         stage = Stage(self.results, "activations", key)
         if not stage.done:
             path = stage.open()
@@ -160,9 +183,10 @@ class Study:
             with self._weights(adapter):
                 for name in (*DOMAINS, "benign"):
                     prompts = [p.text for p in load_prompts(name, "probe", limit=self.cfg.probe_limit)]
-                    acts[name] = collect_activations(self.lm, prompts, batch_size=self.cfg.eval_batch_size)
+                    acts[name] = collect_activations(self.lm, prompts, batch_size=self.cfg.eval_batch_size,
+                                                     raw=self.cfg.raw_prompts)
             atomic_save_safetensors(path / "acts.safetensors", acts)
-            stage.complete()
+            stage.complete(self.run_record())
         return stage.path / "acts.safetensors"
 
     def concepts(self, adapter: Path | None = None, contrast: str = "benign"):
@@ -240,7 +264,8 @@ class Study:
             finally:
                 detach_lora(self.lm)
             stage.complete({"adapter_id": result.adapter_id, "steps": result.steps,
-                            "seconds_per_step": result.seconds_per_step, "peak_rss_gb": result.peak_rss_gb})
+                            "seconds_per_step": result.seconds_per_step, "peak_rss_gb": result.peak_rss_gb,
+                            **self.run_record()})
         return stage.path
 
 
@@ -250,6 +275,11 @@ def _adapter_id(adapter: Path | None) -> str | None:
     done = Path(adapter).parent / "DONE.json"
     if done.exists():
         return read_json(done).get("adapter_id")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):  # a foreign PEFT adapter: its content
+        if (Path(adapter) / name).exists():
+            from interp.io import sha256_file
+
+            return sha256_file(Path(adapter) / name)[:16]
     return str(adapter)
 
 

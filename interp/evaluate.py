@@ -78,6 +78,8 @@ class EvalConfig:
     """System prompt; ``None`` keeps the chat template's default."""
     max_prompt_tokens: int = 512
     """Prompts longer than this keep their last tokens."""
+    raw: bool = False
+    """Feed prompts as plain text, without a chat template (base models that have none)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.domains, str):
@@ -106,6 +108,8 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["domains"] = list(self.domains)
+        if not self.raw:
+            del d["raw"]  # keeps the cache keys of every chat-template evaluation as they were
         return d
 
     @classmethod
@@ -341,7 +345,7 @@ def evaluate_prompts(
     timings: dict[str, float] = {"n_prompts": float(len(texts))}
 
     t0 = time.perf_counter()
-    scores = logit_refusal_scores(lm, texts, batch_size=cfg.batch_size, system=cfg.system,
+    scores = logit_refusal_scores(lm, texts, batch_size=cfg.batch_size, system=cfg.system, raw=cfg.raw,
                                   max_prompt_tokens=cfg.max_prompt_tokens, progress=progress).double().numpy()
     timings["logit_s"] = time.perf_counter() - t0
     timings["logit_prompts_per_s"] = len(texts) / max(timings["logit_s"], 1e-9)
@@ -354,7 +358,7 @@ def evaluate_prompts(
     if cfg.generate:
         t0 = time.perf_counter()
         responses = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                             system=cfg.system, max_prompt_tokens=cfg.max_prompt_tokens, progress=progress)
+                             system=cfg.system, raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens, progress=progress)
         timings["generate_s"] = time.perf_counter() - t0
         judge = judge if judge is not None else get_judge(cfg.judge, lm)
         judge_name = judge.name
