@@ -89,6 +89,9 @@ def load_model(
     else:
         path = Path(name).expanduser()
         if not path.exists():
+            if _looks_local(name):
+                raise ModelLoadError(f"the local model directory {name} does not exist; check the path "
+                                     f"(or use an embedded model, see `emalab models`)")
             if "/" not in name:
                 raise ModelLoadError(
                     f"{name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local directory, "
@@ -103,7 +106,15 @@ def load_model(
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except OSError as err:
+    except Exception as err:
+        if name in EMBEDDED_MODELS or Path(str(path)).is_dir():
+            # A local directory (or the cache) is broken: the hub has nothing to do with it.
+            fix = (f"rebuild it with `emalab models --fetch {name} --force`" if name in EMBEDDED_MODELS
+                   else "check that it holds config.json, the tokenizer and complete *.safetensors weights")
+            raise ModelLoadError(f"could not load {name!r} from {path} ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:200] if str(err) else ''}); {fix}") from err
+        if not isinstance(err, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelLoadError(
             f"could not load {name!r} ({str(err).splitlines()[0][:200]}). "
@@ -122,6 +133,12 @@ def load_model(
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return LoadedModel(model=model, tokenizer=tok, name=str(name), weights_id=weights_id, chat=chat)
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ``org/name``: absolute, relative with ``./``/``~``, or deeper than one slash."""
+    return (name.startswith((os.sep, ".", "~")) or name.endswith(os.sep) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 def contiguous_unembedding_input(model: torch.nn.Module) -> None:
