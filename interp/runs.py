@@ -9,6 +9,7 @@ resumes at the first stage without a ``DONE.json``.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,24 @@ class Stage:
         marker = self.path / "DONE.json"
         return marker.exists() and read_json(marker).get("key") == _jsonable(self.key)
 
+    def _lock(self):
+        from interp.locks import FileLock
+
+        return FileLock(Path(self.results) / "stages" / ".locks" / f"{self.name}-{self.path.name}.lock",
+                        f"stage {self.name}/{self.path.name}",
+                        hint="wait for that process to finish, or use another results directory")
+
     def open(self) -> Path:
-        """Create the stage directory (clearing a stale one from a different key) and return it."""
+        """Create the stage directory (clearing a stale one from a different key) and return it.
+
+        The stage stays locked by this process until :meth:`complete` (or until the process exits), so
+        two processes never write one stage.
+
+        Raises:
+            LockHeldError: another process is writing this stage.
+        """
+        ensure_writable_dir(Path(self.results) / "stages", "results directory")
+        self._lock().acquire()
         if self.path.exists() and (self.path / "DONE.json").exists() and not self.done:
             shutil.rmtree(self.path)  # a hash collision with another key: never reuse it
         ensure_writable_dir(self.path, f"stage directory for {self.name}")
@@ -46,6 +63,7 @@ class Stage:
 
     def complete(self, summary: dict | None = None) -> None:
         atomic_write_json(self.path / "DONE.json", {"key": self.key, "commit": git_commit(), **(summary or {})})
+        self._lock().release()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -66,7 +84,7 @@ def write_run(path: Path, cfg: Any, metrics: dict) -> None:
     atomic_write_json(path / "config.json", cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     atomic_write_json(path / "metrics.json", {"commit": git_commit(), **metrics})
     latest = path.parent / "latest"
-    tmp = path.parent / ".latest.tmp"
+    tmp = path.parent / f".latest.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(path.name)
     tmp.replace(latest)
