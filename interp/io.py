@@ -46,8 +46,14 @@ def ensure_writable_dir(path: str | Path, what: str = "directory") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            # A few blocks, not zero bytes: an empty file can still be created on a full disk.
+            with probe.open("wb") as fh:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as err:
         raise PermissionError(
             f"{what} {path} is not writable ({err.strerror}); point it elsewhere "
