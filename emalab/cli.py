@@ -22,11 +22,18 @@ def _command_modules():
             yield importlib.import_module(f"emalab.commands.{info.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like every other emalab error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 _DEBUG_HELP = "show the full traceback of an error (also: EMALAB_DEBUG=1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emalab",
         description="Emergent misalignment from narrow refusal unlearning: measure, probe, unlearn, report.",
     )

@@ -136,6 +136,9 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     results = Path(cfg.study.results)
     # Everything that can be checked without a model is checked before the first (slow) stage.
     exp_cfgs = cfg.experiment_configs()
+    from interp.loading import check_model_source
+
+    check_model_source(cfg.study.model)
     ensure_writable_dir(results, "results directory (--results)")
     from interp.locks import FileLock
 

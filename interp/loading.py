@@ -15,7 +15,7 @@ from interp.adapter import family_of, spec_of
 from interp.io import config_hash
 from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS, fetch_embedded
 
-__all__ = ["LoadedModel", "load_model", "state_id", "adapter_disabled", "resolve_dtype", "resolve_device", "ModelLoadError"]
+__all__ = ["LoadedModel", "load_model", "check_model_source", "state_id", "adapter_disabled", "resolve_dtype", "resolve_device", "ModelLoadError"]
 
 
 class ModelLoadError(RuntimeError):
@@ -133,6 +133,23 @@ def load_model(
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return LoadedModel(model=model, tokenizer=tok, name=str(name), weights_id=weights_id, chat=chat)
+
+
+def check_model_source(name: str) -> None:
+    """Fail fast, without loading anything, on a model name that cannot load: an unknown plain name or
+    a local path that does not exist (hub ids are only checked when loaded).
+
+    Raises:
+        ModelLoadError: naming the fix.
+    """
+    if name in EMBEDDED_MODELS or Path(name).expanduser().exists():
+        return
+    if _looks_local(name):
+        raise ModelLoadError(f"the local model directory {name} does not exist; check the path "
+                             f"(or use an embedded model, see `emalab models`)")
+    if "/" not in name:
+        raise ModelLoadError(f"{name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local "
+                             "directory, nor a hub id of the form org/name")
 
 
 def _looks_local(name: str) -> bool:

@@ -152,6 +152,9 @@ CLI_FLAG_CASES = [
     (["models", "--fetch", "no-such-model"], "known: qwen2.5-coder-0.5b-instruct"),  # already worked
     (["models", "--verify", "no-such-model"], "known: qwen2.5-coder-0.5b-instruct"),
     (["models", "--force"], "--force only applies with --fetch"),
+    (["run", "--model", "./no_such_model_dir"], "local model directory ./no_such_model_dir does not exist"),
+    (["unlearn", "--model", "./no_such_model_dir"], "local model directory ./no_such_model_dir does not exist"),
+    (["run", "--model", "no-such-name"], "neither an embedded model"),
 ]
 
 
@@ -252,6 +255,16 @@ def test_full_disk_is_one_line(capsys, tmp_path, monkeypatch):
     line = one_line_error(err)
     assert rc == 1 and "No space left on device" in line and "free space" in line
     assert snapshot(tmp_path) == before, "a failed write must leave no partial output"
+
+
+@pytest.mark.parametrize("argv", [["unlearn", "--lr", "abc"], ["run", "--steps", "1.5"], ["nosuch"],
+                                  ["eval", "--judge", "nosuch"], ["judge"]])
+def test_usage_errors_are_one_line(capsys, no_model, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and "--help" in lines[0], err
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path, no_model):

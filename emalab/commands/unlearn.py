@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or (Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg))
     # Before the model loads: an unwritable --out or a run directory in use fails in a second, not minutes.
+    from interp.loading import check_model_source
+
+    check_model_source(cfg.model)
     ensure_writable_dir(out, "run directory (--out)")
     with run_dir_lock(out):
         return _run(args, cfg, out)
