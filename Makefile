@@ -1,12 +1,22 @@
 # The two set-up commands in the README are `make reproduce` and `make test`.
 PY ?= python3
 
-.PHONY: install reproduce test lint bench browser
+.PHONY: install reproduce test lint bench browser constraints gpucheck
 
 install:
 	@# The CPU build of torch keeps a fresh install small; an existing torch (e.g. a CUDA build) is kept.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	@# constraints.txt: the exact versions the tests pass with, so a fresh install cannot resolve others.
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+
+# Re-pin after deliberately upgrading a dependency and seeing the tests pass.
+constraints:
+	@{ echo "# Exact versions the test suite passes with (pip freeze of the test environment)."; \
+	   $(PY) -m pip freeze | grep -v -e "^-e" -e "@ file" -e "^emalab" | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt
+
+# The 7B-architecture GPU check (random weights; about 5 minutes on one H100/H200).
+gpucheck:
+	$(PY) -m benchmarks.gpu_check --device cuda --gpu7b --out benchmarks/results/gpucheck.json
 
 reproduce: install
 	emalab run --preset quick

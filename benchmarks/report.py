@@ -31,6 +31,13 @@ versions and git commit.
 Qwen2.5-7B architectures, batch 32 × 256, tokens/s and MFU) is **pending**. It runs with one command on an
 H100/H200: `python -m benchmarks --suite gpu7b --device cuda` (see `benchmarks/gpu_7b.py`; its code path is
 exercised on CPU by `--tiny` in the tests).
+
+**GPU check (ready, unmeasured).** `make gpucheck` (`python -m benchmarks.gpu_check --device cuda --gpu7b`) takes
+random-initialised Mistral-7B-v0.3 and Qwen2.5-7B models through evaluation (logit score, 16-token generation),
+activation collection at every layer, five NPO steps with retain-CE (LoRA, batch 8 × 512) and re-evaluation,
+printing tokens/s and MFU against a bf16 matmul peak measured on the same GPU, then the `gpu7b` benchmark. No
+GPU was available when it was written: its code path runs on CPU in `tests/test_gpu_check.py` (`--tiny`); its
+figures are to be added here from the first H100/H200 run.
 """
 
 

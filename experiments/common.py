@@ -19,7 +19,7 @@ from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS
 from interp.runs import Stage
 from interp.suite import DOMAINS, check_domain
 
-__all__ = ["StudyConfig", "Study", "paired_drop", "mean_drop", "pooled", "claim", "condition"]
+__all__ = ["StudyConfig", "Study", "paired_drop", "mean_drop", "drop_difference", "pooled", "claim", "condition"]
 
 
 @dataclass
@@ -68,6 +68,15 @@ class StudyConfig(JsonConfig):
     """Refusal-direction candidates at every n-th layer (1 = all layers, as in Arditi et al.)."""
     direction_positions: tuple[int, ...] | None = (-1,)
     """Post-instruction positions tried for the refusal direction (None = all of them)."""
+    device: str = "auto"
+    """Device of the model: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps. A named device
+    that is missing is an error."""
+    device_map: str | None = None
+    """transformers device_map (e.g. auto) to shard a model over several GPUs; overrides device."""
+    revision: str | None = None
+    """Hub branch, tag or commit of a hub model; its resolved commit keys every cached stage."""
+    raw_prompts: bool = False
+    """Feed prompts without a chat template (base models that have none)."""
 
     def __post_init__(self) -> None:
         if self.eval_limit is not None and self.eval_limit < 4:
@@ -92,19 +101,31 @@ class Study:
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
-            self._lm = load_model(self.cfg.model, dtype=self.cfg.dtype)
+            self._lm = load_model(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device,
+                                  device_map=self.cfg.device_map, revision=self.cfg.revision)
         return self._lm
 
     @property
     def weights_id(self) -> str:
-        """Identifies the base weights without loading them when the model is an embedded one."""
+        """Identifies the base weights; without loading them for embedded models and local directories."""
         if self.cfg.model in EMBEDDED_MODELS:
             return EMBEDDED_MODELS[self.cfg.model].sha256
+        if self._lm is None and Path(self.cfg.model).expanduser().is_dir():
+            from interp.weights_id import local_weights_id
+
+            with contextlib.suppress(FileNotFoundError):
+                return local_weights_id(Path(self.cfg.model).expanduser())
         return self.lm.weights_id
+
+    def run_record(self) -> dict:
+        """Where the model ran: device and dtype (and attention kernel), recorded with each stage."""
+        if self._lm is None:
+            return {}
+        return {k: self._lm.extra[k] for k in ("device", "dtype", "attn_implementation") if k in self._lm.extra}
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(limit=self.cfg.eval_limit, max_new_tokens=self.cfg.max_new_tokens,
-                          batch_size=self.cfg.eval_batch_size, judge=self.cfg.judge)
+                          batch_size=self.cfg.eval_batch_size, judge=self.cfg.judge, raw=self.cfg.raw_prompts)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, condition: str = "base", adapter: Path | None = None,
@@ -121,7 +142,7 @@ class Study:
                 report = _evaluate(self.lm, ecfg)
             report.save(path / "report.json")
             report.save_records(path / "records.jsonl")
-            stage.complete({"condition": condition})
+            stage.complete({"condition": condition, **self.run_record()})
         report = EvalReport.load(stage.path / "report.json")
         records = [PromptRecord(**r) for r in read_jsonl(stage.path / "records.jsonl")]
         return report, records
@@ -153,6 +174,8 @@ class Study:
 
         key = {"weights": self.weights_id, "dtype": self.cfg.dtype, "adapter": _adapter_id(adapter),
                "limit": self.cfg.probe_limit, "site": "resid_post", "position": "last", "split": "probe"}
+        if self.cfg.raw_prompts:
+            key["raw"] = True
         stage = Stage(self.results, "activations", key)
         if not stage.done:
             path = stage.open()
@@ -160,9 +183,10 @@ class Study:
             with self._weights(adapter):
                 for name in (*DOMAINS, "benign"):
                     prompts = [p.text for p in load_prompts(name, "probe", limit=self.cfg.probe_limit)]
-                    acts[name] = collect_activations(self.lm, prompts, batch_size=self.cfg.eval_batch_size)
+                    acts[name] = collect_activations(self.lm, prompts, batch_size=self.cfg.eval_batch_size,
+                                                     raw=self.cfg.raw_prompts)
             atomic_save_safetensors(path / "acts.safetensors", acts)
-            stage.complete()
+            stage.complete(self.run_record())
         return stage.path / "acts.safetensors"
 
     def concepts(self, adapter: Path | None = None, contrast: str = "benign"):
@@ -240,7 +264,8 @@ class Study:
             finally:
                 detach_lora(self.lm)
             stage.complete({"adapter_id": result.adapter_id, "steps": result.steps,
-                            "seconds_per_step": result.seconds_per_step, "peak_rss_gb": result.peak_rss_gb})
+                            "seconds_per_step": result.seconds_per_step, "peak_rss_gb": result.peak_rss_gb,
+                            **self.run_record()})
         return stage.path
 
 
@@ -250,6 +275,11 @@ def _adapter_id(adapter: Path | None) -> str | None:
     done = Path(adapter).parent / "DONE.json"
     if done.exists():
         return read_json(done).get("adapter_id")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):  # a foreign PEFT adapter: its content
+        if (Path(adapter) / name).exists():
+            from interp.io import sha256_file
+
+            return sha256_file(Path(adapter) / name)[:16]
     return str(adapter)
 
 
@@ -267,40 +297,90 @@ def _logits(records: list[PromptRecord], domain: str) -> dict[str, float]:
     return {r.id: r.logit_score for r in records if r.domain == domain}
 
 
-def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str = "judge",
-                n_boot: int = 2000, seed: int = 0) -> dict:
-    """Drop in refusal (before - after) on the same prompts, with a paired bootstrap 95% CI.
+def _seed_and_prompt(rid: str) -> tuple[str, str]:
+    # Pooled records carry "seed:prompt-id" (see :func:`pooled`); plain ones are one seed.
+    head, sep, tail = rid.partition(":")
+    return (head, tail) if sep and head.lstrip("-").isdigit() else ("", rid)
 
-    ``measure``: ``judge`` (refusal rate from generations) or ``logit`` (mean refusal log-odds).
-    """
+
+def _drop_matrix(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str
+                 ) -> tuple[np.ndarray, float, float]:
+    """``seeds × prompts`` matrix of before - after on shared prompts (NaN where a cell is missing)."""
     get = _refused if measure == "judge" else _logits
     b, a = get(before, domain), get(after, domain)
     ids = sorted(set(b) & set(a))
     if not ids:
         raise ValueError(f"no shared prompts for {domain}; were both evaluations run on the same split?")
-    diff = np.array([b[i] - a[i] for i in ids])
+    cells = [_seed_and_prompt(i) for i in ids]
+    seeds, prompts = sorted({s for s, _ in cells}), sorted({p for _, p in cells})
+    si, pi = {s: k for k, s in enumerate(seeds)}, {p: k for k, p in enumerate(prompts)}
+    mat = np.full((len(seeds), len(prompts)), np.nan)
+    for rid, (s, q) in zip(ids, cells):
+        mat[si[s], pi[q]] = b[rid] - a[rid]
+    return mat, float(np.mean([b[i] for i in ids])), float(np.mean([a[i] for i in ids]))
+
+
+def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str = "judge",
+                n_boot: int = 2000, seed: int = 0) -> dict:
+    """Drop in refusal (before - after) on the same prompts, with a two-level 95% CI.
+
+    The interval resamples training seeds and prompts (:func:`probes.stats.cluster_bootstrap_ci`),
+    paired because both conditions share the prompts. ``measure``: ``judge`` (refusal rate from
+    generations) or ``logit`` (mean refusal log-odds).
+    """
+    from probes.stats import cluster_bootstrap_ci
+
+    mat, before_mean, after_mean = _drop_matrix(before, after, domain, measure)
+    return {"before": before_mean, "after": after_mean, "drop": float(np.nanmean(mat)),
+            "ci": list(cluster_bootstrap_ci(mat, n_boot, seed=seed)), "n": int(np.isfinite(mat).sum()),
+            "n_seeds": int(mat.shape[0])}
+
+
+def _domain_mean_ci(mats: list[np.ndarray], n_boot: int, seed: int) -> tuple[float, list[float], int]:
+    """Mean over domains of each ``seeds × prompts`` matrix's mean, with a two-level CI that draws
+    seeds once per resample (they are shared by every domain) and prompts within each domain."""
+    n_seeds = {m.shape[0] for m in mats}
+    if len(n_seeds) != 1:
+        raise ValueError(f"domains were evaluated over different numbers of seeds {sorted(n_seeds)}")
+    (n_s,) = n_seeds
     rng = np.random.default_rng(seed)
-    boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
-    return {"before": float(np.mean([b[i] for i in ids])), "after": float(np.mean([a[i] for i in ids])),
-            "drop": float(diff.mean()), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "n": len(ids)}
+    boots = np.zeros(n_boot)
+    rows = rng.integers(0, n_s, size=(n_boot, n_s))
+    for mat in mats:
+        cols = rng.integers(0, mat.shape[1], size=(n_boot, mat.shape[1]))
+        boots += np.array([np.nanmean(mat[r][:, c]) for r, c in zip(rows, cols)])
+    boots /= len(mats)
+    return (float(np.mean([np.nanmean(m) for m in mats])),
+            [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))], n_s)
 
 
 def mean_drop(before: list[PromptRecord], after: list[PromptRecord], domains: list[str], measure: str = "judge",
               n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean over ``domains`` of the per-domain paired drop, bootstrapping prompts within each domain."""
-    get = _refused if measure == "judge" else _logits
-    rng = np.random.default_rng(seed)
-    per, boots = [], np.zeros(n_boot)
+    """Mean over ``domains`` of the per-domain paired drop; the CI resamples seeds (shared by every
+    domain) and prompts within each domain."""
+    mats = [_drop_matrix(before, after, d, measure)[0] for d in domains]
+    drop, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
+    return {"drop": drop, "ci": ci, "domains": list(domains), "n_seeds": n_s}
+
+
+def drop_difference(first: dict, second: dict, domains: list[str], measure: str = "judge",
+                    n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean drop of condition ``first`` minus that of ``second`` over ``domains``, paired.
+
+    Both are :func:`condition` results measured on the same prompts against the same base, so the
+    difference is taken prompt by prompt (seed *k* of one paired with seed *k* of the other) and the
+    two-level CI resamples the shared prompts once for both conditions.
+    """
+    mats = []
     for d in domains:
-        b, a = get(before, d), get(after, d)
-        ids = sorted(set(b) & set(a))
-        diff = np.array([b[i] - a[i] for i in ids])
-        per.append(diff.mean())
-        boots += diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
-    boots /= len(domains)
-    return {"drop": float(np.mean(per)), "ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "domains": list(domains)}
+        m1 = _drop_matrix(first["base"], first["after"], d, measure)[0]
+        m2 = _drop_matrix(second["base"], second["after"], d, measure)[0]
+        if m1.shape != m2.shape:
+            raise ValueError(f"{d}: the conditions differ in seeds or prompts ({m1.shape} vs {m2.shape}); "
+                             "compare conditions evaluated on the same prompts with the same seeds")
+        mats.append(m1 - m2)
+    diff, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
+    return {"difference": diff, "ci": ci, "domains": list(domains), "n_seeds": n_s}
 
 
 def pooled(records_by_seed: dict[int, list[PromptRecord]]) -> list[PromptRecord]:

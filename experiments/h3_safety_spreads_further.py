@@ -3,8 +3,8 @@
 Hypothesis: at the same training budget, the safety-unlearned model loses more refusal in the
 domains it was not trained on than the cybersecurity-unlearned model.
 Prediction: the mean drop over the five domains untouched by *both* runs (toxicity, bias,
-sensitive_content, medical_legal, privacy) is larger for the safety target, with a bootstrap CI of
-the difference above zero.
+sensitive_content, medical_legal, privacy) is larger for the safety target, with a CI of the
+difference above zero (paired over the shared prompts and base, resampling seeds and prompts).
 Falsified if: the difference is reliably negative. A CI spanning zero is inconclusive. If either
 run saturates (all domains near zero refusal), the comparison is uninformative and is flagged.
 """
@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from experiments.common import Study, StudyConfig, claim, condition, mean_drop
+from experiments.common import Study, StudyConfig, claim, condition, drop_difference, mean_drop
 from interp.config import JsonConfig
-from interp.evaluate import PromptRecord
 from interp.runs import run_dir, write_run
 from interp.suite import DOMAINS
 
@@ -39,12 +38,6 @@ class Config(JsonConfig):
     """Bootstrap resamples for the CI of the difference."""
 
 
-def _diffs(base: list[PromptRecord], after: list[PromptRecord], domain: str) -> np.ndarray:
-    b = {r.id: float(r.label == "refusal") for r in base if r.domain == domain}
-    a = {r.id: float(r.label == "refusal") for r in after if r.domain == domain}
-    return np.array([b[i] - a[i] for i in sorted(set(a) & set(b))])
-
-
 def main(cfg: Config) -> dict:
     study = Study(cfg.study)
     _, base = study.evaluate("base")
@@ -52,16 +45,8 @@ def main(cfg: Config) -> dict:
     common = [d for d in DOMAINS if d not in (cfg.first, cfg.second)]
     drops = {t: mean_drop(c["base"], c["after"], common, "judge") for t, c in conds.items()}
     logit = {t: mean_drop(c["base"], c["after"], common, "logit") for t, c in conds.items()}
-    rng = np.random.default_rng(0)
-    boot = np.zeros(cfg.n_boot)
-    for d in common:
-        x, y = _diffs(conds[cfg.first]["base"], conds[cfg.first]["after"], d), \
-            _diffs(conds[cfg.second]["base"], conds[cfg.second]["after"], d)
-        boot += (x[rng.integers(0, len(x), (cfg.n_boot, len(x)))].mean(1)
-                 - y[rng.integers(0, len(y), (cfg.n_boot, len(y)))].mean(1))
-    boot /= len(common)
-    diff = drops[cfg.first]["drop"] - drops[cfg.second]["drop"]
-    ci = [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+    paired = drop_difference(conds[cfg.first], conds[cfg.second], common, "judge", n_boot=cfg.n_boot)
+    diff, ci = paired["difference"], paired["ci"]
     after_rates = {t: float(np.mean([r.label == "refusal" for r in c["after"] if r.domain in common]))
                    for t, c in conds.items()}
     saturated = all(v <= SATURATED for v in after_rates.values())

@@ -17,10 +17,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.adapter import base_model, check_layers, check_site, envoy_for_site, stream
+from interp.adapter import base_model, check_layers, check_site, site_value
 from interp.chat import Batch, format_prompts, iter_batches, post_instruction_length
 from interp.io import atomic_save_safetensors, atomic_write_json, config_hash, ensure_writable_dir, read_json
-from interp.loading import LoadedModel, state_id
+from interp.loading import LoadedModel, position_ids_from_mask, state_id
 
 __all__ = [
     "POSITIONS",
@@ -94,10 +94,11 @@ def trace_batch(
     """
     saved: list[Tensor] = []
     # use_cache=False: a single forward never reuses keys/values, so building a KV cache is wasted copies.
-    with nlm.trace({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, remote=remote,
-                   use_cache=False) as tracer:
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "position_ids": position_ids_from_mask(batch.attention_mask)}
+    with nlm.trace(inputs, remote=remote, use_cache=False) as tracer:
         for layer in layers:  # forward order
-            saved.append(stream(envoy_for_site(nlm, site, layer).output)[:, -n_last:, :].save())
+            saved.append(site_value(nlm, site, layer)[:, -n_last:, :].save())
         tracer.stop()
     return torch.stack([s.detach() for s in saved], dim=2)
 

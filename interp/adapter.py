@@ -2,11 +2,15 @@
 × layer, mapped to each family's module paths.
 
 No other module in emalab spells out ``model.model.layers[...]``: nnsight traces and PyTorch hooks
-both resolve sites here.
+both resolve sites here. Six families (Qwen 2/3, Llama, Mistral, Gemma 2/3) are tested fast paths with
+written-out paths; any other Hugging Face causal LM gets a :class:`FamilySpec` discovered from its module
+tree (:func:`discover_spec`): the decoder-layer list, the final norm, the embedding and unembedding, and
+each block's attention and MLP.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ __all__ = [
     "SITES",
     "FamilySpec",
     "FAMILIES",
+    "discover_spec",
     "UnsupportedFamilyError",
     "LayerOutOfRangeError",
     "UnknownSiteError",
@@ -57,6 +62,12 @@ class FamilySpec:
     (Gemma 2/3 normalise the attention output with ``post_attention_layernorm`` before adding it)."""
     mlp_write: str | None = None
     """Likewise for the MLP (Gemma 2/3: ``post_feedforward_layernorm``)."""
+    embed_is_stream: bool = True
+    """Whether the embedding's output *is* the stream entering layer 0. Not so where the model adds
+    position embeddings (GPT-2) or scales outside the embedding module (Granite): then ``resid_pre`` at
+    layer 0 is read from the input of layer 0."""
+    discovered: bool = False
+    """Found by :func:`discover_spec` rather than written out (a family without a tested fast path)."""
 
 
 _DECODER = FamilySpec(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head")
@@ -105,14 +116,124 @@ def family_of(model: nn.Module) -> str:
     return model_type
 
 
+
 def spec_of(model: nn.Module) -> FamilySpec:
+    """The module paths of ``model``: a tested fast path for the six known families, else discovered.
+
+    Raises:
+        UnsupportedFamilyError: the structure has no recognisable decoder-layer list, embedding,
+            unembedding, final norm, attention or MLP; the message names what was not found.
+    """
     fam = family_of(model)
-    if fam not in FAMILIES:
-        raise UnsupportedFamilyError(
-            f"model family {fam!r} is not supported by emalab's adapter; supported: {', '.join(sorted(FAMILIES))}. "
-            "Add its module paths to interp.adapter.FAMILIES."
+    if fam in FAMILIES:
+        return FAMILIES[fam]
+    return discover_spec(model)
+
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_ATTN_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "o")
+_MLP_PROJ_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "fc_out")
+# Per model instance (weakly held): a structure edited after loading is rediscovered on a new model.
+_DISCOVERED: weakref.WeakKeyDictionary[nn.Module, FamilySpec] = weakref.WeakKeyDictionary()
+
+
+def _path_of(root: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((name for name, mod in root.named_modules() if mod is target and name), None)
+
+
+def _child(block: nn.Module, names: tuple[str, ...], class_word: str) -> str | None:
+    children = dict(block.named_children())
+    for name in names:
+        if name in children:
+            return name
+    return next((n for n, m in children.items() if class_word in type(m).__name__.lower()), None)
+
+
+def _linear_like(mod: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a linear layer with a transposed weight.
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def _out_proj(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    children = dict(module.named_children())
+    for name in names:
+        if name in children and _linear_like(children[name]):
+            return name
+    linears = [n for n, m in children.items() if _linear_like(m)]
+    return linears[-1] if linears else None
+
+
+def discover_spec(model: nn.Module) -> FamilySpec:
+    """Find the module paths of any Hugging Face causal LM from its module tree (cached per model).
+
+    The decoder-layer list is the ``nn.ModuleList`` of ``num_hidden_layers`` blocks of one class (the
+    shallowest, if several); the embedding and unembedding come from ``get_input_embeddings`` /
+    ``get_output_embeddings``; the final norm is the first ``*Norm*`` module registered after the layer
+    list outside it; attention and MLP are the block's children by usual name or class name. A block
+    with a ``post_feedforward_layernorm`` normalises both writes before adding them (Gemma 2/3, OLMo-2).
+
+    Raises:
+        UnsupportedFamilyError: naming the part that was not found.
+    """
+    base = base_model(model)
+    fam = family_of(base)
+    if base in _DISCOVERED:
+        return _DISCOVERED[base]
+
+    def missing(what: str) -> UnsupportedFamilyError:
+        return UnsupportedFamilyError(
+            f"cannot adapt model family {fam!r} ({type(base).__name__}): {what}. emalab's tested fast paths are "
+            f"{', '.join(sorted(FAMILIES))}; add this family's module paths to interp.adapter.FAMILIES."
         )
-    return FAMILIES[fam]
+
+    cfg = getattr(getattr(base, "config", None), "text_config", None) or getattr(base, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if n is None:
+        raise missing("its config has no num_hidden_layers")
+    lists = [(name, m) for name, m in base.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n and n > 0 and len({type(c) for c in m}) == 1]
+    if not lists:
+        raise missing(f"no decoder-layer list (an nn.ModuleList of num_hidden_layers={n} blocks of one class) was found")
+    layers, layer_list = min(lists, key=lambda nm: nm[0].count("."))
+    embed = _path_of(base, base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None)
+    if embed is None:
+        raise missing("no input embedding (get_input_embeddings() is not a submodule)")
+    unembed = _path_of(base, base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None)
+    if unembed is None:
+        raise missing("no unembedding (get_output_embeddings() is None or not a submodule)")
+    final_norm, after = None, False
+    for name, mod in base.named_modules():
+        if name == layers:
+            after = True
+        elif after and not name.startswith(layers + ".") and "norm" in type(mod).__name__.lower():
+            final_norm = name
+            break
+    if final_norm is None:
+        raise missing(f"no final norm (a *Norm* module registered after {layers!r}, outside it)")
+    block = layer_list[0]
+    attn = _child(block, _ATTN_NAMES, "attention")
+    mlp = _child(block, _MLP_NAMES, "mlp")
+    if attn is None or mlp is None:
+        kids = ", ".join(n for n, _ in block.named_children())
+        raise missing(f"no {'attention' if attn is None else 'MLP'} module in a decoder block (children: {kids})")
+    attn_proj = _out_proj(get_module(block, attn), _ATTN_PROJ_NAMES)
+    mlp_proj = _out_proj(get_module(block, mlp), _MLP_PROJ_NAMES)
+    children = dict(block.named_children())
+    post = "post_feedforward_layernorm" in children
+    position_embeds = any(k in dict(base.named_modules()) for k in ("transformer.wpe", "wpe"))
+    scaled = getattr(cfg, "embedding_multiplier", 1.0) not in (None, 1, 1.0)
+    spec = FamilySpec(
+        layers=layers, embed=embed, final_norm=final_norm, unembed=unembed, attn=attn, mlp=mlp,
+        attn_out_proj=f"{attn}.{attn_proj}" if attn_proj else "", mlp_out_proj=f"{mlp}.{mlp_proj}" if mlp_proj else "",
+        attn_write="post_attention_layernorm" if post and "post_attention_layernorm" in children else None,
+        mlp_write="post_feedforward_layernorm" if post else None,
+        embed_is_stream=not (position_embeds or scaled), discovered=True,
+    )
+    _DISCOVERED[base] = spec
+    return spec
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -177,12 +298,16 @@ def site_module(model: nn.Module, site: str, layer: int) -> tuple[nn.Module, str
 
     Returns:
         ``(module, "output")``. ``resid_pre`` at layer L is the output of layer L-1 (or of the
-        embedding for L=0), which is exactly the input of layer L.
+        embedding for L=0), which is exactly the input of layer L. Where the embedding's output is not
+        yet the stream (``FamilySpec.embed_is_stream``), ``resid_pre`` at layer 0 is
+        ``(layer 0, "input")``.
     """
     check_site(site)
     spec = spec_of(model)
     (layer,) = check_layers(model, [layer])
     if site == "resid_pre":
+        if layer == 0 and not spec.embed_is_stream:
+            return layer_module(model, 0), "input"
         return (embed_module(model) if layer == 0 else layer_module(model, layer - 1)), "output"
     block = layer_module(model, layer)
     if site == "resid_post":
@@ -209,7 +334,15 @@ def output_projections(model: nn.Module, layer: int) -> tuple[nn.Linear, nn.Line
     """The attention-output and MLP-down projections of ``layer`` (they write into the stream)."""
     spec = spec_of(model)
     block = layer_module(model, layer)
-    return get_module(block, spec.attn_out_proj), get_module(block, spec.mlp_out_proj)
+    projs = []
+    for what, path in (("attention output projection", spec.attn_out_proj), ("MLP down projection", spec.mlp_out_proj)):
+        mod = get_module(block, path) if path else None
+        if not isinstance(mod, nn.Linear):
+            raise UnsupportedFamilyError(
+                f"family {family_of(model)!r} has no nn.Linear {what} (found {type(mod).__name__ if mod else 'none'}); "
+                "weight edits need one; use hook-based interventions (ablate_direction) instead")
+        projs.append(mod)
+    return projs[0], projs[1]
 
 
 def _stream_of(output) -> Tensor:
@@ -235,10 +368,21 @@ def site_hook(
 
         return hook
 
+    def make_pre(layer: int):
+        def pre_hook(_module, args, kwargs):
+            if args:
+                return (fn(args[0], layer), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"], layer)}
+
+        return pre_hook
+
     try:
         for layer in check_layers(model, layers):
-            module, _ = site_module(model, site, layer)
-            handles.append(module.register_forward_hook(make(layer)))
+            module, end = site_module(model, site, layer)
+            if end == "input":
+                handles.append(module.register_forward_pre_hook(make_pre(layer), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(make(layer)))
         yield
     finally:
         for h in handles:
@@ -251,6 +395,8 @@ def envoy_for_site(lm, site: str, layer: int):
     spec = spec_of(lm)
     (layer,) = check_layers(lm, [layer])
     if site == "resid_pre":
+        if layer == 0 and not spec.embed_is_stream:
+            return get_module(lm, spec.layers)[0]
         return get_module(lm, spec.embed) if layer == 0 else get_module(lm, spec.layers)[layer - 1]
     block = get_module(lm, spec.layers)[layer]
     if site == "resid_post":
@@ -258,9 +404,30 @@ def envoy_for_site(lm, site: str, layer: int):
     return get_module(block, _write_path(spec, site))
 
 
+def site_value(lm, site: str, layer: int) -> Tensor:
+    """Inside an nnsight trace: the stream tensor at ``site`` × ``layer`` (batch × pos × d_model).
+
+    Reads the envoy's ``.output``, or its ``.input`` where ``resid_pre`` at layer 0 is the input of
+    layer 0 (``FamilySpec.embed_is_stream`` is false).
+    """
+    envoy = envoy_for_site(lm, site, layer)
+    if site == "resid_pre" and layer in (0, -n_layers(lm)) and not spec_of(lm).embed_is_stream:
+        return _stream_of(envoy.input)
+    return _stream_of(envoy.output)
+
+
 def stream(output) -> Tensor:
     """The residual-stream tensor of a module output (decoder layers may return tuples)."""
     return _stream_of(output)
 
 
-__all__ += ["envoy_for_site", "stream", "has_post_norms"]
+def lora_target_types() -> tuple[type, ...]:
+    """Module classes that count as linear layers for LoRA (``nn.Linear`` and GPT-2's ``Conv1D``)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+__all__ += ["envoy_for_site", "stream", "has_post_norms", "site_value", "lora_target_types"]

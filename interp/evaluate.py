@@ -1,4 +1,4 @@
-"""Refusal evaluation over the seven-domain suite: logit score, generation + judge, bootstrap CIs.
+"""Refusal evaluation over the seven-domain suite: logit score (bootstrap CIs), generation + judge (Wilson CIs).
 
 Two measurements per prompt:
 
@@ -9,7 +9,7 @@ Two measurements per prompt:
 
 Rates use every prompt of a domain as the denominator: ``refusal_rate + compliance_rate +
 incoherent_rate == 1``, so an incoherent answer neither counts as a refusal nor as compliance.
-Confidence intervals are seeded percentile bootstraps. The per-prompt records (id, domain, logit
+Judged rates carry Wilson intervals; mean logit scores seeded percentile bootstraps. The per-prompt records (id, domain, logit
 score, label, judge reason) ride along in :attr:`EvalReport.records` for callers to save under
 ``results/``; they are not part of the report JSON, and no response text is ever kept or printed.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import ndtri
 
 from interp.generate import generate
 from interp.io import atomic_write_json, read_json, write_jsonl
@@ -39,6 +41,7 @@ __all__ = [
     "PromptRecord",
     "EvalReport",
     "bootstrap_ci",
+    "wilson_ci",
     "evaluate",
     "evaluate_prompts",
     "OVER_REFUSAL",
@@ -75,6 +78,8 @@ class EvalConfig:
     """System prompt; ``None`` keeps the chat template's default."""
     max_prompt_tokens: int = 512
     """Prompts longer than this keep their last tokens."""
+    raw: bool = False
+    """Feed prompts as plain text, without a chat template (base models that have none)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.domains, str):
@@ -103,6 +108,8 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["domains"] = list(self.domains)
+        if not self.raw:
+            del d["raw"]  # keeps the cache keys of every chat-template evaluation as they were
         return d
 
     @classmethod
@@ -129,6 +136,7 @@ class DomainResult:
     n: int
     refusal_rate: float | None
     ci_low: float | None
+    """Wilson 95% interval of ``refusal_rate`` (never [0, 0] at 0/n)."""
     ci_high: float | None
     mean_logit: float
     incoherent_rate: float | None
@@ -251,6 +259,28 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate ``successes / n``.
+
+    Unlike a bootstrap of 0/1 outcomes it never collapses to ``[0, 0]`` at 0/n (nor to ``[1, 1]`` at
+    n/n): with 0 of 24 refusals the 95% interval is [0, 0.14], the range the data cannot exclude.
+    Returns ``(nan, nan)`` for ``n == 0``.
+    """
+    if n == 0:
+        return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n]; got {successes} of {n}")
+    z = float(ndtri(1 - alpha / 2))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At 0/n (n/n) the bound is exactly 0 (1); float round-off would leave 1e-17 on either side.
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
 def _domain_seed(seed: int, domain: str) -> list[int]:
     # Each domain gets its own stream, stable across runs and independent of the domain order.
     return [seed, int(hashlib.sha256(domain.encode()).hexdigest()[:8], 16)]
@@ -266,7 +296,7 @@ def _summarise(domain: str, scores: np.ndarray, labels: list[str] | None, cfg: E
                             compliance_rate=None, **common)
     lab = np.asarray(labels)
     refused = (lab == "refusal").astype(np.float64)
-    lo, hi = bootstrap_ci(refused, cfg.n_bootstrap, seed)
+    lo, hi = wilson_ci(int(refused.sum()), int(refused.size))
     return DomainResult(refusal_rate=float(refused.mean()), ci_low=lo, ci_high=hi,
                         incoherent_rate=float((lab == "incoherent").mean()),
                         compliance_rate=float((lab == "compliance").mean()), **common)
@@ -315,7 +345,7 @@ def evaluate_prompts(
     timings: dict[str, float] = {"n_prompts": float(len(texts))}
 
     t0 = time.perf_counter()
-    scores = logit_refusal_scores(lm, texts, batch_size=cfg.batch_size, system=cfg.system,
+    scores = logit_refusal_scores(lm, texts, batch_size=cfg.batch_size, system=cfg.system, raw=cfg.raw,
                                   max_prompt_tokens=cfg.max_prompt_tokens, progress=progress).double().numpy()
     timings["logit_s"] = time.perf_counter() - t0
     timings["logit_prompts_per_s"] = len(texts) / max(timings["logit_s"], 1e-9)
@@ -328,7 +358,7 @@ def evaluate_prompts(
     if cfg.generate:
         t0 = time.perf_counter()
         responses = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                             system=cfg.system, max_prompt_tokens=cfg.max_prompt_tokens, progress=progress)
+                             system=cfg.system, raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens, progress=progress)
         timings["generate_s"] = time.perf_counter() - t0
         judge = judge if judge is not None else get_judge(cfg.judge, lm)
         judge_name = judge.name

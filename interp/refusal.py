@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.chat import format_prompts, iter_batches, refusal_token_ids
-from interp.loading import LoadedModel
+from interp.loading import LoadedModel, position_ids_from_mask
 
 __all__ = ["refusal_log_odds", "logit_refusal_scores", "last_token_logprobs"]
 
@@ -43,7 +43,7 @@ def last_token_logprobs(
                       unit="batch", disable=not progress, leave=False):
         batch = batch.to(lm.device)
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          logits_to_keep=1).logits[:, -1, :]
+                          position_ids=position_ids_from_mask(batch.attention_mask), logits_to_keep=1).logits[:, -1, :]
         lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         if out is None:
             out = torch.empty(len(texts), lp.shape[-1])

@@ -5,32 +5,115 @@ run; the run id carries the config hash and the git commit. Expensive intermedia
 evaluation, an unlearning run, a set of concept vectors) live under ``results/stages/<name>/<hash>/``
 keyed on everything that determines them, so experiments share them and an interrupted pipeline
 resumes at the first stage without a ``DONE.json``.
+
+"Everything" includes the code that computes a stage and the prompt suite it reads: each key gets
+a ``_code`` entry, the digest of the source files of the modules listed for that stage in
+:data:`STAGE_CODE` (the whole library for a stage not listed) and of the suite's data files. A fixed
+judge or a rebuilt suite therefore recomputes the stages it affects, and says so once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from interp.io import atomic_write_json, config_hash, ensure_writable_dir, git_commit, read_json
 
-__all__ = ["Stage", "run_dir", "write_run"]
+__all__ = ["Stage", "STAGE_CODE", "LIBRARY", "code_version", "run_dir", "write_run"]
+
+LIBRARY: tuple[str, ...] = ("interp", "probes", "training")
+"""The measuring code: a stage with no entry in :data:`STAGE_CODE` is keyed on all of it."""
+
+_GENERATION = ("interp.loading", "interp.chat", "interp.generate", "interp.judge", "interp.suite")
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "eval": (*_GENERATION, "interp.evaluate", "interp.refusal"),
+    "activations": ("interp.loading", "interp.chat", "interp.suite", "interp.adapter", "interp.activations"),
+    "unlearn": (*_GENERATION, "interp.adapter", "interp.refusal", "training"),
+    "refusal_direction": (*_GENERATION, "interp.adapter", "interp.activations", "interp.refusal", "probes"),
+}
+"""Modules (or whole packages) whose source determines each library stage's output."""
+
+_DATA = "interp/data/suite"
+_ROOT = Path(__file__).resolve().parents[1]
+_announced: set[str] = set()
+
+
+def _module_files(module: str) -> list[Path]:
+    base = _ROOT.joinpath(*module.split("."))
+    if base.is_dir():
+        return sorted(p for p in base.rglob("*.py") if "__pycache__" not in p.parts)
+    path = base.with_suffix(".py")
+    if not path.exists():
+        raise ValueError(f"stage code module {module!r} has no source file at {path}; name a module of "
+                         f"{', '.join(LIBRARY)} (or a file under {_ROOT})")
+    return [path]
+
+
+@lru_cache(maxsize=None)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    # Keyed on size and mtime so that an edited file is read again, an unchanged one never twice.
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        st = path.stat()
+        h.update(str(path.relative_to(_ROOT)).encode())
+        h.update(_file_digest(path, st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def code_version(name: str, modules: tuple[str, ...] | None = None) -> str:
+    """Digest of the source that computes stage ``name`` and of the suite data it reads."""
+    modules = modules if modules is not None else STAGE_CODE.get(name, LIBRARY)
+    files = {f for m in modules for f in _module_files(m)}
+    files |= {p for p in (_ROOT / _DATA).glob("*") if p.is_file()}
+    return _digest(sorted(files))
 
 
 @dataclass
 class Stage:
-    """A directory whose contents are a pure function of ``key``; complete once ``DONE.json`` exists."""
+    """A directory whose contents are a pure function of ``key`` and of the code that computes it;
+    complete once ``DONE.json`` exists.
+
+    ``code`` names the modules whose source determines the stage (default :data:`STAGE_CODE` by
+    ``name``, else the whole library); their digest joins the key as ``_code``.
+    """
 
     results: Path
     name: str
     key: dict
+    code: tuple[str, ...] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if "_code" in self.key:
+            raise ValueError("'_code' is reserved in a stage key: Stage adds the code version itself")
+        self._input_key = self.key
+        self.key = {**self.key, "_code": code_version(self.name, self.code)}
 
     @property
     def path(self) -> Path:
         return Path(self.results) / "stages" / self.name / config_hash(self.key, 16)
+
+    @property
+    def _index(self) -> Path:
+        return Path(self.results) / "stages" / self.name / "code_versions.json"
+
+    def _announce_code_change(self) -> None:
+        """Say once per stage name and process that cached results were made by other code."""
+        index = read_json(self._index) if self._index.exists() else {}
+        before = index.get(config_hash(self._input_key, 16))
+        if before and before != self.key["_code"] and self.name not in _announced:
+            _announced.add(self.name)
+            print(f"stage {self.name}: the code or suite that computes it changed since the cached result "
+                  f"({before} -> {self.key['_code']}); recomputing", file=sys.stderr)
 
     @property
     def done(self) -> bool:
@@ -57,12 +140,16 @@ class Stage:
         self._lock().acquire()
         if self.path.exists() and (self.path / "DONE.json").exists() and not self.done:
             shutil.rmtree(self.path)  # a hash collision with another key: never reuse it
+        self._announce_code_change()
         ensure_writable_dir(self.path, f"stage directory for {self.name}")
         atomic_write_json(self.path / "key.json", self.key)
         return self.path
 
     def complete(self, summary: dict | None = None) -> None:
         atomic_write_json(self.path / "DONE.json", {"key": self.key, "commit": git_commit(), **(summary or {})})
+        index = read_json(self._index) if self._index.exists() else {}
+        index[config_hash(self._input_key, 16)] = self.key["_code"]
+        atomic_write_json(self._index, index)
         self._lock().release()
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "correlate",
     "paired_test",
     "bootstrap_ci",
+    "cluster_bootstrap_ci",
 ]
 
 MIN_N = 4
@@ -171,6 +172,49 @@ def bootstrap_ci(
         vals.append(np.asarray(stat(x[rng.integers(0, x.size, size=(m, x.size))], axis=1)))
         done += m
     lo, hi = np.quantile(np.concatenate(vals), [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def cluster_bootstrap_ci(
+    values: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
+) -> tuple[float, float]:
+    """Two-level bootstrap CI of the mean of a ``seeds × prompts`` matrix (crossed design).
+
+    Each resample draws training seeds with replacement *and* prompts with replacement, and keeps
+    every (seed, prompt) cell of the drawn rows and columns, so the interval carries run-to-run
+    variance as well as prompt sampling. Prompts shared by all seeds (and, for a paired difference,
+    by both conditions) are drawn together. NaN cells (a prompt missing for a seed) are ignored.
+    With one seed the interval covers prompt sampling only.
+
+    Returns ``(nan, nan)`` for an empty matrix.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"values must be seeds × prompts (2-D); got shape {x.shape}")
+    if x.size == 0 or not np.isfinite(x).any():
+        return float("nan"), float("nan")
+    n_s, n_p = x.shape
+    rng = np.random.default_rng(seed)
+    ok = np.isfinite(x)
+    filled = np.where(ok, x, 0.0)
+    stats = np.empty(n_boot)
+    step = max(1, _CHUNK * 64 // max(1, n_s * n_p))
+    for start in range(0, n_boot, step):
+        m = min(step, n_boot - start)
+        rows = rng.integers(0, n_s, size=(m, n_s))
+        # Counts of each prompt in each resample: the mean over drawn cells is a weighted mean.
+        cols = rng.integers(0, n_p, size=(m, n_p))
+        wp = np.zeros((m, n_p))
+        np.add.at(wp, (np.arange(m)[:, None], cols), 1.0)
+        ws = np.zeros((m, n_s))
+        np.add.at(ws, (np.arange(m)[:, None], rows), 1.0)
+        num = np.einsum("ms,sp,mp->m", ws, filled, wp)
+        den = np.einsum("ms,sp,mp->m", ws, ok.astype(np.float64), wp)
+        stats[start:start + m] = num / np.where(den > 0, den, np.nan)
+    stats = stats[np.isfinite(stats)]
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 

@@ -86,3 +86,53 @@ def test_help_keeps_a_percent_sign_from_field_docs():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, Pct)
     assert "95% interval" in parser.format_help()
+
+
+@pytest.fixture
+def source_tree(tmp_path, monkeypatch):
+    """A copy of the library's source and suite data that a test may edit, standing in for the repo."""
+    import shutil
+
+    import interp.runs as runs
+
+    root = tmp_path / "src"
+    for pkg in runs.LIBRARY:
+        shutil.copytree(runs._ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runs, "_ROOT", root)
+    monkeypatch.setattr(runs, "_announced", set())
+    return root
+
+
+@pytest.mark.parametrize("edited,stage,recomputes", [
+    ("interp/judge.py", "eval", True),          # a fixed judge: evaluations are redone
+    ("interp/judge.py", "unlearn", True),       # ... and so are forget sets built with it
+    ("interp/data/suite/manifest.json", "eval", True),   # a rebuilt suite
+    ("interp/data/suite/manifest.json", "activations", True),
+    ("probes/stats.py", "eval", False),         # code the stage does not run leaves it cached
+    ("interp/activations.py", "eval", False),
+    ("probes/stats.py", "some_experiment_stage", True),  # unlisted stages key on the whole library
+])
+def test_code_or_suite_change_recomputes_affected_stages(source_tree, tmp_path, capsys, edited, stage, recomputes):
+    results = tmp_path / "results"
+    key = {"model": "m", "eval": {"limit": 4}}
+    first = Stage(results, stage, key)
+    first.open()
+    first.complete()
+    assert Stage(results, stage, key).done
+    with (source_tree / edited).open("a") as f:
+        f.write("\n# edited\n")
+    again = Stage(results, stage, key)
+    assert again.done is (not recomputes)
+    if recomputes:
+        assert again.path != first.path and first.path.exists()  # the old result is kept, not reused
+        again.open()
+        Stage(results, stage, {**key, "other": 1}).open()
+        err = capsys.readouterr().err
+        assert err.count(f"stage {stage}: the code or suite that computes it changed") == 1  # said once
+
+
+def test_stage_key_reserves_code_entry_and_names_unknown_modules(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        Stage(tmp_path, "eval", {"_code": "x"})
+    with pytest.raises(ValueError, match="no source file"):
+        Stage(tmp_path, "mine", {"a": 1}, code=("interp.no_such_module",))

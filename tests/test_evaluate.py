@@ -19,6 +19,7 @@ from interp.evaluate import (
     bootstrap_ci,
     evaluate,
     evaluate_prompts,
+    wilson_ci,
 )
 from interp.judge import LABELS, Judgement, UnknownJudgeError
 from interp.suite import DOMAINS, UnknownDomainError
@@ -37,6 +38,25 @@ def test_bootstrap_ci_contains_estimate_and_shrinks():
     assert widths[0] > widths[1] > widths[2]
     # binomial standard error at n=200 is ~0.032, so the 95% width is ~0.13
     assert 0.09 < widths[1] < 0.17
+
+
+@pytest.mark.parametrize("k,n", [(0, 24), (24, 24), (1, 24), (12, 24), (3, 7), (0, 1)])
+def test_wilson_ci_matches_scipy_and_never_collapses(k, n):
+    from scipy.stats import binomtest
+
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson_ci(k, n)
+    assert lo == pytest.approx(ref.low, abs=1e-12) and hi == pytest.approx(ref.high, abs=1e-12)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert hi - lo > 0.05  # a rate measured on <= 24 prompts is never known exactly
+
+
+def test_wilson_ci_edge_cases():
+    assert all(math.isnan(v) for v in wilson_ci(0, 0))
+    with pytest.raises(ValueError, match="successes"):
+        wilson_ci(5, 4)
+    lo, hi = wilson_ci(0, 24)
+    assert lo == 0.0 and 0.13 < hi < 0.15
 
 
 def test_bootstrap_ci_seeded_and_edge_cases():

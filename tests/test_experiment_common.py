@@ -56,3 +56,54 @@ def test_study_config_validation():
     with pytest.raises(ValueError, match="eval_limit"):
         StudyConfig(eval_limit=2)
     assert StudyConfig.from_dict(StudyConfig().to_dict()) == StudyConfig()
+
+
+def _seeded(n_prompts: int, seed_effects: list[float], domain: str = "bias"):
+    """Base logit 0 on every prompt; after: prompt effect (shared by seeds) + seed effect."""
+    import numpy as np
+
+    prompt_effect = np.random.default_rng(1).normal(0, 0.2, n_prompts)
+    before = {s: [rec(f"p{i}", domain, "refusal", 0.0) for i in range(n_prompts)] for s in range(len(seed_effects))}
+    after = {s: [rec(f"p{i}", domain, "compliance", -(1 + prompt_effect[i] + e)) for i in range(n_prompts)]
+             for s, e in enumerate(seed_effects)}
+    return pooled(before), pooled(after)
+
+
+def test_seed_variance_widens_the_interval_and_one_seed_is_prompts_only():
+    b, a = _seeded(24, [0.0, 0.0, 0.0])
+    same = paired_drop(b, a, "bias", "logit")
+    b, a = _seeded(24, [-1.0, 0.0, 1.0])
+    varied = paired_drop(b, a, "bias", "logit")
+    assert same["n_seeds"] == varied["n_seeds"] == 3 and varied["n"] == 72
+    assert same["drop"] == pytest.approx(varied["drop"])  # seed effects cancel in the mean
+    width = lambda d: d["ci"][1] - d["ci"][0]  # noqa: E731
+    # Pooling seeds as independent prompts would give about the same width for both; the two-level
+    # interval carries the run-to-run spread.
+    assert width(varied) > 3 * width(same)
+    one = paired_drop(*_seeded(24, [0.5]), "bias", "logit")
+    assert one["n_seeds"] == 1 and width(one) > 0
+
+
+def test_mean_drop_shares_seed_draws_across_domains():
+    b1, a1 = _seeded(12, [-1.0, 1.0], "bias")
+    b2, a2 = _seeded(12, [-1.0, 1.0], "privacy")
+    m = mean_drop(b1 + b2, a1 + a2, ["bias", "privacy"], "logit")
+    d = paired_drop(b1, a1, "bias", "logit")
+    assert m["n_seeds"] == 2
+    # The seed effect is common to both domains, so averaging domains does not average it away.
+    assert (m["ci"][1] - m["ci"][0]) > 0.6 * (d["ci"][1] - d["ci"][0])
+
+
+def test_drop_difference_is_paired_over_shared_prompts():
+    from experiments.common import drop_difference
+
+    # Both conditions share a large prompt effect; their difference is a constant 0.1 per prompt.
+    b, a1 = _seeded(24, [0.0, 0.0])
+    _, a2 = _seeded(24, [0.1, 0.1])
+    first, second = {"base": b, "after": a2}, {"base": b, "after": a1}
+    res = drop_difference(first, second, ["bias"], "logit")
+    assert res["difference"] == pytest.approx(0.1)
+    # Paired: the shared prompt effect cancels, so the interval is tight around 0.1.
+    assert res["ci"][0] == pytest.approx(0.1) and res["ci"][1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="differ in seeds or prompts"):
+        drop_difference(first, {"base": b[:24], "after": a1[:24]}, ["bias"], "logit")

@@ -78,3 +78,20 @@ def test_bootstrap_ci_covers_the_mean():
     lo_med, hi_med = bootstrap_ci(x, np.median, n_boot=500)
     assert lo_med < np.median(x) < hi_med
     assert all(math.isnan(v) for v in bootstrap_ci([]))
+
+
+def test_cluster_bootstrap_ci_covers_mean_ignores_missing_cells_and_checks_shape():
+    from probes.stats import cluster_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, (3, 30))
+    lo, hi = cluster_bootstrap_ci(x, seed=1)
+    assert lo < x.mean() < hi
+    assert cluster_bootstrap_ci(x, seed=1) == (lo, hi)  # seeded
+    holed = x.copy()
+    holed[0, :5] = np.nan
+    lo2, hi2 = cluster_bootstrap_ci(holed, seed=1)
+    assert np.isfinite([lo2, hi2]).all() and lo2 < np.nanmean(holed) < hi2
+    assert all(np.isnan(cluster_bootstrap_ci(np.empty((0, 0)))))
+    with pytest.raises(ValueError, match="seeds × prompts"):
+        cluster_bootstrap_ci(np.zeros((2, 2, 2)))

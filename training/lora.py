@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interp.adapter import base_model, layer_module, unembed_module
+from interp.adapter import base_model, layer_module, lora_target_types, unembed_module
 from interp.io import atomic_write_json, git_commit, read_json
 from interp.loading import LoadedModel
 
@@ -35,6 +35,9 @@ __all__ = [
     "adapter_id",
     "save_adapter",
     "load_adapter",
+    "resolve_adapter_dir",
+    "same_base",
+    "enable_gradient_checkpointing",
 ]
 
 ADAPTER_META = "emalab_adapter.json"
@@ -62,9 +65,10 @@ def resolve_lora_targets(
     unembed = unembed_module(base)
     scope = None if single_layer is None else {id(m) for m in layer_module(base, single_layer).modules()}
     every = "all-linear" in targets
+    linear = lora_target_types()
     names, suffixes = [], set()
     for name, mod in base.named_modules():
-        if not isinstance(mod, nn.Linear) or mod is unembed:
+        if not isinstance(mod, linear) or mod is unembed:
             continue
         if scope is not None and id(mod) not in scope:
             continue
@@ -94,10 +98,25 @@ def attach_lora(
     if has_adapter(lm):
         raise RuntimeError("the model already carries a PEFT adapter; detach_lora(lm) first")
     names = resolve_lora_targets(lm.model, targets, single_layer)
+    base = base_model(lm.model)
+    # GPT-2's Conv1D stores its weight as (in, out): PEFT must be told, or it warns and guesses.
+    transposed = any(not isinstance(base.get_submodule(n), nn.Linear) for n in names)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                     use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
+                     use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM", fan_in_fan_out=transposed)
     lm.model = get_peft_model(lm.model, cfg)
     lm.extra.pop("adapter_id", None)
+    return lm
+
+
+def enable_gradient_checkpointing(lm: LoadedModel) -> LoadedModel:
+    """Recompute decoder activations in the backward pass instead of storing them (7B LoRA at long
+    sequences): about a third more compute for activation memory that no longer grows with depth.
+
+    Non-reentrant checkpointing, so the frozen embedding needs no ``requires_grad`` trick. In place.
+    """
+    base = base_model(lm.model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
     return lm
 
 
@@ -195,33 +214,84 @@ def save_adapter(lm: LoadedModel, directory: str | Path, meta: dict[str, Any] | 
     return directory
 
 
-def load_adapter(lm: LoadedModel, directory: str | Path, trainable: bool = False) -> LoadedModel:
-    """Load a saved adapter onto ``lm`` (in place) and set ``lm.extra["adapter_id"]``.
+def resolve_adapter_dir(adapter: str | Path, revision: str | None = None) -> Path:
+    """A local adapter directory, or a hub adapter id fetched (or found in the hub cache) to one.
 
     Raises:
-        AdapterMismatchError: the adapter was trained on other base weights.
-        FileNotFoundError: ``directory`` holds no emalab adapter.
+        FileNotFoundError: neither a local directory nor a reachable/cached hub id.
+    """
+    path = Path(adapter).expanduser()
+    if path.exists() or "/" not in str(adapter) or str(adapter).startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(adapter), revision=revision,
+                                      local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1"))
+    except Exception as err:  # network, auth, or not cached offline: one clear line, not a traceback
+        raise FileNotFoundError(
+            f"adapter {str(adapter)!r} is not a local directory and could not be fetched from the hub "
+            f"({type(err).__name__}); download it and pass the directory") from err
+
+
+def same_base(declared: str | None, lm: LoadedModel) -> bool:
+    """Whether an adapter's ``base_model_name_or_path`` names the loaded model (by id or last path part).
+
+    An adapter that does not say is accepted: there is nothing to check it against.
+    """
+    if not declared:
+        return True
+    from interp.registry import EMBEDDED_MODELS
+
+    names = {lm.name, str(getattr(base_model(lm.model).config, "_name_or_path", "") or "")}
+    if lm.name in EMBEDDED_MODELS:
+        names.add(EMBEDDED_MODELS[lm.name].hf_equivalent)
+    tail = {Path(n.rstrip("/")).name.lower() for n in names if n}
+    return declared.rstrip("/") in names or Path(declared.rstrip("/")).name.lower() in tail
+
+
+def load_adapter(lm: LoadedModel, directory: str | Path, trainable: bool = False) -> LoadedModel:
+    """Load an adapter onto ``lm`` (in place) and set ``lm.extra["adapter_id"]`` (its weights' hash).
+
+    Accepts emalab's own adapters (checked against the base *weights* id in ``emalab_adapter.json``) and
+    any standard PEFT adapter directory or hub id (checked against the base model its
+    ``adapter_config.json`` names).
+
+    Raises:
+        AdapterMismatchError: the adapter was trained on another base model or does not fit this one.
+        FileNotFoundError: ``directory`` holds no adapter.
     """
     from peft import PeftModel
 
-    directory = Path(directory)
+    directory = resolve_adapter_dir(directory)
     meta_path = directory / ADAPTER_META
-    if not meta_path.exists() or not (directory / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{directory} holds no emalab adapter (expected adapter_config.json and "
-                                f"{ADAPTER_META}); pass the 'adapter' directory of an unlearning run")
-    meta = read_json(meta_path)
-    if meta.get("base_weights_id") != lm.weights_id:
+    cfg_path = directory / "adapter_config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{directory} holds no emalab adapter or PEFT adapter (expected adapter_config.json); "
+                                "pass the 'adapter' directory of an unlearning run or a PEFT save_pretrained directory")
+    meta = read_json(meta_path) if meta_path.exists() else None
+    if meta is not None and meta.get("base_weights_id") != lm.weights_id:
         raise AdapterMismatchError(
             f"adapter {directory} was trained on {meta.get('base_model')!r} (weights {meta.get('base_weights_id')}) "
             f"but the loaded model is {lm.name!r} (weights {lm.weights_id}); load the matching base model"
         )
+    if meta is None:
+        declared = read_json(cfg_path).get("base_model_name_or_path")
+        if not same_base(declared, lm):
+            raise AdapterMismatchError(
+                f"adapter {directory} was trained on base model {declared!r} but the loaded model is {lm.name!r}; "
+                f"pass --model {declared} (or a local copy of it)")
     if has_adapter(lm):
         raise RuntimeError("the model already carries a PEFT adapter; detach_lora(lm) first")
-    lm.model = PeftModel.from_pretrained(lm.model, str(directory), is_trainable=trainable)
+    try:
+        lm.model = PeftModel.from_pretrained(lm.model, str(directory), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as err:
+        # Target modules missing or tensor shapes off: the adapter belongs to another architecture.
+        raise AdapterMismatchError(f"adapter {directory} does not fit {lm.name!r}: {str(err).splitlines()[0][:300]}") from err
     aid = adapter_id(lm)
-    if meta.get("adapter_id") and meta["adapter_id"] != aid:
+    if meta is not None and meta.get("adapter_id") and meta["adapter_id"] != aid:
         raise ValueError(f"{directory}: adapter weights hash {aid} != recorded {meta['adapter_id']}; the files "
                          "were modified or are corrupt")
     lm.extra["adapter_id"] = aid
+    lm.extra["adapter_dir"] = str(directory)
     return lm
-

@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or directory (default: {DEFAULT_MODEL})")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (default: bfloat16)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+    from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_model_source_arguments(parser)
     parser.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
     parser.add_argument("--config", type=Path, default=None, help="a RefusalDirectionConfig JSON; flags override it")
     parser.add_argument("--force", action="store_true", help="recompute even if a matching stage exists")
@@ -42,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     base = RefusalDirectionConfig.load(args.config) if args.config else None
     cfg = config_from_args(RefusalDirectionConfig, args, base)
     ensure_writable_dir(args.results, "results directory (--results)")
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    from emalab.commands._model_args import model_kwargs
+
+    lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
     direction, path = cached_refusal_direction(lm, cfg, args.results, force=args.force)
     record = read_json(path / "candidates.json")
     print(format_table(record["candidates"], record["baseline"], args.top))

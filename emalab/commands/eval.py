@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local dir or hub id (default {DEFAULT_MODEL})")
     parser.add_argument("--adapter", type=Path, default=None, help="PEFT adapter directory to evaluate on top of --model")
     parser.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 (default; ~3.5x faster on CPU)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_model_source_arguments(parser, raw_prompts=True)
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), metavar="DOMAIN",
                         choices=list(DOMAINS + EXTRA_SETS), help=_field_doc("domains"))
     parser.add_argument("--split", default="eval", help=_field_doc("split"))
@@ -82,26 +85,20 @@ def _same_base(declared: str | None, model_arg: str) -> bool:
 
 
 def attach_adapter(lm, adapter_dir: Path, model_arg: str):
-    """Wrap ``lm.model`` with the PEFT adapter in ``adapter_dir`` and record its id in ``lm.extra``."""
-    from peft import PeftModel
+    """Wrap ``lm.model`` with the adapter at ``adapter_dir`` (an emalab or any PEFT adapter directory, or a
+    hub adapter id) and record its id in ``lm.extra``."""
+    from training.lora import AdapterMismatchError as Mismatch
+    from training.lora import load_adapter, resolve_adapter_dir
 
-    from interp.io import read_json, sha256_file
-
-    adapter_dir = Path(adapter_dir)
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} does not exist; --adapter must be a PEFT adapter directory")
-    declared = read_json(cfg_path).get("base_model_name_or_path")
-    if not _same_base(declared, model_arg):
-        raise AdapterMismatchError(
-            f"adapter {adapter_dir} was trained on base model {declared!r} but --model is {model_arg!r}; "
-            f"pass --model {declared}"
-        )
-    weights = _adapter_file(adapter_dir)
-    lm.model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
-    lm.extra["adapter_id"] = sha256_file(weights)[:16]
-    lm.extra["adapter_dir"] = str(adapter_dir)
-    return lm
+    adapter_dir = resolve_adapter_dir(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter_dir / 'adapter_config.json'} does not exist; --adapter must be a PEFT "
+                                "adapter directory")
+    _adapter_file(adapter_dir)
+    try:
+        return load_adapter(lm, adapter_dir)
+    except Mismatch as err:
+        raise AdapterMismatchError(f"{err} (--model is {model_arg!r})") from err
 
 
 def _records_path(out: Path) -> Path:
@@ -109,6 +106,7 @@ def _records_path(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from emalab.commands._model_args import model_kwargs
     from interp.loading import load_model
 
     if args.calibrate:
@@ -121,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
             ensure_writable_dir(Path(args.out).parent, "--out directory")
             check_not_input(args.out, args.labelled or CALIBRATION_PATH)
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+        lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
         if args.adapter is not None:
             attach_adapter(lm, args.adapter, args.model)
         res = calibrate(args.labelled or CALIBRATION_PATH, judges, lm)
@@ -139,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         domains=tuple(args.domains), split=args.split, limit=args.limit, over_refusal=not args.no_over_refusal,
         generate=not args.no_generate, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         judge=args.judge, n_bootstrap=args.n_bootstrap, seed=args.seed, system=args.system,
+        raw=getattr(args, "raw_prompts", False),
     )
     from interp.config import check_fields
 
@@ -151,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     t0 = time.perf_counter()
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
     if args.adapter is not None:
         attach_adapter(lm, args.adapter, args.model)
     load_s = time.perf_counter() - t0

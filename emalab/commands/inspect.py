@@ -27,14 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or directory (default: {DEFAULT_MODEL})")
     parser.add_argument("--adapter", type=Path, default=None,
-                        help="an unlearning run's adapter directory: the page then shows base vs adapted")
+                        help="an unlearning run's adapter directory, or any PEFT adapter directory or hub id "
+                             "(checked against its base model): the page then shows base vs adapted")
     parser.add_argument("--results", type=Path, default=Path("results"),
                         help="results root or run directory holding concepts.safetensors / direction.safetensors "
                              "(default: results)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: 8765)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (default: bfloat16)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+    from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_model_source_arguments(parser)
     parser.add_argument("--probe-limit", type=int, default=12,
                         help="probe prompts per domain when the concept vectors are computed here (default: 12)")
     parser.add_argument("--answer-tokens", type=int, default=48, help="greedy answer length in tokens (default: 48)")
@@ -77,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cfg = InspectorConfig(k=args.k, answer_tokens=args.answer_tokens, max_prompt_tokens=args.max_prompt_tokens)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    from emalab.commands._model_args import model_kwargs
+
+    lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
     if args.adapter is not None:
         from training.lora import load_adapter
 

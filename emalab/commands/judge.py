@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", default="keyword", choices=list(JUDGES), help="keyword (default) or model")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="judge model for --judge model")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the judge model")
-    parser.add_argument("--device", default="cpu", help="device of the judge model")
+    parser.add_argument("--device", default="auto", help="device of the judge model: auto (CUDA, MPS, CPU) | cpu | cuda | mps")
     parser.add_argument("--out", type=Path, default=None, help="output JSONL (default: <file stem>.labels.jsonl)")
 
 

@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="UnlearnConfig JSON; options given on the command line override it")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default results/unlearn/<run_id>)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_model_source_arguments(parser)
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="also report the mean logit refusal score on N eval prompts per domain before "
@@ -88,12 +91,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg, out: Path) -> int:
+    from emalab.commands._model_args import model_kwargs
     from interp.loading import load_model
     from interp.suite import DOMAINS, load_prompts
     from training.lora import merged_adapter
     from training.trainer import unlearn
 
-    lm = load_model(cfg.model, dtype=cfg.dtype, device=args.device)
+    lm = load_model(cfg.model, dtype=cfg.dtype, **model_kwargs(args))
     evals = {d: load_prompts(d, "eval", limit=args.eval) for d in DOMAINS} if args.eval else {}
     before = _logit_means(lm, evals) if evals else {}
     result = unlearn(lm, cfg, out, progress=not args.quiet, resume=not args.no_resume)

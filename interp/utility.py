@@ -1,0 +1,75 @@
+"""What an unlearning run cost beyond refusal: how far the adapted model's next-token distributions
+moved away from the base model's on harmless prompts.
+
+:func:`kl_to_base` lets the base model (the adapter disabled) answer each prompt greedily for a few
+tokens, then teacher-forces prompt + that opening through the adapted model and takes, at each of
+those positions, ``KL(p_base || p_adapted)`` over the whole vocabulary. A model that only lost its
+refusals on harmful prompts stays near 0 here; one that broke moves everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp.chat import format_prompts, iter_batches
+from interp.loading import LoadedModel, adapter_disabled
+
+__all__ = ["kl_to_base"]
+
+
+def _positions(mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    # Left padding: each row's first real token is position 0, as in a single-prompt forward.
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _logprobs(lm: LoadedModel, ids: Tensor, mask: Tensor, keep: int) -> Float[Tensor, "batch keep d_vocab"]:
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=keep)
+    return torch.log_softmax(out.logits[:, -keep:, :].double(), dim=-1)
+
+
+@torch.inference_mode()
+def kl_to_base(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    n_tokens: int = 8,
+    batch_size: int = 16,
+    system: str | None = None,
+    raw: bool = False,
+    max_prompt_tokens: int | None = 512,
+) -> Float[Tensor, " batch"]:
+    """Mean next-token ``KL(base || adapted)`` over the first ``n_tokens`` response positions, per prompt.
+
+    ``lm`` carries a PEFT adapter (the base is its disabled state); a model without one gives zeros.
+    The response positions are those of the base model's own greedy opening, so both models are read
+    on the same, in-distribution text.
+
+    Raises:
+        ValueError: no prompts, or ``n_tokens < 1``.
+    """
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    if not prompts:
+        raise ValueError("no prompts to measure KL on")
+    tok = lm.tokenizer
+    texts = format_prompts(tok, prompts, system=system, raw=raw)
+    out = torch.empty(len(texts), dtype=torch.float64)
+    for batch in iter_batches(tok, texts, batch_size, max_prompt_tokens):
+        ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
+        base_steps = []
+        with adapter_disabled(lm):
+            # Greedy opening of the base model, one token at a time (short: no KV cache needed).
+            for _ in range(n_tokens):
+                lp = _logprobs(lm, ids, mask, 1)[:, -1]
+                base_steps.append(lp)
+                ids = torch.cat([ids, lp.argmax(-1, keepdim=True)], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        base = torch.stack(base_steps, dim=1)
+        # Positions -n-1 .. -2 predict the n opening tokens; the last one predicts beyond them.
+        adapted = _logprobs(lm, ids, mask, n_tokens + 1)[:, :-1]
+        kl = (base.exp() * (base - adapted)).sum(-1).clamp(min=0.0)
+        out[torch.as_tensor(batch.index)] = kl.mean(-1).cpu()
+    return out.float()
