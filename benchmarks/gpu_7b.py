@@ -179,7 +179,7 @@ def build_random_model(arch: str, device: str | torch.device = "cuda", dtype: st
 
 
 def _template_overhead(tok) -> int:
-    return len(tok(format_prompts(tok, [""])[0], add_special_tokens=False)["input_ids"])
+    return len(tok(format_prompts(tok, [""], allow_empty=True)[0], add_special_tokens=False)["input_ids"])
 
 
 def _text(rng: random.Random, n: int) -> str:

@@ -7,13 +7,16 @@ without redoing finished work, and experiments that share a stage compute it onc
 from __future__ import annotations
 
 import importlib
+import json
+import pkgutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.common import StudyConfig
-from interp.config import JsonConfig
-from interp.io import append_jsonl, atomic_write_json, config_hash, read_jsonl
+from interp.config import ConfigError, JsonConfig
+from interp.io import append_jsonl, atomic_write_json, config_hash, ensure_writable_dir
 from training.trainer import peak_rss_gb
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json"]
@@ -37,6 +40,37 @@ class PipelineConfig(JsonConfig):
     """Write REPORT.md from the saved results."""
     overrides: dict[str, dict] = field(default_factory=dict)
     """Per-experiment Config fields, e.g. {"h4_retain_contains_ema": {"sft_targets": ["safety"]}}."""
+
+    def __post_init__(self) -> None:
+        known = available_experiments()
+        unknown = [e for e in self.experiments if e not in known]
+        if unknown:
+            raise ConfigError(f"PipelineConfig.experiments: unknown experiment(s) {unknown}; "
+                              f"choose from {', '.join(known)}")
+        if not self.experiments:
+            raise ConfigError("PipelineConfig.experiments: empty; name at least one of " + ", ".join(known))
+        stray = sorted(set(self.overrides) - set(self.experiments))
+        if stray:
+            raise ConfigError(f"PipelineConfig.overrides: {stray} are not among the experiments run "
+                              f"({', '.join(self.experiments)}); drop them or add the experiments")
+
+    def experiment_configs(self) -> dict[str, object]:
+        """Each experiment's validated ``Config`` (built before any model is loaded)."""
+        out = {}
+        for name in self.experiments:
+            module = importlib.import_module(f"experiments.{name}")
+            try:
+                out[name] = module.Config.from_dict({**self.overrides.get(name, {}), "study": self.study.to_dict()})
+            except ValueError as err:
+                raise ConfigError(f"overrides for {name}: {err}") from err
+        return out
+
+
+def available_experiments() -> list[str]:
+    """Experiment modules (``experiments/h*.py``) that ``run --experiments`` accepts."""
+    import experiments
+
+    return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__) if m.name.startswith("h"))
 
 
 PRESETS: dict[str, PipelineConfig] = {
@@ -65,22 +99,62 @@ def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started:
              "peak_rss_gb": round(peak_rss_gb(), 2)}
     history_path = path.with_name("pipeline_history.jsonl")
     append_jsonl(history_path, entry)
-    same = [h for h in read_jsonl(history_path) if h.get("config_hash") == key]
+    same = [h for h in read_history(history_path) if h.get("config_hash") == key]
     atomic_write_json(path, {"config": cfg.to_dict(), "timings_s": timings, "peak_rss_gb": entry["peak_rss_gb"],
                              "invocations": same,
                              "total_s_all_invocations": round(sum(h["timings_s"]["total"] for h in same), 1)})
 
 
+def read_history(path: Path) -> list[dict]:
+    """Entries of ``pipeline_history.jsonl``; unreadable lines (a torn write) are skipped with a warning.
+
+    The history only sums the cost of resumed runs, so a damaged line must never cost a finished run
+    its report.
+    """
+    rows, bad = [], 0
+    if not path.exists():
+        return rows
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("timings_s"), dict) and \
+                isinstance(row["timings_s"].get("total"), (int, float)):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        print(f"[emalab] skipped {bad} unreadable line(s) in {path}", file=sys.stderr)
+    return rows
+
+
 def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     """Run the experiments, figures and report; returns the path of REPORT.md (or the results dir)."""
     results = Path(cfg.study.results)
+    # Everything that can be checked without a model is checked before the first (slow) stage.
+    exp_cfgs = cfg.experiment_configs()
+    from interp.loading import check_model_source
+
+    check_model_source(cfg.study.model)
+    ensure_writable_dir(results, "results directory (--results)")
+    from interp.locks import FileLock
+
+    with FileLock(results / ".emalab.lock", f"results directory {results}",
+                  hint="wait for that run to finish, or pass another --results"):
+        return _run(cfg, exp_cfgs, results, log)
+
+
+def _run(cfg: PipelineConfig, exp_cfgs: dict, results: Path, log) -> Path:
     timings = {}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     stages_at_start = count_stages(results)
     t_all = time.perf_counter()
     for name in cfg.experiments:
         module = importlib.import_module(f"experiments.{name}")
-        exp_cfg = module.Config.from_dict({**cfg.overrides.get(name, {}), "study": cfg.study.to_dict()})
+        exp_cfg = exp_cfgs[name]
         log(f"[emalab] {name}: {module.__doc__.strip().splitlines()[0]}")
         t0 = time.perf_counter()
         metrics = module.main(exp_cfg)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 __all__ = [
     "NoChatTemplateError",
+    "EmptyPromptError",
     "REFUSAL_PHRASES",
     "format_prompts",
     "format_conversations",
@@ -32,6 +33,18 @@ class NoChatTemplateError(ValueError):
     pass
 
 
+class EmptyPromptError(ValueError):
+    """A prompt with no text: the model would answer the bare template, which measures nothing."""
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+        if not prompt.strip():
+            raise EmptyPromptError(f"prompt {i} of {len(prompts)} is empty; drop it or give it text")
+
+
 def _check_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplateError(
@@ -40,13 +53,22 @@ def _check_template(tokenizer) -> None:
         )
 
 
-def format_prompts(tokenizer, prompts: Sequence[str], system: str | None = None, raw: bool = False) -> list[str]:
+def format_prompts(tokenizer, prompts: Sequence[str], system: str | None = None, raw: bool = False,
+                   allow_empty: bool = False) -> list[str]:
     """Render user prompts with the chat template, ending at the assistant's turn.
 
     Args:
         system: optional system prompt; ``None`` keeps the template's own default.
         raw: skip the template (for base models); prompts are used verbatim.
+        allow_empty: accept empty prompts (only to measure the template itself).
+
+    Raises:
+        EmptyPromptError: a prompt is empty or whitespace.
     """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    if not allow_empty:
+        _check_prompts(prompts)
     if raw:
         return list(prompts)
     _check_template(tokenizer)
@@ -89,17 +111,82 @@ def _ensure_pad(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def _template_parts(tokenizer) -> tuple[str, str] | None:
+    """``(user header, assistant suffix)`` of the chat template: the text just before the user's message
+    (after any system turn) and the text after it. ``None`` without a template."""
+    cache = getattr(tokenizer, "_emalab_template_parts", False)
+    if cache is not False:
+        return cache
+    parts = None
+    if getattr(tokenizer, "chat_template", None):
+        sys_probe = "SYSTEM_PROBE_9c2e"
+        rendered = None
+        for messages in ([{"role": "system", "content": sys_probe}, {"role": "user", "content": _PROBE_USER}],
+                         [{"role": "user", "content": _PROBE_USER}]):
+            try:
+                rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                break
+            except Exception:  # noqa: BLE001 - templates that reject a system turn raise their own errors
+                continue
+        if rendered and _PROBE_USER in rendered:
+            at = rendered.index(_PROBE_USER)
+            head = rendered[:at]
+            if sys_probe in head:
+                head = head[head.index(sys_probe) + len(sys_probe):]
+            parts = (head, rendered[at + len(_PROBE_USER):])
+    try:
+        tokenizer._emalab_template_parts = parts
+    except AttributeError:
+        pass
+    return parts
+
+
+def _truncate(tokenizer, text: str, ids: list[int], max_length: int) -> list[int]:
+    """Cut an over-long prompt inside the user's message, keeping the template around it.
+
+    The system turn, the user header and the assistant suffix stay whole (cutting them from the left
+    would make the model see a headless fragment); the message keeps its last tokens. Text that does
+    not follow the template (raw prompts) keeps its last ``max_length`` tokens.
+    """
+    parts = _template_parts(tokenizer)
+    if parts is not None and parts[0] and text.endswith(parts[1]) and parts[0] in text:
+        start = text.index(parts[0]) + len(parts[0])
+        end = len(text) - len(parts[1])
+        if start <= end:
+            def tok(t: str) -> list[int]:
+                return tokenizer(t, add_special_tokens=False)["input_ids"] if t else []
+
+            head, body, tail = tok(text[:start]), tok(text[start:end]), tok(text[end:])
+            budget = max_length - len(head) - len(tail)
+            if budget < 1:
+                raise ValueError(f"max_prompt_tokens={max_length} leaves no room for the message inside the chat "
+                                 f"template ({len(head) + len(tail)} tokens); raise max_prompt_tokens")
+            return head + body[-budget:] + tail
+    return ids[-max_length:]
+
+
 def encode(tokenizer, texts: Sequence[str], max_length: int | None = None) -> Batch:
-    """Tokenise already-formatted texts, left-padded. Over-long texts keep their *end* (the part
-    next to the assistant turn) and a warning counts them."""
+    """Tokenise already-formatted texts, left-padded. Over-long texts are cut inside the user's
+    message, keeping the system turn, the user header and the assistant suffix, and a warning counts them.
+
+    Raises:
+        EmptyPromptError: a text has no tokens.
+    """
     _ensure_pad(tokenizer)
+    if not texts:
+        raise ValueError("no prompts to encode")
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        raise EmptyPromptError(f"prompt(s) {empty[:5]} of {len(ids)} are empty; drop them or give them text")
     if max_length is not None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
         too_long = sum(len(x) > max_length for x in ids)
         if too_long:
-            warnings.warn(f"{too_long} of {len(ids)} prompts exceed {max_length} tokens; kept their last "
-                          f"{max_length} tokens", stacklevel=2)
-            ids = [x[-max_length:] for x in ids]
+            warnings.warn(f"{too_long} of {len(ids)} prompts exceed {max_length} tokens; cut inside the user's "
+                          "message, keeping the chat template", stacklevel=2)
+            ids = [_truncate(tokenizer, t, x, max_length) if len(x) > max_length else x for t, x in zip(texts, ids)]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)

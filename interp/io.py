@@ -12,6 +12,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: appends are not locked
+    fcntl = None
+
 __all__ = [
     "MalformedFileError",
     "atomic_write_bytes",
@@ -26,6 +31,8 @@ __all__ = [
     "git_commit",
     "sha256_file",
     "ensure_writable_dir",
+    "check_not_input",
+    "shared_mode",
 ]
 
 
@@ -39,8 +46,14 @@ def ensure_writable_dir(path: str | Path, what: str = "directory") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            # A few blocks, not zero bytes: an empty file can still be created on a full disk.
+            with probe.open("wb") as fh:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as err:
         raise PermissionError(
             f"{what} {path} is not writable ({err.strerror}); point it elsewhere "
@@ -49,12 +62,38 @@ def ensure_writable_dir(path: str | Path, what: str = "directory") -> Path:
     return path
 
 
+def shared_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file (or directory) under the current umask.
+
+    ``mkstemp``/``mkdtemp`` create 0600/0700 entries; renamed into place they would lock a cache
+    shared by a group out of it, so temporary files get the ordinary mode before they are published.
+    """
+    old = os.umask(0)
+    os.umask(old)
+    return (0o777 if directory else 0o666) & ~old
+
+
+def check_not_input(out: str | Path, *inputs: str | Path, flag: str = "--out") -> Path:
+    """Raise if ``out`` is one of ``inputs`` (same file, through links too): a write would destroy its input."""
+    out = Path(out)
+    for src in inputs:
+        src = Path(src)
+        same = out.resolve() == src.resolve()
+        if not same and out.exists() and src.exists():
+            same = os.path.samefile(out, src)
+        if same:
+            raise ValueError(f"the output {out} is the input {src}; it would be overwritten: pass another {flag}")
+    return out
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file and rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The pid in the name keeps concurrent writers (and their leftovers) apart.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
+        os.fchmod(fd, shared_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -101,33 +140,56 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise MalformedFileError(f"{path}: line {line}: not UTF-8 text; re-save the file as UTF-8") from err
     except json.JSONDecodeError as err:
         raise MalformedFileError(
             f"{path}: line {err.lineno}, column {err.colno}: invalid JSON ({err.msg}); fix or delete the file"
         ) from err
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """Read a JSONL file strictly: every non-blank line must be a JSON object with ``required`` keys."""
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file; a bad byte is an error naming its line."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise MalformedFileError(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                         f"{err.start + 1}); re-save the file as UTF-8") from err
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = (), torn_tail: bool = False) -> list[dict]:
+    """Read a JSONL file strictly: every non-blank line must be a JSON object with ``required`` keys.
+
+    Args:
+        torn_tail: drop an unparsable *last* line that lacks its newline (an append cut short by a
+            kill or a full disk) instead of failing; for logs written with :func:`append_jsonl`.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass a JSONL file")
     required = tuple(required)
     rows: list[dict] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MalformedFileError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise MalformedFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise MalformedFileError(f"{path}:{lineno}: missing required field(s) {missing}")
-            rows.append(row)
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, ValueError) as err:
+            if torn_tail and not line.endswith("\n"):
+                break  # only the last line can lack its newline
+            msg = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+            raise MalformedFileError(f"{path}:{lineno}: invalid JSON ({msg}); fix or delete this line") from err
+        if not isinstance(row, dict):
+            raise MalformedFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise MalformedFileError(f"{path}:{lineno}: missing required field(s) {missing}")
+        rows.append(row)
     return rows
 
 
@@ -141,12 +203,49 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one row (for metric logs, where a torn last line is tolerated by resuming readers)."""
+    """Append one row to a log, repairing a torn last line first.
+
+    A kill or a full disk can leave the last line without its newline; appending after it would
+    glue two rows into one unparsable line. The torn fragment is cut off (it never was a row), and
+    the append holds an exclusive lock so concurrent writers never interleave.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(next(_jsonl_lines([row])))
-        fh.flush()
+    line = next(_jsonl_lines([row])).encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, shared_mode())
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":
+                start = _last_newline_end(fd, size)
+                os.lseek(fd, start, os.SEEK_SET)
+                tail = os.read(fd, size - start)
+                try:
+                    json.loads(tail)  # a whole row that only lacks its newline is kept
+                    os.write(fd, b"\n")
+                except ValueError:
+                    os.ftruncate(fd, start)
+        os.lseek(fd, 0, os.SEEK_END)
+        os.write(fd, line)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _last_newline_end(fd: int, size: int, chunk: int = 1 << 16) -> int:
+    """Offset just past the last ``\\n`` before ``size`` (0 if there is none)."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - chunk)
+        os.lseek(fd, start, os.SEEK_SET)
+        block = os.read(fd, pos - start)
+        i = block.rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
 
 
 def config_hash(obj: Any, length: int = 12) -> str:

@@ -16,8 +16,9 @@ from interp.adapter import family_of, spec_of
 from interp.io import config_hash
 from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS, fetch_embedded
 
-__all__ = ["LoadedModel", "load_model", "state_id", "adapter_disabled", "resolve_dtype", "resolve_device", "ModelLoadError",
-           "position_ids_from_mask", "DeviceUnavailableError", "offloaded_layers", "default_attn_implementation"]
+__all__ = ["LoadedModel", "load_model", "check_model_source", "state_id", "adapter_disabled", "resolve_dtype",
+           "resolve_device", "ModelLoadError", "position_ids_from_mask", "DeviceUnavailableError", "offloaded_layers",
+           "default_attn_implementation"]
 
 
 class ModelLoadError(RuntimeError):
@@ -143,6 +144,9 @@ def load_model(
     else:
         path = Path(name).expanduser()
         if not path.exists():
+            if _looks_local(name):
+                raise ModelLoadError(f"the local model directory {name} does not exist; check the path "
+                                     f"(or use an embedded model, see `emalab models`)")
             if "/" not in name:
                 raise ModelLoadError(
                     f"{name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local directory, "
@@ -172,7 +176,15 @@ def load_model(
             from interp.weights_id import hub_commit
 
             weights_id = f"{name}@{hub_commit(name, revision)}"
-    except OSError as err:
+    except Exception as err:
+        if name in EMBEDDED_MODELS or Path(str(path)).is_dir():
+            # A local directory (or the cache) is broken: the hub has nothing to do with it.
+            fix = (f"rebuild it with `emalab models --fetch {name} --force`" if name in EMBEDDED_MODELS
+                   else "check that it holds config.json, the tokenizer and complete *.safetensors weights")
+            raise ModelLoadError(f"could not load {name!r} from {path} ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:200] if str(err) else ''}); {fix}") from err
+        if not isinstance(err, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelLoadError(
             f"could not load {name!r} ({str(err).splitlines()[0][:200]}). "
@@ -217,6 +229,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     positions (GPT-2) see a left-padded row shifted unless given these.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_model_source(name: str) -> None:
+    """Fail fast, without loading anything, on a model name that cannot load: an unknown plain name or
+    a local path that does not exist (hub ids are only checked when loaded).
+
+    Raises:
+        ModelLoadError: naming the fix.
+    """
+    if name in EMBEDDED_MODELS or Path(name).expanduser().exists():
+        return
+    if _looks_local(name):
+        raise ModelLoadError(f"the local model directory {name} does not exist; check the path "
+                             f"(or use an embedded model, see `emalab models`)")
+    if "/" not in name:
+        raise ModelLoadError(f"{name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local "
+                             "directory, nor a hub id of the form org/name")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ``org/name``: absolute, relative with ``./``/``~``, or deeper than one slash."""
+    return (name.startswith((os.sep, ".", "~")) or name.endswith(os.sep) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 def contiguous_unembedding_input(model: torch.nn.Module) -> None:

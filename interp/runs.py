@@ -15,6 +15,7 @@ judge or a rebuilt suite therefore recomputes the stages it affects, and says so
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -119,8 +120,24 @@ class Stage:
         marker = self.path / "DONE.json"
         return marker.exists() and read_json(marker).get("key") == _jsonable(self.key)
 
+    def _lock(self):
+        from interp.locks import FileLock
+
+        return FileLock(Path(self.results) / "stages" / ".locks" / f"{self.name}-{self.path.name}.lock",
+                        f"stage {self.name}/{self.path.name}",
+                        hint="wait for that process to finish, or use another results directory")
+
     def open(self) -> Path:
-        """Create the stage directory (clearing a stale one from a different key) and return it."""
+        """Create the stage directory (clearing a stale one from a different key) and return it.
+
+        The stage stays locked by this process until :meth:`complete` (or until the process exits), so
+        two processes never write one stage.
+
+        Raises:
+            LockHeldError: another process is writing this stage.
+        """
+        ensure_writable_dir(Path(self.results) / "stages", "results directory")
+        self._lock().acquire()
         if self.path.exists() and (self.path / "DONE.json").exists() and not self.done:
             shutil.rmtree(self.path)  # a hash collision with another key: never reuse it
         self._announce_code_change()
@@ -133,6 +150,7 @@ class Stage:
         index = read_json(self._index) if self._index.exists() else {}
         index[config_hash(self._input_key, 16)] = self.key["_code"]
         atomic_write_json(self._index, index)
+        self._lock().release()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -153,7 +171,7 @@ def write_run(path: Path, cfg: Any, metrics: dict) -> None:
     atomic_write_json(path / "config.json", cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     atomic_write_json(path / "metrics.json", {"commit": git_commit(), **metrics})
     latest = path.parent / "latest"
-    tmp = path.parent / ".latest.tmp"
+    tmp = path.parent / f".latest.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(path.name)
     tmp.replace(latest)

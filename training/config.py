@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from interp.config import JsonConfig
+from interp.config import ConfigError, JsonConfig
 from interp.io import config_hash, read_json
 from interp.registry import DEFAULT_MODEL
 from interp.suite import DOMAINS, check_domain
@@ -34,10 +34,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields that do not change the optimisation trajectory, so a checkpoint may be resumed under new values.
 RESUME_EXEMPT_FIELDS = ("output_dir", "checkpoint_every")
-
-
-class ConfigError(ValueError):
-    """An invalid or unreadable unlearning config; the message names the field and the fix."""
 
 
 @dataclass

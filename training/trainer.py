@@ -39,6 +39,7 @@ from training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
+    run_dir_lock,
     save_checkpoint,
 )
 from training.config import RESUME_EXEMPT_FIELDS, UnlearnConfig, config_diff
@@ -390,8 +391,30 @@ def unlearn(
 
     Raises:
         IncompatibleCheckpointError: ``out_dir`` holds a checkpoint of another config.
+        LockHeldError: another process is writing ``out_dir`` (it is never touched then).
         NonFiniteLossError: the loss or gradient became NaN/inf.
     """
+    run_dir = Path(out_dir if out_dir is not None else cfg.output_dir or default_run_dir(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Two processes in one run directory would delete each other's checkpoints (and --no-resume would
+    # wipe a live run), so the second one stops before touching anything.
+    with run_dir_lock(run_dir):
+        return _unlearn(lm, cfg, run_dir, progress=progress, judge=judge, data=data, ablation_ctx=ablation_ctx,
+                        ablation_id=ablation_id, resume=resume, on_step=on_step)
+
+
+def _unlearn(
+    lm: LoadedModel,
+    cfg: UnlearnConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    judge: Any = None,
+    data: UnlearnData | None = None,
+    ablation_ctx: Callable[[], AbstractContextManager] | None = None,
+    ablation_id: str | None = None,
+    resume: bool = True,
+    on_step: Callable[[int, TrainStepOutput], None] | None = None,
+) -> UnlearnResult:
     if lm.name != cfg.model:
         raise ValueError(f"cfg.model is {cfg.model!r} but the loaded model is {lm.name!r}; set cfg.model to match")
     param_dtype = next(lm.model.parameters()).dtype
@@ -401,8 +424,7 @@ def unlearn(
     if has_adapter(lm):
         raise RuntimeError("the model already carries an adapter; unlearning starts from base weights "
                            "(training.lora.detach_lora(lm) first)")
-    run_dir = Path(out_dir if out_dir is not None else cfg.output_dir or default_run_dir(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(out_dir)
     metrics_path = run_dir / "metrics.jsonl"
     adapter_dir = run_dir / "adapter"
 

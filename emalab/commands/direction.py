@@ -38,12 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from interp.config import config_from_args
-    from interp.io import read_json
+    from interp.io import ensure_writable_dir, read_json
     from interp.loading import load_model
     from probes.refusal_direction import RefusalDirectionConfig, cached_refusal_direction, format_table
 
     base = RefusalDirectionConfig.load(args.config) if args.config else None
     cfg = config_from_args(RefusalDirectionConfig, args, base)
+    ensure_writable_dir(args.results, "results directory (--results)")
     from emalab.commands._model_args import model_kwargs
 
     lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))

@@ -101,6 +101,10 @@ def attach_adapter(lm, adapter_dir: Path, model_arg: str):
         raise AdapterMismatchError(f"{err} (--model is {model_arg!r})") from err
 
 
+def _records_path(out: Path) -> Path:
+    return Path(out).with_suffix("").with_suffix(".records.jsonl")
+
+
 def run(args: argparse.Namespace) -> int:
     from emalab.commands._model_args import model_kwargs
     from interp.loading import load_model
@@ -110,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
 
         # The model judge is the loaded --model (the embedded default unless told otherwise).
         judges = ["keyword", "model"]
+        if args.out is not None:
+            from interp.io import check_not_input, ensure_writable_dir
+
+            ensure_writable_dir(Path(args.out).parent, "--out directory")
+            check_not_input(args.out, args.labelled or CALIBRATION_PATH)
         lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
         if args.adapter is not None:
             attach_adapter(lm, args.adapter, args.model)
@@ -130,10 +139,14 @@ def run(args: argparse.Namespace) -> int:
         judge=args.judge, n_bootstrap=args.n_bootstrap, seed=args.seed, system=args.system,
         raw=getattr(args, "raw_prompts", False),
     )
+    from interp.config import check_fields
+
+    check_fields(cfg)
     if args.out is not None:
-        from interp.io import ensure_writable_dir
+        from interp.io import check_not_input, ensure_writable_dir
 
         ensure_writable_dir(Path(args.out).parent, "--out directory")
+        check_not_input(_records_path(args.out), args.out, flag="--out (its records file would overwrite it)")
     import time
 
     t0 = time.perf_counter()
@@ -146,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if args.out is not None:
         report.save(args.out)
-        records = Path(args.out).with_suffix("").with_suffix(".records.jsonl")
+        records = _records_path(args.out)
         report.save_records(records)
         print(f"wrote {args.out} and {records}", file=sys.stderr)
     return 0

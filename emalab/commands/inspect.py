@@ -14,6 +14,7 @@ prompts or answers. Stop it with Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-tokens", type=int, default=48, help="greedy answer length in tokens (default: 48)")
     parser.add_argument("--k", type=int, default=5, help="logit-lens tokens per layer (default: 5)")
     parser.add_argument("--max-prompt-tokens", type=int, default=256, help="longest prompt accepted (default: 256)")
+    parser.add_argument("--token", default=None,
+                        help="require this token (>= 16 characters) on every API request, for shared machines; "
+                             "open the page as /?token=TOKEN (default: $EMALAB_INSPECTOR_TOKEN, else none)")
+    parser.add_argument("--workers", type=int, default=8, help="requests served at once; more get a 503 (default: 8)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is often faster on a busy shared CPU")
 
@@ -69,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    token = args.token or os.environ.get("EMALAB_INSPECTOR_TOKEN") or None
+    if token is not None and len(token) < 16:
+        raise ValueError("--token must be at least 16 characters; e.g. python -c "
+                         "'import secrets; print(secrets.token_urlsafe())'")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cfg = InspectorConfig(k=args.k, answer_tokens=args.answer_tokens, max_prompt_tokens=args.max_prompt_tokens)
     from emalab.commands._model_args import model_kwargs
 
@@ -82,11 +93,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"refusal direction: {vectors.refusal_source}", file=sys.stderr)
     service = InspectorService(lm, vectors, cfg, adapter=str(args.adapter) if args.adapter else None)
     try:
-        server = make_server(service, args.host, args.port)
+        server = make_server(service, args.host, args.port, token=token, workers=args.workers)
     except OSError as err:
         raise ConnectionError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
                               "pick another --port (0 for any free one)") from err
-    print(f"emalab inspector on {server.url}  (Ctrl-C to stop)", flush=True)
+    url = f"{server.url}?token=<your token>" if token else server.url
+    print(f"emalab inspector on {url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -35,6 +35,9 @@ def read_pairs(path: Path) -> list[dict]:
     from interp.io import MalformedFileError, read_jsonl
 
     rows = read_jsonl(path, required=("prompt", "response"))
+    if not rows:
+        raise MalformedFileError(f"{path} holds no (prompt, response) pairs; give one JSON object per line "
+                                 'like {"prompt": "...", "response": "..."}')
     with Path(path).open(encoding="utf-8") as fh:
         line_numbers = [n for n, line in enumerate(fh, start=1) if line.strip()]
     for row, lineno in zip(rows, line_numbers):
@@ -45,11 +48,19 @@ def read_pairs(path: Path) -> list[dict]:
     return rows
 
 
+def default_out(path: Path) -> Path:
+    """``X.jsonl`` -> ``X.labels.jsonl``; never the input itself (``X.labels.jsonl`` -> ``X.labels.labels.jsonl``)."""
+    stem = path.name[:-len(".jsonl")] if path.name.endswith(".jsonl") else path.stem
+    return path.with_name(f"{stem}.labels.jsonl")
+
+
 def run(args: argparse.Namespace) -> int:
-    from interp.io import write_jsonl
+    from interp.io import check_not_input, ensure_writable_dir, write_jsonl
     from interp.judge import LABELS, get_judge
 
+    out = check_not_input(args.out or default_out(args.file), args.file)
     rows = read_pairs(args.file)
+    ensure_writable_dir(out.parent, "--out directory")
     lm = None
     if args.judge == "model":
         from interp.loading import load_model
@@ -57,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
     judge = get_judge(args.judge, lm)
     verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
-    out = args.out or args.file.with_suffix("").with_suffix(".labels.jsonl")
     write_jsonl(out, ({"id": r.get("id"), "index": i, "label": v.label, "reason": v.reason, "score": v.score}
                       for i, (r, v) in enumerate(zip(rows, verdicts))))
     counts = Counter(v.label for v in verdicts)

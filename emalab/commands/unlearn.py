@@ -76,13 +76,26 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
 
+    from interp.io import ensure_writable_dir
+    from training.checkpoint import run_dir_lock
+    from training.trainer import default_run_dir
+
+    out = args.out or (Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg))
+    # Before the model loads: an unwritable --out or a run directory in use fails in a second, not minutes.
+    from interp.loading import check_model_source
+
+    check_model_source(cfg.model)
+    ensure_writable_dir(out, "run directory (--out)")
+    with run_dir_lock(out):
+        return _run(args, cfg, out)
+
+
+def _run(args: argparse.Namespace, cfg, out: Path) -> int:
+    from emalab.commands._model_args import model_kwargs
     from interp.loading import load_model
     from interp.suite import DOMAINS, load_prompts
     from training.lora import merged_adapter
-    from training.trainer import default_run_dir, unlearn
-
-    out = args.out or (Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg))
-    from emalab.commands._model_args import model_kwargs
+    from training.trainer import unlearn
 
     lm = load_model(cfg.model, dtype=cfg.dtype, **model_kwargs(args))
     evals = {d: load_prompts(d, "eval", limit=args.eval) for d in DOMAINS} if args.eval else {}

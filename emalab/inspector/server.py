@@ -8,13 +8,17 @@ Routes (JSON unless noted):
 * ``GET /api/status`` — whether an inspection is running, and its phase.
 * ``POST /api/inspect`` ``{prompt, ablate, steer: {concept, layer, coeff} | null}``.
 
-Errors answer ``{"error": message}`` with a 4xx status; the server keeps serving. The request log
+Errors answer ``{"error": message}`` with a 4xx status; the server keeps serving. Each connection has a
+socket timeout (a client that sends half a request is dropped), at most ``workers`` requests are
+served at once (more get a 503), and with a token (for shared machines) every API request must carry
+it in an ``X-Emalab-Token`` header; the page takes it once from ``/?token=...``. The request log
 has one line per request: method, path, status and latency, never a body — prompts and the
 generated answers to harmful prompts stay in the page.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import re
@@ -34,6 +38,10 @@ __all__ = ["STATIC_DIR", "InspectorServer", "NonLoopbackHostError", "check_loopb
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY = 64 * 1024
+SOCKET_TIMEOUT_S = 30.0
+"""Seconds a connection may sit idle or mid-request before it is closed."""
+MAX_WORKERS = 8
+"""Requests served at once; one inspection runs at a time anyway, the rest are cheap reads."""
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.[a-z]+$")
@@ -68,12 +76,47 @@ def check_loopback(host: str) -> str:
 class InspectorServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, service: InspectorService, log=None) -> None:
+    def __init__(self, address, service: InspectorService, log=None, token: str | None = None,
+                 workers: int = MAX_WORKERS, timeout: float = SOCKET_TIMEOUT_S) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        if workers < 1 or not timeout > 0:
+            raise ValueError(f"workers must be >= 1 and timeout > 0, got {workers} and {timeout}")
+        if token is not None and len(token) < 16:
+            raise ValueError("the inspector token must be at least 16 characters; e.g. python -c "
+                             "'import secrets; print(secrets.token_urlsafe())'")
         super().__init__(address, _Handler)
         self.service = service
+        self.token = token
+        self.request_timeout = timeout
+        self._slots = threading.BoundedSemaphore(workers)
         self.log = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def process_request(self, request, client_address) -> None:
+        # A bounded pool: a flood of connections gets a 503 instead of one thread each.
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                body = b'{"error": "the inspector is busy; retry in a moment", "status": 503}'
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            self.log("busy: refused a connection with 503")
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:
@@ -81,9 +124,18 @@ class InspectorServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def make_server(service: InspectorService, host: str = "127.0.0.1", port: int = 8765, log=None) -> InspectorServer:
-    """Bind (loopback only) without serving yet; ``port=0`` picks a free port."""
-    return InspectorServer((check_loopback(host), port), service, log)
+def make_server(service: InspectorService, host: str = "127.0.0.1", port: int = 8765, log=None,
+                token: str | None = None, workers: int = MAX_WORKERS,
+                timeout: float = SOCKET_TIMEOUT_S) -> InspectorServer:
+    """Bind (loopback only) without serving yet; ``port=0`` picks a free port.
+
+    Args:
+        token: when set, API requests must send it as ``X-Emalab-Token`` (other local users cannot
+            drive the model); open the page as ``/?token=...``.
+        workers: requests served at once; more get a 503.
+        timeout: socket timeout of each connection, in seconds.
+    """
+    return InspectorServer((check_loopback(host), port), service, log, token=token, workers=workers, timeout=timeout)
 
 
 def serve_in_thread(server: InspectorServer) -> threading.Thread:
@@ -112,6 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "emalab-inspector"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # StreamRequestHandler applies it to the socket
+        super().setup()
 
     # -- plumbing -------------------------------------------------------------------------------
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
@@ -154,14 +210,21 @@ class _Handler(BaseHTTPRequestHandler):
         if not _allowed_host(self.headers.get("Host")):
             self._error(HTTPStatus.FORBIDDEN, "the inspector only answers requests addressed to a loopback host")
             return
+        if self.server.token is not None and urlsplit(self.path).path.startswith("/api/"):
+            given = self.headers.get("X-Emalab-Token") or ""
+            if not hmac.compare_digest(given.encode(), self.server.token.encode()):
+                self._drain_quietly()
+                self._error(HTTPStatus.UNAUTHORIZED, "this inspector needs its token: open the page as "
+                                                     "/?token=TOKEN or send the X-Emalab-Token header")
+                return
         try:
             handler()
         except RequestError as err:
             self._error(err.status, str(err))
         except FloatingPointError as err:
             self._error(HTTPStatus.UNPROCESSABLE_ENTITY, f"{err} (try a smaller coefficient)")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
         except Exception as err:  # noqa: BLE001 - the server must survive any one request
             # The type and the innermost frame only: a message could quote the prompt.
             frame = traceback.extract_tb(err.__traceback__)[-1]
@@ -220,8 +283,10 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         try:
             data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RequestError(f"the body is not valid JSON ({type(err).__name__})") from err
+        except (ValueError, RecursionError) as err:
+            # ValueError covers bad UTF-8, bad JSON and numbers too long to convert; RecursionError deep nesting.
+            raise RequestError(f"the body is not valid JSON ({type(err).__name__}); send a JSON object like "
+                               '{"prompt": "..."}') from err
         service = self.server.service
         req = service.parse(data)
         result = service.inspect(req)
@@ -229,13 +294,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, result)
 
     def _content_length(self) -> int:
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if not (raw.isascii() and raw.isdigit()):  # int() would also take "1_0", " 7", "٣"
+            self.close_connection = True
+            raise RequestError("bad Content-Length; send a byte count")
+        return int(raw)
+
+    def _drain_quietly(self) -> None:
         try:
-            n = int(self.headers.get("Content-Length") or 0)
-        except ValueError as err:
-            raise RequestError("bad Content-Length") from err
-        if n < 0:
-            raise RequestError("bad Content-Length")
-        return n
+            self._drain()
+        except RequestError:
+            self.close_connection = True
 
     def _drain(self) -> None:
         n = self._content_length()
@@ -249,4 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
         if n > MAX_BODY:
             self.close_connection = True  # leave the unread body with a connection we are closing
             raise RequestError(f"the request body is {n} bytes; the limit is {MAX_BODY}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        return self.rfile.read(n)
+        body = self.rfile.read(n)
+        if len(body) < n:
+            self.close_connection = True
+            raise RequestError(f"the body ended after {len(body)} of {n} bytes (Content-Length)")
+        return body

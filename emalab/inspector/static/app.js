@@ -25,7 +25,19 @@ function svg(tag, attrs = {}, text = null) {
   return node;
 }
 
+// On a shared machine the server may require a token; it arrives once in the page URL (?token=...)
+// and is kept for this tab only, then sent with every API call.
+const TOKEN = (() => {
+  const fromUrl = new URLSearchParams(location.search).get("token");
+  if (fromUrl) {
+    sessionStorage.setItem("emalab-token", fromUrl);
+    history.replaceState(null, "", location.pathname);
+  }
+  return sessionStorage.getItem("emalab-token");
+})();
+
 async function api(path, options = {}) {
+  if (TOKEN) options.headers = { ...(options.headers || {}), "X-Emalab-Token": TOKEN };
   const res = await fetch(path, options);
   let data = null;
   try { data = await res.json(); } catch (e) { data = { error: `HTTP ${res.status}` }; }
