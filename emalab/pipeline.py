@@ -90,7 +90,7 @@ def count_stages(results: Path) -> int:
 
 
 def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started: str,
-                        stages_at_start: int | None = None) -> None:
+                        stages_at_start: int | None = None, machine: dict | None = None) -> None:
     """Record this invocation in ``pipeline.json`` (the latest one) and append it to
     ``pipeline_history.jsonl`` beside it. The cost of a run that was interrupted and resumed is the sum
     over the history entries of the same config (``invocations``), whatever ran in between."""
@@ -101,7 +101,7 @@ def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started:
     append_jsonl(history_path, entry)
     same = [h for h in read_history(history_path) if h.get("config_hash") == key]
     atomic_write_json(path, {"config": cfg.to_dict(), "timings_s": timings, "peak_rss_gb": entry["peak_rss_gb"],
-                             "invocations": same,
+                             "machine": machine or {}, "invocations": same,
                              "total_s_all_invocations": round(sum(h["timings_s"]["total"] for h in same), 1)})
 
 
@@ -147,6 +147,16 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
         return _run(cfg, exp_cfgs, results, log)
 
 
+def _machine(cfg: PipelineConfig) -> dict:
+    """Where the study ran and in which dtypes (``auto`` resolved), for the report's setup."""
+    from interp.loading import resolve_device
+    from interp.precision import machine_key, resolve_dtype_choice
+
+    device = resolve_device(cfg.study.device)
+    return {"machine": machine_key(), "device": str(device),
+            "train_dtype": resolve_dtype_choice(cfg.study.dtype, device), "eval_dtype": cfg.study.eval_dtype}
+
+
 def _run(cfg: PipelineConfig, exp_cfgs: dict, results: Path, log) -> Path:
     timings = {}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -168,7 +178,7 @@ def _run(cfg: PipelineConfig, exp_cfgs: dict, results: Path, log) -> Path:
         paths = make_all(results)
         log(f"[emalab] {len(paths)} figures in {results / 'figures'}")
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    write_pipeline_json(results / "pipeline.json", cfg, timings, started, stages_at_start)
+    write_pipeline_json(results / "pipeline.json", cfg, timings, started, stages_at_start, _machine(cfg))
     if cfg.report:
         from emalab.report import write_report
 

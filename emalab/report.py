@@ -24,6 +24,14 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
+def _dtypes(pipe: dict, study: dict) -> str:
+    m = pipe.get("machine") or {}
+    if "train_dtype" not in m:
+        return str(study["dtype"])
+    return (f"training {m['train_dtype']} ({study['dtype']}), measurement {m['eval_dtype']}; "
+            f"{m.get('device', '?')} on {m.get('machine', '?')}")
+
+
 def _setup(results: Path) -> list[str]:
     pipe = results / "pipeline.json"
     lines = ["## Setup", ""]
@@ -35,7 +43,7 @@ def _setup(results: Path) -> list[str]:
             f"- **Model:** `{s['model']}`" + (f" ({spec.hf_equivalent}, GGUF sha256 `{spec.sha256[:16]}…`, "
                                                f"from PyPI `{spec.package_prefix}1..{spec.n_parts}=={spec.version}`)"
                                                if spec else ""),
-            f"- **dtype:** {s['dtype']}; **seeds:** {s['seeds']}; **NPO:** {s['steps']} steps, lr {s['lr']}, "
+            f"- **dtype:** {_dtypes(p, s)}; **seeds:** {s['seeds']}; **NPO:** {s['steps']} steps, lr {s['lr']}, "
             f"β {s['beta']}, batch {s['batch_size']}, {s['n_forget']} forget prompts; retain-CE α {s['alpha']}, "
             f"{s['n_retain_per_domain']} retain prompts per domain",
             f"- **Evaluation:** {s['eval_limit'] or 'all'} eval prompts per domain, greedy {s['max_new_tokens']} "

@@ -28,8 +28,14 @@ class StudyConfig(JsonConfig):
 
     model: str = DEFAULT_MODEL
     """Embedded model name, hub id or local directory."""
-    dtype: str = "bfloat16"
-    """Working dtype (bf16 is ~3.5x faster than fp32 on CPUs with AVX512-BF16)."""
+    dtype: str = "auto"
+    """Training dtype: auto (bf16 on GPUs; on a CPU whichever of bf16 and fp32 a one-off matmul
+    measurement on this machine found faster), float32 or bfloat16. Training in either gives the same
+    table (docs/numerics.md); the resolved dtype is recorded in every stage key."""
+    eval_dtype: str = "float32"
+    """Dtype of every measurement: evaluation, activations, the refusal direction, interventions.
+    Adapters are merged into weights of this dtype. float32 is exact; merged into bf16 weights the
+    default adapter keeps ~77% of its effect on the refusal log-odds (docs/numerics.md)."""
     results: str = "results"
     """Root directory of results and cached stages."""
     eval_limit: int | None = 24
@@ -93,17 +99,45 @@ class Study:
 
     cfg: StudyConfig
     _lm: LoadedModel | None = field(default=None, repr=False)
+    _train_lm: LoadedModel | None = field(default=None, repr=False)
 
     @property
     def results(self) -> Path:
         return Path(self.cfg.results)
 
     @property
+    def train_dtype(self) -> str:
+        """The training dtype, with ``auto`` resolved for this machine (cached per machine)."""
+        from interp.loading import resolve_device
+        from interp.precision import resolve_dtype_choice
+
+        if not hasattr(self, "_train_dtype"):
+            self._train_dtype = resolve_dtype_choice(self.cfg.dtype, resolve_device(self.cfg.device))
+        return self._train_dtype
+
+    def _load(self, dtype: str) -> LoadedModel:
+        return load_model(self.cfg.model, dtype=dtype, device=self.cfg.device, device_map=self.cfg.device_map,
+                          revision=self.cfg.revision)
+
+    @property
     def lm(self) -> LoadedModel:
+        """The measurement model (``eval_dtype``): every evaluation, trace and intervention runs on it."""
         if self._lm is None:
-            self._lm = load_model(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device,
-                                  device_map=self.cfg.device_map, revision=self.cfg.revision)
+            if self._train_lm is not None and self.train_dtype == self.cfg.eval_dtype:
+                self._lm = self._train_lm
+            else:
+                self._lm = self._load(self.cfg.eval_dtype)
         return self._lm
+
+    @property
+    def train_lm(self) -> LoadedModel:
+        """The training model (``dtype``); the same object as :attr:`lm` when the dtypes agree."""
+        if self._train_lm is None:
+            if self.train_dtype == self.cfg.eval_dtype:
+                self._train_lm = self.lm
+            else:
+                self._train_lm = self._load(self.train_dtype)
+        return self._train_lm
 
     @property
     def weights_id(self) -> str:
@@ -117,11 +151,13 @@ class Study:
                 return local_weights_id(Path(self.cfg.model).expanduser())
         return self.lm.weights_id
 
-    def run_record(self) -> dict:
-        """Where the model ran: device and dtype (and attention kernel), recorded with each stage."""
-        if self._lm is None:
+    def run_record(self, lm: LoadedModel | None = None) -> dict:
+        """Where a model ran (default: the measurement model): device, dtype and attention kernel,
+        recorded with each stage."""
+        lm = lm if lm is not None else self._lm
+        if lm is None:
             return {}
-        return {k: self._lm.extra[k] for k in ("device", "dtype", "attn_implementation") if k in self._lm.extra}
+        return {k: lm.extra[k] for k in ("device", "dtype", "attn_implementation") if k in lm.extra}
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(limit=self.cfg.eval_limit, max_new_tokens=self.cfg.max_new_tokens,
@@ -133,7 +169,7 @@ class Study:
                  intervention_id: str | None = None) -> tuple[EvalReport, list[PromptRecord]]:
         """Seven-domain evaluation of the base model, an adapter, or the base under an intervention."""
         ecfg = self.eval_config()
-        key = {"model": self.cfg.model, "weights": self.weights_id, "dtype": self.cfg.dtype,
+        key = {"model": self.cfg.model, "weights": self.weights_id, "dtype": self.cfg.eval_dtype,
                "adapter": _adapter_id(adapter), "intervention": intervention_id, "eval": ecfg.to_dict()}
         stage = Stage(self.results, "eval", key)
         if not stage.done:
@@ -172,7 +208,7 @@ class Study:
         from interp.io import atomic_save_safetensors
         from interp.suite import load_prompts
 
-        key = {"weights": self.weights_id, "dtype": self.cfg.dtype, "adapter": _adapter_id(adapter),
+        key = {"weights": self.weights_id, "dtype": self.cfg.eval_dtype, "adapter": _adapter_id(adapter),
                "limit": self.cfg.probe_limit, "site": "resid_post", "position": "last", "split": "probe"}
         if self.cfg.raw_prompts:
             key["raw"] = True
@@ -222,12 +258,15 @@ class Study:
         return direction
 
     def ablation(self):
-        """``(context-manager factory, id)`` that ablates the base refusal direction at every layer."""
+        """``(context-manager factory, id)`` that ablates the base refusal direction at every layer.
+
+        The factory ablates in :attr:`lm` by default; ``factory(model)`` ablates in another one (the
+        training model, when SFT data are generated under the ablation)."""
         from probes.interventions import ablate_direction
 
         direction = self.refusal_direction()
         ident = f"ablate-refusal-{direction.meta.get('layer')}-{direction.meta.get('position')}"
-        return (lambda: ablate_direction(self.lm, direction)), ident
+        return (lambda lm=None: ablate_direction(lm or self.lm, direction)), ident
 
     # -- unlearning ---------------------------------------------------------------------------
     def unlearn(self, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
@@ -253,19 +292,21 @@ class Study:
             retain_mode="ce" if retain_domains else "none", retain_domains=tuple(retain_domains) or None,
             n_forget=self.cfg.n_forget, n_retain_per_domain=n_retain_per_domain or self.cfg.n_retain_per_domain,
             steps=steps or self.cfg.steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
-            dtype=self.cfg.dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
+            dtype=self.train_dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
         )
         key = {"weights": self.weights_id, "unlearn": ucfg.to_dict(), "ablation": ablation_id}
         stage = Stage(self.results, "unlearn", key)
         if not stage.done:
             path = stage.open()
+            # SFT data are generated under the ablation, by the model that trains on them.
+            ctx = (lambda: ablation(self.train_lm)) if ablation is not None else None
             try:
-                result = unlearn(self.lm, ucfg, out_dir=path, ablation_ctx=ablation, ablation_id=ablation_id)
+                result = unlearn(self.train_lm, ucfg, out_dir=path, ablation_ctx=ctx, ablation_id=ablation_id)
             finally:
-                detach_lora(self.lm)
+                detach_lora(self.train_lm)
             stage.complete({"adapter_id": result.adapter_id, "steps": result.steps,
                             "seconds_per_step": result.seconds_per_step, "peak_rss_gb": result.peak_rss_gb,
-                            **self.run_record()})
+                            **self.run_record(self.train_lm)})
         return stage.path
 
 

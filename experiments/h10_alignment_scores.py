@@ -78,7 +78,7 @@ class Config(JsonConfig):
 
 
 def _judge_key(study: Study, min_mass: float) -> dict:
-    return {"judge_weights": study.weights_id, "dtype": study.cfg.dtype, "min_mass": min_mass,
+    return {"judge_weights": study.weights_id, "dtype": study.cfg.eval_dtype, "min_mass": min_mass,
             "templates": config_hash([ALIGNMENT_TEMPLATE, COHERENCE_TEMPLATE], 12)}
 
 

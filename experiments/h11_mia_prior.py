@@ -83,7 +83,8 @@ def priors_for(study: Study, domains: tuple[str, ...], k: float) -> dict:
     cached generations) are the ones NPO trains on.
     """
     ucfg = UnlearnConfig(n_forget=study.cfg.n_forget, judge=study.cfg.judge, model=study.cfg.model)
-    key = {"weights": study.weights_id, "dtype": study.cfg.dtype, "n_forget": ucfg.n_forget, "judge": ucfg.judge,
+    key = {"weights": study.weights_id, "dtype": study.cfg.eval_dtype, "train_dtype": study.train_dtype,
+           "n_forget": ucfg.n_forget, "judge": ucfg.judge,
            "max_new_tokens": ucfg.max_new_tokens, "k": k, "domains": list(domains)}
     stage = Stage(study.results, "mia_prior", key)
     if not stage.done:
@@ -92,11 +93,11 @@ def priors_for(study: Study, domains: tuple[str, ...], k: float) -> dict:
         sets = {}
         for d in domains:
             try:
-                sets[d] = build_forget_set(study.lm, d, ucfg.n_forget, ucfg.judge, max_new_tokens=ucfg.max_new_tokens,
+                sets[d] = build_forget_set(study.train_lm, d, ucfg.n_forget, ucfg.judge, max_new_tokens=ucfg.max_new_tokens,
                                            batch_size=study.cfg.eval_batch_size)
             except EmptyDataError as err:
                 out["skipped"][d] = str(err)
-        sets["benign"] = build_retain_set(study.lm, (), 0, ucfg.judge, include_benign=ucfg.n_forget,
+        sets["benign"] = build_retain_set(study.train_lm, (), 0, ucfg.judge, include_benign=ucfg.n_forget,
                                           max_new_tokens=ucfg.max_new_tokens, batch_size=study.cfg.eval_batch_size)
         for name, ds in sets.items():
             prompts = [e.prompt for e in ds.examples]

@@ -107,7 +107,7 @@ def evaluate_sets(
     if intervention is not None and not intervention_id:
         raise ValueError("an intervention needs an intervention_id for the cache key")
     ecfg = dataclasses.replace(study.eval_config(), generate=generate)
-    key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.dtype,
+    key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.eval_dtype,
            "adapter": _adapter_id(adapter), "intervention": intervention_id, "eval": ecfg.to_dict(),
            "sets": {k: config_hash(_pairs(v), 16) for k, v in sets.items()}}
     stage = Stage(study.results, "eval_sets", key)

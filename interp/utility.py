@@ -9,7 +9,8 @@ refusals on harmful prompts stays near 0 here; one that broke moves everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from jaxtyping import Float, Int
@@ -18,7 +19,27 @@ from torch import Tensor
 from interp.chat import format_prompts, iter_batches
 from interp.loading import LoadedModel, adapter_disabled
 
-__all__ = ["kl_to_base"]
+__all__ = ["kl_to_base", "carries_adapter"]
+
+
+def carries_adapter(lm: LoadedModel) -> bool:
+    """True when ``lm`` is a PEFT model with an adapter (merged or not), i.e. it has a base to compare to."""
+    return hasattr(lm.model, "disable_adapter") and hasattr(lm.model, "peft_config")
+
+
+@contextmanager
+def _unmerged(lm: LoadedModel) -> Iterator[None]:
+    # Disabling a *merged* adapter does not give the base back; unmerge for the comparison and merge
+    # again after (exact in float32, the measurement dtype).
+    merged = [m for m in lm.model.modules() if getattr(m, "merged", False)]
+    if not merged:
+        yield
+        return
+    lm.model.unmerge_adapter()
+    try:
+        yield
+    finally:
+        lm.model.merge_adapter()
 
 
 def _positions(mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
@@ -57,19 +78,24 @@ def kl_to_base(
     tok = lm.tokenizer
     texts = format_prompts(tok, prompts, system=system, raw=raw)
     out = torch.empty(len(texts), dtype=torch.float64)
-    for batch in iter_batches(tok, texts, batch_size, max_prompt_tokens):
-        ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
-        base_steps = []
-        with adapter_disabled(lm):
-            # Greedy opening of the base model, one token at a time (short: no KV cache needed).
-            for _ in range(n_tokens):
-                lp = _logprobs(lm, ids, mask, 1)[:, -1]
-                base_steps.append(lp)
-                ids = torch.cat([ids, lp.argmax(-1, keepdim=True)], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        base = torch.stack(base_steps, dim=1)
-        # Positions -n-1 .. -2 predict the n opening tokens; the last one predicts beyond them.
-        adapted = _logprobs(lm, ids, mask, n_tokens + 1)[:, :-1]
-        kl = (base.exp() * (base - adapted)).sum(-1).clamp(min=0.0)
-        out[torch.as_tensor(batch.index)] = kl.mean(-1).cpu()
+    with _unmerged(lm):
+        for batch in iter_batches(tok, texts, batch_size, max_prompt_tokens):
+            out[torch.as_tensor(batch.index)] = _batch_kl(lm, batch, n_tokens)
     return out.float()
+
+
+def _batch_kl(lm: LoadedModel, batch, n_tokens: int) -> Float[Tensor, " batch"]:
+    ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
+    base_steps = []
+    with adapter_disabled(lm):
+        # Greedy opening of the base model, one token at a time (short: no KV cache needed).
+        for _ in range(n_tokens):
+            lp = _logprobs(lm, ids, mask, 1)[:, -1]
+            base_steps.append(lp)
+            ids = torch.cat([ids, lp.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    base = torch.stack(base_steps, dim=1)
+    # Positions -n-1 .. -2 predict the n opening tokens; the last one predicts beyond them.
+    adapted = _logprobs(lm, ids, mask, n_tokens + 1)[:, :-1]
+    kl = (base.exp() * (base - adapted)).sum(-1).clamp(min=0.0)
+    return kl.mean(-1).cpu()

@@ -64,3 +64,21 @@ def test_bad_input():
         kl_to_base(None, PROMPTS, n_tokens=0)
     with pytest.raises(ValueError, match="no prompts"):
         kl_to_base(None, [], n_tokens=2)
+
+
+def test_merged_adapter_gives_the_same_kl_and_stays_merged(tiny_qwen):
+    from training.lora import merged_adapter
+
+    attach_lora(tiny_qwen, rank=2)
+    try:
+        with torch.no_grad():
+            for n, p in tiny_qwen.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        unmerged = kl_to_base(tiny_qwen, PROMPTS, n_tokens=3)
+        with merged_adapter(tiny_qwen):
+            merged = kl_to_base(tiny_qwen, PROMPTS, n_tokens=3)
+            assert any(getattr(m, "merged", False) for m in tiny_qwen.model.modules())
+    finally:
+        detach_lora(tiny_qwen)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-6)

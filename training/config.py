@@ -30,7 +30,7 @@ __all__ = [
 METHODS = ("npo", "ga", "graddiff", "simnpo", "sft")
 RETAIN_MODES = ("none", "ce", "kl")
 SCHEDULERS = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that do not change the optimisation trajectory, so a checkpoint may be resumed under new values.
 RESUME_EXEMPT_FIELDS = ("output_dir", "checkpoint_every")
@@ -101,8 +101,11 @@ class UnlearnConfig(JsonConfig):
     lora_single_layer: int | None = None
     """Adapt only this decoder layer (negative counts from the end); with ``lora_rank=1`` this is the
     rank-1 single-layer option."""
-    dtype: str = "bfloat16"
-    """Model dtype for training (``float32`` for exactness tests, ``bfloat16`` for speed on CPU)."""
+    dtype: str = "auto"
+    """Model dtype for training: ``auto`` (bf16 on GPUs; on a CPU whichever of bf16 and fp32 a
+    one-off, cached matmul measurement found faster on this machine), ``float32`` or ``bfloat16``.
+    The run's saved config records the resolved dtype. Both give the same seven-domain table at the
+    default regime (docs/numerics.md)."""
     seed: int = 0
     """Seeds LoRA initialisation, data order and dropout."""
     checkpoint_every: int = 10

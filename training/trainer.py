@@ -417,6 +417,10 @@ def _unlearn(
 ) -> UnlearnResult:
     if lm.name != cfg.model:
         raise ValueError(f"cfg.model is {cfg.model!r} but the loaded model is {lm.name!r}; set cfg.model to match")
+    if cfg.dtype == "auto":
+        from interp.precision import resolve_dtype_choice
+
+        cfg = cfg.replace(dtype=resolve_dtype_choice("auto", lm.device))
     param_dtype = next(lm.model.parameters()).dtype
     if param_dtype != resolve_dtype(cfg.dtype):
         raise ValueError(f"the model is loaded in {param_dtype} but cfg.dtype is {cfg.dtype!r}; "

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from probes.refusal_direction import RefusalDirectionConfig
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or directory (default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (default: bfloat16)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32 (default: the study's measurement dtype, docs/numerics.md) or bfloat16")
     from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
 
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local dir or hub id (default {DEFAULT_MODEL})")
     parser.add_argument("--adapter", type=Path, default=None, help="PEFT adapter directory to evaluate on top of --model")
-    parser.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 (default; ~3.5x faster on CPU)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32 (default: exact; an adapter's effect is below bf16 resolution, "
+                             "docs/numerics.md) | bfloat16")
     from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
 
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: results)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: 8765)")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPU) or float32 (default: bfloat16)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32 (default: exact for adapters, docs/numerics.md) or bfloat16")
     from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
 
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     cfg = resolve_config(args)
+    if cfg.dtype == "auto":  # resolved before the run id is derived from the config
+        from interp.loading import resolve_device
+        from interp.precision import resolve_dtype_choice
+
+        cfg = cfg.replace(dtype=resolve_dtype_choice("auto", resolve_device(args.device)))
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -93,13 +98,17 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg, out: Path) -> int:
     from emalab.commands._model_args import model_kwargs
     from interp.loading import load_model
+    from interp.precision import EVAL_DTYPE
     from interp.suite import DOMAINS, load_prompts
-    from training.lora import merged_adapter
+    from training.lora import load_adapter, merged_adapter
     from training.trainer import unlearn
 
     lm = load_model(cfg.model, dtype=cfg.dtype, **model_kwargs(args))
     evals = {d: load_prompts(d, "eval", limit=args.eval) for d in DOMAINS} if args.eval else {}
-    before = _logit_means(lm, evals) if evals else {}
+    # The adapter's effect is below bf16 resolution: score it on a float32 copy (docs/numerics.md).
+    eval_lm = (lm if not evals or cfg.dtype == EVAL_DTYPE
+               else load_model(cfg.model, dtype=EVAL_DTYPE, **model_kwargs(args)))
+    before = _logit_means(eval_lm, evals) if evals else {}
     result = unlearn(lm, cfg, out, progress=not args.quiet, resume=not args.no_resume)
     last = result.history[-1] if result.history else {}
     print(f"adapter:  {result.adapter_dir}")
@@ -108,8 +117,10 @@ def _run(args: argparse.Namespace, cfg, out: Path) -> int:
           f"{result.seconds_per_step:.2f} s/step  peak RSS {result.peak_rss_gb:.2f} GB  "
           f"forget kept {result.manifest['forget']['kept']}/{result.manifest['forget']['candidates']}")
     if evals:
-        with merged_adapter(lm):
-            after = _logit_means(lm, evals)
+        if eval_lm is not lm:
+            load_adapter(eval_lm, result.adapter_dir)
+        with merged_adapter(eval_lm):
+            after = _logit_means(eval_lm, evals)
         print(f"{'domain':<18} {'logit before':>12} {'after':>8}")
         for d in evals:
             mark = " *" if d in cfg.target_domains else ""
