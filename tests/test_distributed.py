@@ -89,6 +89,52 @@ def test_merge_refuses_missing_or_mismatched_shards(tmp_path):
         merge_activation_shards(tmp_path / "empty")
 
 
+# -- evaluation sharded by prompt --------------------------------------------------------------------
+
+EVAL_SETS = {"safety": PROMPTS[:4], "over_refusal": PROMPTS[4:]}
+
+
+def _eval_report(**kw):
+    from interp.evaluate import EvalConfig, evaluate_prompts
+
+    cfg = EvalConfig(domains=("safety",), max_new_tokens=4, batch_size=2, n_bootstrap=50)
+    return evaluate_prompts(make_tiny_loaded("qwen2"), EVAL_SETS, cfg, progress=False, **kw)
+
+
+def _eval_worker(rank: int, world: int, port: int, root: str) -> None:
+    _join(rank, world, port)
+    ctx = init_distributed(device="cpu")
+    try:
+        report = _eval_report()
+        torch.save({"report": report.to_dict(), "records": [vars(r) for r in report.records]},
+                   Path(root) / f"eval-rank{rank}.pt")
+    finally:
+        if ctx.enabled:
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_evaluation_equals_one_process(tmp_path, world):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_eval_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    one = _eval_report(distributed=False)
+    assert one.timings.get("world_size") is None
+    for rank in range(world):
+        got = torch.load(tmp_path / f"eval-rank{rank}.pt")
+        assert got["report"]["timings"]["world_size"] == world
+        assert got["report"]["timings"]["n_prompts_this_rank"] == len(shard_indices(len(PROMPTS), rank, world))
+        assert [r["id"] for r in got["records"]] == [r.id for r in one.records]  # input order, on every rank
+        assert [r["label"] for r in got["records"]] == [r.label for r in one.records]
+        assert [r["logit_score"] for r in got["records"]] == pytest.approx([r.logit_score for r in one.records],
+                                                                            abs=1e-5)
+        for name, row in got["report"]["domains"].items():
+            mine = one.to_dict()["domains"][name]
+            assert row["n"] == mine["n"] and row["refusal_rate"] == mine["refusal_rate"]
+            assert row["mean_logit"] == pytest.approx(mine["mean_logit"], abs=1e-5)
+        assert got["report"]["over_refusal"]["n"] == 3
+
+
 # -- nnsight remote flag --------------------------------------------------------------------------
 
 
@@ -126,7 +172,7 @@ def _examples() -> list[Example]:
 
 
 def _data() -> UnlearnData:
-    return UnlearnData(DataSet(_examples()))
+    return UnlearnData(DataSet(_examples(), manifest={"kept": 7, "candidates": 7}))
 
 
 def _cfg(**kw) -> UnlearnConfig:
@@ -225,6 +271,44 @@ def test_two_process_unlearn_equals_one_process_and_resumes(tmp_path, monkeypatc
     diff5 = _max_diff(_adapter(tmp_path / "interrupted"), _adapter(tmp_path / "one5"))
     print(f"max |adapter(2 processes, resumed) - adapter(1 process)| = {diff5:.3g}")
     assert diff5 < 1e-5, diff5
+
+
+REPO = Path(__file__).resolve().parent.parent  # this checkout, not whichever one is pip-installed
+CLI_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import training.trainer
+from test_distributed import _data
+
+training.trainer.build_data = lambda *a, **k: _data()  # a random model's own answers hold no refusals
+from emalab.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_emalab_unlearn_under_torchrun_writes_one_run_directory(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import make_tiny_model
+
+    model, tok = make_tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    script = tmp_path / "cli.py"
+    script.write_text(CLI_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
+    run = tmp_path / "run"
+    args = ["unlearn", "--model", str(tmp_path / "model"), "--dtype", "float32", "--device", "cpu", "--steps", "2",
+            "--batch-size", "3", "--n-forget", "7", "--lr", "5e-3", "--lora-rank", "4", "--out", str(run), "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter:") == 1  # rank 0 reports
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "result.json").read_text())["world_size"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_batch_smaller_than_the_world_is_refused():

@@ -156,6 +156,11 @@ class DataParallel:
         """This process's device (``None`` in one process: wherever the model already is)."""
         return self.accelerator.device if self.accelerator is not None else None
 
+    @staticmethod
+    def is_main_process() -> bool:
+        """Rank 0 of the launched job (or the only process), from the launcher's ``RANK``."""
+        return int(os.environ.get("RANK", "0")) == 0
+
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's contiguous block of ``items``."""
         return shard_examples(items, self)

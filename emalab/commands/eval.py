@@ -8,6 +8,10 @@
 Rates use all prompts of a domain as denominator (refusal + compliance + incoherent = 1).
 Generated responses are never printed or saved; per-prompt records (id, domain, logit score,
 label) go next to --out as <out>.records.jsonl.
+
+Under a launcher the prompts are sharded over the processes and rank 0 prints and writes:
+
+  torchrun --nproc-per-node 2 -m emalab.cli eval --limit 24 --no-generate
 """
 
 from __future__ import annotations
@@ -141,7 +145,12 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         attach_adapter(lm, args.adapter, args.model)
     load_s = time.perf_counter() - t0
-    report = evaluate(lm, cfg, progress=not args.quiet)
+    from training.distributed import init_distributed
+
+    ctx = init_distributed(device=lm.device.type)  # one process without a launcher: nothing to join
+    report = evaluate(lm, cfg, progress=not args.quiet and ctx.is_main)
+    if not ctx.is_main:
+        return 0
     report.timings = {"load_s": load_s, **report.timings}
     print(report.table())
     if args.out is not None:
