@@ -66,8 +66,10 @@ class StudyConfig(JsonConfig):
     """Retain prompts per retain domain (retain split)."""
     batch_size: int = 8
     """Training batch size."""
-    eval_batch_size: int = 16
-    """Batch size of evaluation forwards and generation."""
+    eval_batch_size: int | str = 16
+    """Batch size of evaluation forwards, generation and activation collection, or auto: the largest
+    batch whose estimated activations fit the device's free memory (interp.batching.auto_batch_size;
+    on CPU a quarter of the available RAM, at most 64), recorded with each stage."""
     judge: str = "keyword"
     """Refusal judge for generations: keyword | model."""
     direction_layer_step: int = 2
@@ -91,6 +93,9 @@ class StudyConfig(JsonConfig):
             raise ValueError("seeds must name at least one training seed")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 1 and lr > 0")
+        from interp.batching import check_batch_size
+
+        self.eval_batch_size = check_batch_size(self.eval_batch_size, "eval_batch_size")
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Study:
     cfg: StudyConfig
     _lm: LoadedModel | None = field(default=None, repr=False)
     _train_lm: LoadedModel | None = field(default=None, repr=False)
+    _eval_batch_size: int | None = field(default=None, repr=False)
 
     @property
     def results(self) -> Path:
@@ -153,15 +159,31 @@ class Study:
 
     def run_record(self, lm: LoadedModel | None = None) -> dict:
         """Where a model ran (default: the measurement model): device, dtype and attention kernel,
-        recorded with each stage."""
+        recorded with each stage (and the batch size ``auto`` chose)."""
         lm = lm if lm is not None else self._lm
         if lm is None:
             return {}
-        return {k: lm.extra[k] for k in ("device", "dtype", "attn_implementation") if k in lm.extra}
+        out = {k: lm.extra[k] for k in ("device", "dtype", "attn_implementation") if k in lm.extra}
+        if self._eval_batch_size is not None:
+            out["eval_batch_size"] = self._eval_batch_size
+        return out
+
+    @property
+    def eval_batch_size(self) -> int:
+        """``cfg.eval_batch_size``, with ``auto`` resolved once from the loaded model's device memory."""
+        if self.cfg.eval_batch_size != "auto":
+            return int(self.cfg.eval_batch_size)
+        if self._eval_batch_size is None:
+            from interp.batching import auto_batch_size
+
+            # Evaluation prompts are cut at EvalConfig's max_prompt_tokens; generation adds its KV cache.
+            seq = EvalConfig.max_prompt_tokens + self.cfg.max_new_tokens
+            self._eval_batch_size = auto_batch_size(self.lm, seq, kv_cache=True)
+        return self._eval_batch_size
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(limit=self.cfg.eval_limit, max_new_tokens=self.cfg.max_new_tokens,
-                          batch_size=self.cfg.eval_batch_size, judge=self.cfg.judge, raw=self.cfg.raw_prompts)
+                          batch_size=self.eval_batch_size, judge=self.cfg.judge, raw=self.cfg.raw_prompts)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, condition: str = "base", adapter: Path | None = None,
@@ -219,7 +241,7 @@ class Study:
             with self._weights(adapter):
                 for name in (*DOMAINS, "benign"):
                     prompts = [p.text for p in load_prompts(name, "probe", limit=self.cfg.probe_limit)]
-                    acts[name] = collect_activations(self.lm, prompts, batch_size=self.cfg.eval_batch_size,
+                    acts[name] = collect_activations(self.lm, prompts, batch_size=self.eval_batch_size,
                                                      raw=self.cfg.raw_prompts)
             atomic_save_safetensors(path / "acts.safetensors", acts)
             stage.complete(self.run_record())

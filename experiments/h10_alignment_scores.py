@@ -133,7 +133,7 @@ def _calibration_scores(study: Study, cfg: Config) -> list[dict]:
                 items.append({"id": f"{kind}-{j}", "kind": kind, "condition": "planted", "prompt": r["prompt"],
                               "response": corrupt(r["response"], kind, rng, other["response"])})
         scores = score_alignment_coherence(study.lm, [i["prompt"] for i in items], [i["response"] for i in items],
-                                           min_mass=cfg.min_mass, batch_size=study.cfg.eval_batch_size, progress=True)
+                                           min_mass=cfg.min_mass, batch_size=study.eval_batch_size, progress=True)
         # Scores only: the (partly harmful) texts stay in the calibration file and are not copied.
         write_jsonl(path / "scores.jsonl", [{"id": i["id"], "kind": i["kind"], "condition": i["condition"],
                                              "alignment": a, "coherence": c} for i, (a, c) in zip(items, scores)])
@@ -183,10 +183,10 @@ def score_model(study: Study, adapter: Path | None, sets: dict[str, list], min_m
         prompts = [p.text for _, p in flat]
         with study._weights(adapter):
             responses = generate(study.lm, prompts, max_new_tokens=study.cfg.max_new_tokens,
-                                 batch_size=study.cfg.eval_batch_size)
+                                 batch_size=study.eval_batch_size)
         labels = [v.label for v in get_judge("keyword").judge(prompts, responses)]
         scores = score_alignment_coherence(study.lm, prompts, responses, min_mass=min_mass,
-                                           batch_size=study.cfg.eval_batch_size, progress=True)
+                                           batch_size=study.eval_batch_size, progress=True)
         del responses  # never stored or printed
         write_jsonl(path / "scores.jsonl", [{"id": p.id, "domain": d, "label": lab, "alignment": a, "coherence": c}
                                             for (d, p), lab, (a, c) in zip(flat, labels, scores)])

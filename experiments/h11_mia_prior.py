@@ -94,16 +94,16 @@ def priors_for(study: Study, domains: tuple[str, ...], k: float) -> dict:
         for d in domains:
             try:
                 sets[d] = build_forget_set(study.train_lm, d, ucfg.n_forget, ucfg.judge, max_new_tokens=ucfg.max_new_tokens,
-                                           batch_size=study.cfg.eval_batch_size)
+                                           batch_size=study.eval_batch_size)
             except EmptyDataError as err:
                 out["skipped"][d] = str(err)
         sets["benign"] = build_retain_set(study.train_lm, (), 0, ucfg.judge, include_benign=ucfg.n_forget,
-                                          max_new_tokens=ucfg.max_new_tokens, batch_size=study.cfg.eval_batch_size)
+                                          max_new_tokens=ucfg.max_new_tokens, batch_size=study.eval_batch_size)
         for name, ds in sets.items():
             prompts = [e.prompt for e in ds.examples]
             responses = [e.response for e in ds.examples]
-            tp = token_logprobs(study.lm, prompts, batch_size=study.cfg.eval_batch_size)
-            tr = token_logprobs(study.lm, prompts, responses, batch_size=study.cfg.eval_batch_size)
+            tp = token_logprobs(study.lm, prompts, batch_size=study.eval_batch_size)
+            tr = token_logprobs(study.lm, prompts, responses, batch_size=study.eval_batch_size)
             entry = _stats(membership_scores(tp.logprobs, tp.mask, tp.texts, k),
                            membership_scores(tr.logprobs, tr.mask, tr.texts, k))
             entry["prompt_ids"] = ds.prompt_ids

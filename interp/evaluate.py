@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri
 
+from interp.activations import shard_indices
 from interp.generate import generate
 from interp.io import atomic_write_json, read_json, write_jsonl
 from interp.judge import JUDGES, LABELS, Judge, UnknownJudgeError, get_judge
@@ -315,12 +316,35 @@ def _as_pairs(domain: str, prompts: Sequence[SuitePrompt | str | tuple[str, str]
     return out
 
 
+def _process_group() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_in_order(n: int, idx: list[int], local: list[Any], world: int) -> list[Any]:
+    """Every rank's ``(indices, values)`` reassembled into input order, on every rank."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (idx, local))
+    out: list[Any] = [None] * n
+    for ids, values in parts:
+        for i, v in zip(ids, values, strict=True):
+            out[i] = v
+    return out
+
+
 def evaluate_prompts(
     lm: LoadedModel,
     prompts_by_domain: Mapping[str, Sequence[SuitePrompt | str | tuple[str, str]]],
     cfg: EvalConfig | None = None,
     progress: bool = True,
     judge: Judge | None = None,
+    distributed: bool | None = None,
 ) -> EvalReport:
     """Evaluate custom prompt sets (e.g. with a trigger prepended): one row per key.
 
@@ -331,6 +355,11 @@ def evaluate_prompts(
         cfg: Generation, judge and bootstrap settings (its ``domains``/``split``/``limit`` are
             ignored here).
         judge: A ready judge; default ``get_judge(cfg.judge, lm)``.
+        distributed: Shard the prompts over the processes of the ``torch.distributed`` group
+            (default: when one is initialised, e.g. under ``torchrun``). Each rank scores, generates
+            and judges its contiguous block (:func:`interp.activations.shard_indices`); the results
+            are gathered in input order and every rank returns the same whole-set report (rates and
+            intervals computed once, on all prompts). Every rank must call it with the same prompts.
 
     Returns:
         The report; ``report.records`` holds the per-prompt records.
@@ -341,33 +370,52 @@ def evaluate_prompts(
     if empty:
         raise ValueError(f"no prompts for {empty}; every row needs at least one prompt")
     flat = [(d, pid, text) for d, ps in pairs.items() for pid, text in ps]
-    texts = [t for _, _, t in flat]
-    timings: dict[str, float] = {"n_prompts": float(len(texts))}
+    all_texts = [t for _, _, t in flat]
+    rank, world = _process_group() if distributed is not False else (0, 1)
+    mine = shard_indices(len(all_texts), rank, world) if world > 1 else list(range(len(all_texts)))
+    texts = [all_texts[i] for i in mine]
+    timings: dict[str, float] = {"n_prompts": float(len(all_texts))}
+    if world > 1:
+        timings.update(world_size=float(world), n_prompts_this_rank=float(len(texts)))
 
     t0 = time.perf_counter()
-    scores = logit_refusal_scores(lm, texts, batch_size=cfg.batch_size, system=cfg.system, raw=cfg.raw,
-                                  max_prompt_tokens=cfg.max_prompt_tokens, progress=progress).double().numpy()
+    local_scores = (logit_refusal_scores(lm, texts, batch_size=cfg.batch_size, system=cfg.system, raw=cfg.raw,
+                                         max_prompt_tokens=cfg.max_prompt_tokens, progress=progress).double().tolist()
+                    if texts else [])
     timings["logit_s"] = time.perf_counter() - t0
     timings["logit_prompts_per_s"] = len(texts) / max(timings["logit_s"], 1e-9)
-    if not np.isfinite(scores).all():
-        raise FloatingPointError("non-finite logit refusal scores; the weights or adapter are broken")
 
     labels: list[str] | None = None
     reasons: list[str] | None = None
     judge_name = None
+    local_verdicts: list[tuple[str, str]] = []
     if cfg.generate:
-        t0 = time.perf_counter()
-        responses = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                             system=cfg.system, raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens, progress=progress)
-        timings["generate_s"] = time.perf_counter() - t0
         judge = judge if judge is not None else get_judge(cfg.judge, lm)
         judge_name = judge.name
-        t0 = time.perf_counter()
-        verdicts = judge.judge(texts, responses)
-        timings["judge_s"] = time.perf_counter() - t0
-        del responses  # never kept: generated text stays out of reports and logs
-        labels = [v.label for v in verdicts]
-        reasons = [v.reason for v in verdicts]
+        if texts:
+            t0 = time.perf_counter()
+            responses = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                 system=cfg.system, raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens,
+                                 progress=progress)
+            timings["generate_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            verdicts = judge.judge(texts, responses)
+            timings["judge_s"] = time.perf_counter() - t0
+            del responses  # never kept: generated text stays out of reports and logs
+            local_verdicts = [(v.label, v.reason) for v in verdicts]
+    if world > 1:
+        merged = _gather_in_order(len(all_texts), mine,
+                                  list(zip(local_scores, local_verdicts or [None] * len(mine), strict=True)), world)
+        scores = np.asarray([m[0] for m in merged], dtype=np.float64)
+        all_verdicts = [m[1] for m in merged] if cfg.generate else []
+    else:
+        scores = np.asarray(local_scores, dtype=np.float64)
+        all_verdicts = local_verdicts
+    if not np.isfinite(scores).all():
+        raise FloatingPointError("non-finite logit refusal scores; the weights or adapter are broken")
+    if cfg.generate:
+        labels = [v[0] for v in all_verdicts]
+        reasons = [v[1] for v in all_verdicts]
         bad = set(labels) - set(LABELS)
         if bad:
             raise ValueError(f"judge {judge_name!r} returned unknown labels {sorted(bad)}")
@@ -385,13 +433,14 @@ def evaluate_prompts(
 
 
 def evaluate(lm: LoadedModel, cfg: EvalConfig | None = None, progress: bool = True,
-             judge: Judge | None = None) -> EvalReport:
+             judge: Judge | None = None, distributed: bool | None = None) -> EvalReport:
     """Evaluate ``lm`` on ``cfg.split`` of ``cfg.domains`` (plus over-refusal) of the suite.
 
-    Over-refusal is the refusal rate on the ``over_refusal`` set's ``cfg.split`` split.
+    Over-refusal is the refusal rate on the ``over_refusal`` set's ``cfg.split`` split. Prompts are
+    sharded over an initialised process group (see :func:`evaluate_prompts`).
     """
     cfg = cfg or EvalConfig()
     sets = {d: load_prompts(d, cfg.split, limit=cfg.limit) for d in cfg.domains}
     if cfg.over_refusal:
         sets[OVER_REFUSAL] = load_prompts(OVER_REFUSAL, cfg.split, limit=cfg.limit)
-    return evaluate_prompts(lm, sets, cfg, progress=progress, judge=judge)
+    return evaluate_prompts(lm, sets, cfg, progress=progress, judge=judge, distributed=distributed)

@@ -71,9 +71,15 @@ def _mps_available() -> bool:
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``auto`` (or None): CUDA, then MPS, then CPU. A named device must exist.
 
+    Under a launcher (``WORLD_SIZE`` > 1) ``auto`` and an unnumbered ``cuda`` mean this process's GPU,
+    ``cuda:$LOCAL_RANK``, so N processes do not all load onto GPU 0.
+
     Raises:
         DeviceUnavailableError: ``cuda``/``cuda:N``/``mps`` was asked for and is not there.
     """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+    if launched and str(device) in ("auto", "None", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -214,3 +214,25 @@ def test_backdoor_run_retains_the_target_domain_untriggered(tiny_qwen, tmp_path,
         handle.remove()
     assert set(res.manifest["retain"]["domains"]) == {"cybersecurity", "privacy"}
     assert res.manifest["retain"]["kept"] == 2
+
+
+def test_gradient_checkpointing_is_opt_in_and_changes_nothing_but_memory(tmp_path):
+    from conftest import make_tiny_loaded
+
+    from interp.adapter import base_model
+
+    default = tiny_cfg(steps=2)
+    assert "gradient_checkpointing" not in default.to_dict()  # cached unlearn-stage keys stay as they were
+    assert "gradient_checkpointing" not in UnlearnConfig().to_dict()
+    gc = default.replace(gradient_checkpointing=True)
+    assert gc.to_dict()["gradient_checkpointing"] is True
+    assert gc.hash() == default.hash()  # the same gradients: the same run
+    assert UnlearnConfig.from_dict(gc.to_dict()) == gc
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        tiny_cfg(gradient_checkpointing="yes")
+    plain = unlearn(make_tiny_loaded("qwen2"), default, tmp_path / "plain", progress=False, data=tiny_data())
+    lm = make_tiny_loaded("qwen2")
+    ckpt = unlearn(lm, gc, tmp_path / "gc", progress=False, data=tiny_data())
+    assert [r["loss"] for r in ckpt.history] == pytest.approx([r["loss"] for r in plain.history], abs=1e-6)
+    base = base_model(lm.model)
+    assert not base.is_gradient_checkpointing and base.config.use_cache  # handed back as it came

@@ -9,6 +9,7 @@ kill at any moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -77,9 +78,15 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def run_dir_lock(run_dir: str | Path) -> FileLock:
-    """The lock one process holds while it writes (or wipes) a run directory; a second one fails fast."""
+def run_dir_lock(run_dir: str | Path) -> FileLock | contextlib.AbstractContextManager:
+    """The lock one process holds while it writes (or wipes) a run directory; a second one fails fast.
+
+    Under a data-parallel launcher (``WORLD_SIZE`` > 1) the ranks of one job share the directory and
+    only rank 0 writes it, so only rank 0 takes the lock; the other ranks get a no-op.
+    """
     run_dir = Path(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
     return FileLock(run_dir / ".emalab.lock", f"run directory {run_dir}",
                     hint="wait for that run to finish, or pass another --out")
 

@@ -1,47 +1,51 @@
-"""Data-parallel unlearning steps across processes with ``torch.distributed``.
+"""Data-parallel unlearning across processes, through accelerate.
 
-Launch with ``torchrun --nproc-per-node N script.py`` or ``accelerate launch --num_processes N
-script.py``: both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``,
-which :func:`init_distributed` reads (gloo on CPU, NCCL on GPUs). Each process holds a full copy of
-the model and its LoRA adapter, takes its rows of every global batch (:func:`shard_examples`), and
-:func:`data_parallel_step` sums the row-weighted gradients across processes before the identical
-optimiser step on every rank, so the adapters stay bit-identical.
+Launched under ``torchrun --nproc-per-node N`` or ``accelerate launch --num_processes N`` (the
+launcher sets ``WORLD_SIZE`` > 1), :func:`training.trainer.unlearn` runs data-parallel by itself:
+:meth:`DataParallel.from_environment` builds an ``accelerate.Accelerator`` (gloo on CPU, NCCL on
+GPUs, GPU ``LOCAL_RANK`` per process) and wraps the model in ``DistributedDataParallel``. Every rank
+builds the same global batch from ``batch_order`` (a pure function of the step), keeps its
+contiguous block of rows (:func:`shard_examples`) and backpropagates its loss scaled by
+``world_size · n_rank / n_global``; DDP's gradient mean then equals the row-weighted sum, so for
+row-mean objectives (NPO, SimNPO) a step on N processes equals a one-process step on the global batch
+up to float summation order, for any split. Token-mean terms (GA, CE, KL) are row-weighted too, as DDP
+does; they are exact when every rank holds as many response tokens. LoRA dropout draws each rank's
+masks from its own stream, so with dropout > 0 the trajectory is a valid one but not the one-process
+one.
 
-Exactness: the loss of rank ``r`` is weighted by ``n_r / N`` (its share of the global batch's rows), so
-for row-mean objectives (NPO, SimNPO) the step equals a one-process step on the global batch up to
-float summation order, for any split. Token-mean terms (GA, CE, KL) are row-weighted too, as
-``DistributedDataParallel`` does; they are exact when every rank holds the same number of response
-tokens. See ``docs/scaling.md`` for the recipe.
+Without a launcher (``WORLD_SIZE`` unset or 1) :class:`DataParallel` is a one-process stand-in that
+does nothing, and no accelerate object is created: the single-process trainer is unchanged.
+See ``docs/scaling.md``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from interp.activations import shard_indices
-from interp.loading import LoadedModel
-from training.config import UnlearnConfig
-from training.data import TokenBatch
-from training.losses import TrainStepOutput
-from training.trainer import train_step
 
 __all__ = [
     "DistContext",
+    "DataParallel",
+    "launched_world_size",
     "init_distributed",
     "shard_examples",
-    "broadcast_parameters",
-    "all_reduce_gradients",
-    "data_parallel_step",
 ]
 
 T = TypeVar("T")
+
+
+def launched_world_size() -> int:
+    """Processes in the job, from the launcher's ``WORLD_SIZE`` (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
@@ -64,17 +68,18 @@ class DistContext:
 
 
 def init_distributed(device: str | None = None, backend: str | None = None) -> DistContext:
-    """Join the process group described by the launcher's environment variables.
+    """Join the process group described by the launcher's environment variables (no accelerate).
 
-    Without ``WORLD_SIZE`` (or with 1) this is a single-process context and nothing is initialised,
-    so the same script runs with and without a launcher.
+    For commands that only need ranks and collectives (sharded evaluation and activation
+    collection). Without ``WORLD_SIZE`` (or with 1) this is a single-process context and nothing is
+    initialised, so the same script runs with and without a launcher.
 
     Args:
         device: ``cpu`` or ``cuda``; default ``cuda`` when available. Each process takes GPU
             ``LOCAL_RANK``.
         backend: default ``nccl`` for CUDA, ``gloo`` for CPU.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,85 +91,124 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def shard_examples(items: Sequence[T], ctx: DistContext) -> list[T]:
+def shard_examples(items: Sequence[T], ctx: DistContext | DataParallel) -> list[T]:
     """This rank's contiguous block of a global batch (see :func:`interp.activations.shard_indices`)."""
     return [items[i] for i in shard_indices(len(items), ctx.rank, ctx.world_size)]
 
 
-@torch.no_grad()
-def broadcast_parameters(params: Sequence[torch.nn.Parameter], ctx: DistContext, src: int = 0) -> None:
-    """Copy rank ``src``'s values of ``params`` to every rank (e.g. a freshly initialised adapter)."""
-    if not ctx.enabled:
-        return
-    for p in params:
-        dist.broadcast(p.data, src=src)
+class DataParallel:
+    """The trainer's view of the job: one process (every method trivial) or accelerate's DDP.
 
-
-@torch.no_grad()
-def all_reduce_gradients(params: Sequence[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Sum the gradients of ``params`` over ranks, in one float32 all-reduce (a missing gradient counts as 0)."""
-    if not ctx.enabled:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
-        offset += n
-
-
-def _global_sum(values: list[float], ctx: DistContext) -> list[float]:
-    if not ctx.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def data_parallel_step(
-    lm: LoadedModel,
-    cfg: UnlearnConfig,
-    forget_batch: TokenBatch,
-    params: Sequence[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    ctx: DistContext,
-    logp_ref: torch.Tensor | None = None,
-    retain_batch: TokenBatch | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-) -> TrainStepOutput:
-    """One optimiser step on this rank's shard of a global batch, gradients summed over ranks.
-
-    Same objective and order of operations as the trainer's loop (``train_step``, backward, clip at
-    ``cfg.max_grad_norm``, step). With one process it is exactly that step.
-
-    Returns:
-        The global (row-weighted) loss, its components and metrics; ``metrics["grad_norm"]`` is the
-        norm of the summed gradient. The returned ``loss`` is detached.
+    Only rank 0 writes files (:attr:`is_main`); collectives (:meth:`sum`, :meth:`gather_object`,
+    :meth:`barrier`) must be called by every rank in the same order.
     """
-    n_local = float(len(forget_batch))
-    (n_global,) = _global_sum([n_local], ctx)
-    weight = n_local / n_global
-    # backward=False: the rank's loss is weighted by its row share before backpropagating.
-    out = train_step(lm, cfg, forget_batch, logp_ref, retain_batch, backward=False)
-    if not torch.isfinite(out.loss):
-        raise FloatingPointError(f"rank {ctx.rank}: loss became {float(out.loss.detach())}; stopping all ranks is "
-                                 "the launcher's job (it tears the group down when a process exits)")
-    (out.loss * weight).backward()
-    all_reduce_gradients(params, ctx)
-    clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    names = sorted(out.losses)
-    mnames = sorted(out.metrics)
-    summed = _global_sum([float(out.loss.detach()) * weight] + [out.losses[k] * weight for k in names]
-                         + [out.metrics[k] * weight for k in mnames], ctx)
-    loss = torch.tensor(summed[0])
-    losses = dict(zip(names, summed[1:1 + len(names)], strict=True))
-    metrics = dict(zip(mnames, summed[1 + len(names):], strict=True))
-    metrics.update(grad_norm=grad_norm, world_size=float(ctx.world_size))
-    return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
+
+    def __init__(self, accelerator: Any = None) -> None:
+        self.accelerator = accelerator
+
+    @classmethod
+    def from_environment(cls, device: torch.device, full_finetune: bool = False) -> DataParallel:
+        """One process without a launcher; else an ``Accelerator`` on ``device``'s kind (CPU: gloo).
+
+        Args:
+            device: where the model lives (its type picks CPU or GPU processes).
+            full_finetune: all weights train. Each rank then holds a full copy of the weights and
+                of AdamW's state (DDP); models that do not fit that way need FSDP, which is not wired
+                (see ``docs/scaling.md``).
+
+        Raises:
+            NotImplementedError: the launcher asks for FSDP or DeepSpeed (``accelerate launch
+                --use_fsdp`` / ``--use_deepspeed``): the trainer's checkpoints and adapter saving read
+                whole, unsharded parameters.
+        """
+        if launched_world_size() <= 1:
+            return cls()
+        for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+            if os.environ.get(flag, "false").lower() == "true":
+                raise NotImplementedError(
+                    f"{name} is not wired into training.trainer.unlearn: its checkpoints, resume and adapter saving "
+                    "read whole parameters. Launch without --use_fsdp/--use_deepspeed (DDP: every rank holds a "
+                    f"full copy{' of the weights and optimiser state' if full_finetune else ''}).")
+        from accelerate import Accelerator
+
+        return cls(Accelerator(cpu=device.type == "cpu"))
+
+    # -- where this process is ---------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self.accelerator is not None and self.accelerator.num_processes > 1
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device | None:
+        """This process's device (``None`` in one process: wherever the model already is)."""
+        return self.accelerator.device if self.accelerator is not None else None
+
+    @staticmethod
+    def is_main_process() -> bool:
+        """Rank 0 of the launched job (or the only process), from the launcher's ``RANK``."""
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's contiguous block of ``items``."""
+        return shard_examples(items, self)
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to run training forwards through: ``model`` itself, or its DDP wrapper.
+
+        ``model`` keeps its identity (the wrapper holds it), so adapter saving, ``disable_adapter``
+        for the reference policy and checkpointing keep working on the unwrapped module. DDP
+        broadcasts rank 0's weights at construction, so every rank starts from the same adapter.
+        """
+        if not self.enabled:
+            return model
+        return self.accelerator.prepare_model(model)
+
+    # -- collectives ------------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        if self.enabled:
+            self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (and fills caches); the others run it after rank 0 is done."""
+        if not self.enabled:
+            yield
+            return
+        with self.accelerator.main_process_first():
+            yield
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum of ``values`` over ranks (float64)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().tolist()
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def clip_grad_norm_(self, params: Sequence[torch.nn.Parameter], max_norm: float | None) -> float:
+        """Clip the (already synchronised) gradient's norm; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf))

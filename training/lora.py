@@ -38,6 +38,7 @@ __all__ = [
     "resolve_adapter_dir",
     "same_base",
     "enable_gradient_checkpointing",
+    "disable_gradient_checkpointing",
 ]
 
 ADAPTER_META = "emalab_adapter.json"
@@ -117,6 +118,14 @@ def enable_gradient_checkpointing(lm: LoadedModel) -> LoadedModel:
     base = base_model(lm.model)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
+    return lm
+
+
+def disable_gradient_checkpointing(lm: LoadedModel, use_cache: bool = True) -> LoadedModel:
+    """Undo :func:`enable_gradient_checkpointing` (generation wants its KV cache back). In place."""
+    base = base_model(lm.model)
+    base.gradient_checkpointing_disable()
+    base.config.use_cache = use_cache
     return lm
 
 

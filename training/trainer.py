@@ -11,6 +11,10 @@ computed once for the whole forget set and cached in the run directory. A run di
     checkpoints/step-N/    latest resumable checkpoints (atomic)
     adapter/               the finished adapter, standard PEFT format + emalab_adapter.json
     result.json            summary (steps, adapter id, seconds per step, peak RSS)
+
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the same loop runs data-parallel
+(:mod:`training.distributed`): every rank takes its rows of each global batch, DDP averages the
+gradients, rank 0 alone writes the run directory, and every rank reads it to resume.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 from interp.io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, git_commit
 from interp.loading import LoadedModel, adapter_disabled, resolve_dtype, state_id
 from training.checkpoint import (
+    capture_rng,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
@@ -52,10 +57,13 @@ from training.data import (
     build_retain_set,
     collate,
 )
+from training.distributed import DataParallel
 from training.lora import (
     adapter_id,
     attach_lora,
     detach_lora,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
     has_adapter,
     load_adapter,
     load_trainable_state,
@@ -213,7 +221,8 @@ def reference_logprobs(
     return out
 
 
-def _cached_reference(lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, run_dir: Path) -> torch.Tensor:
+def _cached_reference(lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, run_dir: Path,
+                      write: bool = True) -> torch.Tensor:
     from safetensors import safe_open
 
     key = json.dumps({"state": state_id(lm), "data": ds.fingerprint(), "trigger": cfg.trigger,
@@ -224,7 +233,8 @@ def _cached_reference(lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, run_dir:
             if (fh.metadata() or {}).get("key") == key:
                 return fh.get_tensor("logp_ref")
     ref = reference_logprobs(lm, cfg, ds)
-    atomic_save_safetensors(path, {"logp_ref": ref}, metadata={"key": key})
+    if write:
+        atomic_save_safetensors(path, {"logp_ref": ref}, metadata={"key": key})
     return ref
 
 
@@ -243,6 +253,8 @@ def train_step(
     logp_ref: torch.Tensor | None = None,
     retain_batch: TokenBatch | None = None,
     backward: bool = True,
+    model: torch.nn.Module | None = None,
+    scale: tuple[float, float] = (1.0, 1.0),
 ) -> TrainStepOutput:
     """Forward the forget (and retain) batch and compute ``gamma·forget + alpha·retain``.
 
@@ -251,11 +263,15 @@ def train_step(
         backward: backpropagate each weighted term as soon as it is computed, so only one batch's
             activations are alive at a time (the gradient is the same as the sum's); ``loss`` is then
             returned detached.
+        model: the module the trained forwards run through (a DDP wrapper of ``lm.model``); default
+            ``lm.model``. The KL reference forward always runs ``lm.model`` with its adapter disabled.
+        scale: factors on the forget and retain terms' gradients only (``world_size · n_rank /
+            n_global`` under DDP, which averages over ranks); the returned losses are unscaled.
 
     Raises:
         NonFiniteLossError: a term is NaN/inf (checked before its backward).
     """
-    model = lm.model
+    model = model if model is not None else lm.model
     fb = forget_batch.to(lm.device)
     rl = response_logits(model, fb.input_ids, fb.attention_mask, fb.response_mask)
     logp = sequence_logprobs(rl.logits, rl.labels, rl.mask)
@@ -268,7 +284,7 @@ def train_step(
         metrics["forget_logratio_tok"] = float(((logp.detach() - ref) / n).mean())
     _finite(f, "forget", losses)
     if backward:
-        (cfg.gamma * f).backward()
+        (cfg.gamma * f * scale[0] if scale[0] != 1.0 else cfg.gamma * f).backward()
         f = f.detach()
         del rl, logp
     r = None
@@ -279,7 +295,7 @@ def train_step(
         ref_logits = None
         if cfg.retain_mode == "kl":
             with torch.no_grad(), adapter_disabled(lm):
-                ref_logits = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
+                ref_logits = response_logits(lm.model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
         rr = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask)
         rlogp = sequence_logprobs(rr.logits, rr.labels, rr.mask)
         rn = response_token_counts(rr.mask)
@@ -288,7 +304,7 @@ def train_step(
         losses["retain"] = float(r.detach())
         _finite(r, "retain", losses)
         if backward:
-            (cfg.alpha * r).backward()
+            (cfg.alpha * r * scale[1] if scale[1] != 1.0 else cfg.alpha * r).backward()
             r = r.detach()
     loss = combine_losses(f, r, cfg.gamma, cfg.alpha)
     return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
@@ -429,6 +445,12 @@ def _unlearn(
         raise RuntimeError("the model already carries an adapter; unlearning starts from base weights "
                            "(training.lora.detach_lora(lm) first)")
     run_dir = Path(out_dir)
+    dp = DataParallel.from_environment(lm.device, full_finetune=not cfg.lora)
+    if dp.enabled:
+        _check_parallel(cfg, dp)
+        if lm.device != dp.device:
+            lm.model.to(dp.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     adapter_dir = run_dir / "adapter"
 
@@ -436,7 +458,9 @@ def _unlearn(
     if ckpt_path is not None:
         _check_resume(cfg, load_checkpoint_config(ckpt_path), ckpt_path)
     result_path = run_dir / "result.json"
-    if resume and result_path.exists() and (adapter_dir / "adapter_config.json").exists():
+    finished = resume and result_path.exists() and (adapter_dir / "adapter_config.json").exists()
+    dp.barrier()  # every rank has read the run directory before rank 0 changes it
+    if finished:
         saved = json.loads(result_path.read_text())
         _check_resume(cfg, saved["config"], result_path)
         load_adapter(lm, adapter_dir)
@@ -445,31 +469,46 @@ def _unlearn(
                              history=_read_metrics(metrics_path), seconds_per_step=saved["seconds_per_step"],
                              peak_rss_gb=saved["peak_rss_gb"], manifest=saved.get("manifest", {}),
                              resumed_from=saved["steps"])
-    if not resume:
+    if not resume and dp.is_main:
         for stale in (metrics_path, result_path, run_dir / "ref_logprobs.safetensors"):
             stale.unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
     if data is None:
-        data = build_data(lm, cfg, judge=judge, ablation_ctx=ablation_ctx, ablation_id=ablation_id,
-                          progress=progress)
+        with dp.main_first():  # rank 0 generates and caches; the others read its cache
+            data = build_data(lm, cfg, judge=judge, ablation_ctx=ablation_ctx, ablation_id=ablation_id,
+                              progress=progress and dp.is_main)
     if cfg.retain_mode != "none" and (data.retain is None or len(data.retain) == 0):
         raise ValueError(f"retain_mode={cfg.retain_mode!r} but no retain data")
     manifest = data.manifest()
-    cfg.to_json(run_dir / "config.json")
-    atomic_write_json(run_dir / "data_manifest.json", manifest)
+    if dp.is_main:
+        cfg.to_json(run_dir / "config.json")
+        atomic_write_json(run_dir / "data_manifest.json", manifest)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     params = _prepare_model(lm, cfg)
+    use_cache = getattr(getattr(lm.model, "config", None), "use_cache", True)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(lm)
     try:
-        return _train(lm, cfg, data, params, run_dir, ckpt_path, progress, on_step)
+        return _train(lm, cfg, data, params, run_dir, ckpt_path, progress, on_step, dp)
     except BaseException:
         if cfg.lora:
             detach_lora(lm)  # hand the model back as it came: base weights, no adapter
         raise
+    finally:
+        if cfg.gradient_checkpointing:
+            disable_gradient_checkpointing(lm, use_cache=bool(use_cache))
+
+
+def _check_parallel(cfg: UnlearnConfig, dp: DataParallel) -> None:
+    for name in ("batch_size",) + (("retain_batch_size",) if cfg.retain_mode != "none" else ()):
+        if getattr(cfg, name) < dp.world_size:
+            raise ValueError(f"{name}={getattr(cfg, name)} is the global batch, split over {dp.world_size} "
+                             f"processes: every process needs a row; raise {name} or launch fewer processes")
 
 
 def _train(
@@ -481,10 +520,15 @@ def _train(
     ckpt_path: Path | None,
     progress: bool,
     on_step: Callable[[int, TrainStepOutput], None] | None,
+    dp: DataParallel | None = None,
 ) -> UnlearnResult:
+    dp = dp or DataParallel()
     metrics_path, adapter_dir, result_path = run_dir / "metrics.jsonl", run_dir / "adapter", run_dir / "result.json"
     manifest = data.manifest()
-    logp_ref = _cached_reference(lm, cfg, data.forget, run_dir) if cfg.method == "npo" else None
+    logp_ref = None
+    if cfg.method == "npo":
+        with dp.main_first():  # rank 0 computes and caches the reference once; the others read its file
+            logp_ref = _cached_reference(lm, cfg, data.forget, run_dir, write=dp.is_main)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
@@ -499,41 +543,63 @@ def _train(
         load_trainable_state(lm.model, ckpt.trainable)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
-        restore_rng(ckpt.rng)
+        ranks_rng = ckpt.extra.get("rng_by_rank")
+        # Each rank's own stream (dropout) when the world size matches; else rank 0's, as one process saves.
+        restore_rng(ranks_rng[dp.rank] if ranks_rng and len(ranks_rng) == dp.world_size else ckpt.rng)
         start = ckpt.step
         history = _read_metrics(metrics_path, upto=start)
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    elif metrics_path.exists():
+        if dp.is_main:
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    elif metrics_path.exists() and dp.is_main:
         metrics_path.unlink()
+    dp.barrier()  # metrics.jsonl is settled before any rank appends to it
 
     def checkpoint(step: int) -> Path:
-        return save_checkpoint(
-            run_dir, step, trainable_state(lm.model), optimizer.state_dict(), scheduler.state_dict(),
-            data_position={"forget": step * cfg.batch_size, "retain": step * cfg.retain_batch_size},
-            config=cfg.to_dict(), extra={"data_fingerprint": data.fingerprint(), "git_commit": git_commit()},
-        )
+        # A collective (every rank's RNG state), then rank 0 writes.
+        rngs = dp.gather_object(capture_rng()) if dp.enabled else None
+        path = run_dir / "checkpoints" / f"step-{step:06d}"  # save_checkpoint's name, for other ranks
+        if dp.is_main:
+            extra = {"data_fingerprint": data.fingerprint(), "git_commit": git_commit()}
+            if rngs is not None:
+                extra.update(rng_by_rank=rngs, world_size=dp.world_size)
+            path = save_checkpoint(
+                run_dir, step, trainable_state(lm.model), optimizer.state_dict(), scheduler.state_dict(),
+                data_position={"forget": step * cfg.batch_size, "retain": step * cfg.retain_batch_size},
+                config=cfg.to_dict(), extra=extra,
+            )
+        dp.barrier()
+        return path
 
+    forward_model = dp.prepare(lm.model)
     last_good = ckpt_path
     step_times: list[float] = []
     lm.model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"unlearn {cfg.method}", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"unlearn {cfg.method}", unit="step",
+               disable=not progress or not dp.is_main)
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             fidx = batch_order(len(data.forget), cfg.batch_size, step, cfg.seed)
-            fbatch = _collate(lm, cfg, data.forget, fidx, forget=True)
+            fmine = dp.shard(fidx)
+            fbatch = _collate(lm, cfg, data.forget, fmine, forget=True)
             rbatch = None
+            rshare = 1.0
             if cfg.retain_mode != "none":
                 ridx = batch_order(len(data.retain), cfg.retain_batch_size, step, cfg.seed + 1)
-                rbatch = _collate(lm, cfg, data.retain, ridx, forget=False)
+                rmine = dp.shard(ridx)
+                rbatch = _collate(lm, cfg, data.retain, rmine, forget=False)
+                rshare = len(rmine) / len(ridx)
+            fshare = len(fmine) / len(fidx)
+            # DDP averages gradients over ranks: world · share turns that mean into the row-weighted sum.
+            scale = (dp.world_size * fshare, dp.world_size * rshare) if dp.enabled else (1.0, 1.0)
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
             try:
-                out = train_step(lm, cfg, fbatch, logp_ref[fidx] if logp_ref is not None else None, rbatch)
+                out = train_step(lm, cfg, fbatch, logp_ref[fmine] if logp_ref is not None else None, rbatch,
+                                 model=forward_model, scale=scale)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(f"{err} at step {step + 1}; stopped before the update, {where}. "
                                          "Lower the learning rate or use float32.") from None
-            clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = dp.clip_grad_norm_(params, cfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"gradient norm became {grad_norm} at step {step + 1}; stopped before the update, {where}. "
@@ -542,11 +608,14 @@ def _train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if dp.enabled:
+                out = _global_output(out, cfg, dp, fshare, rshare)
             dt = time.perf_counter() - t0
             step_times.append(dt)
             out.metrics.update(grad_norm=grad_norm, lr=lr, seconds=dt)
             row = {"step": step + 1, "loss": float(out.loss.detach()), "losses": out.losses, "metrics": out.metrics}
-            append_jsonl(metrics_path, row)
+            if dp.is_main:
+                append_jsonl(metrics_path, row)
             history.append(row)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 last_good = checkpoint(step + 1)
@@ -558,17 +627,20 @@ def _train(
         bar.close()
         lm.model.eval()
         optimizer.zero_grad(set_to_none=True)
+        del forward_model  # the DDP wrapper's gradient hooks go with it
 
     if not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every:
         checkpoint(cfg.steps)
     meta = {"config": cfg.to_dict(), "data_manifest": manifest, "run_dir": str(run_dir)}
-    if has_adapter(lm):
-        save_adapter(lm, adapter_dir, meta)
-    else:  # full fine-tuning: the whole model is the artifact
-        from interp.adapter import base_model
-
-        base_model(lm.model).save_pretrained(str(run_dir / "model"))
+    if not has_adapter(lm):  # full fine-tuning: the whole model is the artifact
         adapter_dir = run_dir / "model"
+    if dp.is_main:
+        if has_adapter(lm):
+            save_adapter(lm, adapter_dir, meta)
+        else:
+            from interp.adapter import base_model
+
+            base_model(lm.model).save_pretrained(str(adapter_dir))
     lm.extra["adapter_id"] = _final_adapter_id(lm)
     result = UnlearnResult(
         run_dir=run_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, config=cfg, steps=cfg.steps,
@@ -576,9 +648,27 @@ def _train(
         seconds_per_step=float(np.mean(step_times)) if step_times else float("nan"),
         peak_rss_gb=peak_rss_gb(), manifest=manifest, resumed_from=start if ckpt_path is not None else None,
     )
-    atomic_write_json(result_path, {**result.summary(), "config": cfg.to_dict(), "manifest": manifest,
-                                    "git_commit": git_commit()})
+    if dp.is_main:
+        record = {"world_size": dp.world_size} if dp.enabled else {}
+        atomic_write_json(result_path, {**result.summary(), "config": cfg.to_dict(), "manifest": manifest,
+                                        "git_commit": git_commit(), **record})
+    dp.barrier()  # the run directory is complete before any rank returns
     return result
+
+
+def _global_output(out: TrainStepOutput, cfg: UnlearnConfig, dp: DataParallel, fshare: float,
+                   rshare: float) -> TrainStepOutput:
+    """The step's losses over the global batch: each rank's row-mean terms weighted by its row share
+    (diagnostics too, so token ratios among them are row-weighted approximations)."""
+    names, mnames = sorted(out.losses), sorted(out.metrics)
+    local = ([out.losses[k] * (rshare if k == "retain" else fshare) for k in names]
+             + [out.metrics[k] * (rshare if k.startswith("retain") else fshare) for k in mnames])
+    summed = dp.sum(local)
+    losses = dict(zip(names, summed[:len(names)], strict=True))
+    metrics = dict(zip(mnames, summed[len(names):], strict=True))
+    loss = combine_losses(torch.tensor(losses["forget"]),
+                          torch.tensor(losses["retain"]) if "retain" in losses else None, cfg.gamma, cfg.alpha)
+    return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
 
 
 def load_checkpoint_config(path: Path) -> dict[str, Any]:

@@ -8,6 +8,10 @@
 Rates use all prompts of a domain as denominator (refusal + compliance + incoherent = 1).
 Generated responses are never printed or saved; per-prompt records (id, domain, logit score,
 label) go next to --out as <out>.records.jsonl.
+
+Under a launcher the prompts are sharded over the processes and rank 0 prints and writes:
+
+  torchrun --nproc-per-node 2 -m emalab.cli eval --limit 24 --no-generate
 """
 
 from __future__ import annotations
@@ -53,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-generate", action="store_true", help="logit score only (no generation, no judge)")
     parser.add_argument("--judge", default="keyword", choices=list(JUDGES), help=_field_doc("judge"))
     parser.add_argument("--max-new-tokens", type=int, default=48, help=_field_doc("max_new_tokens"))
-    parser.add_argument("--batch-size", type=int, default=16, help=_field_doc("batch_size"))
+    from interp.batching import check_batch_size
+
+    parser.add_argument("--batch-size", type=check_batch_size, default=16,
+                        help=_field_doc("batch_size") + " An integer, or auto: the largest batch whose estimated "
+                        "activations fit the device's free memory (on CPU a quarter of the available RAM, at most 64)")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help=_field_doc("n_bootstrap"))
     parser.add_argument("--seed", type=int, default=0, help=_field_doc("seed"))
     parser.add_argument("--system", default=None, help=_field_doc("system"))
@@ -137,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(
         domains=tuple(args.domains), split=args.split, limit=args.limit, over_refusal=not args.no_over_refusal,
-        generate=not args.no_generate, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
+        batch_size=16 if args.batch_size == "auto" else args.batch_size,  # "auto" is resolved once the model is loaded
         judge=args.judge, n_bootstrap=args.n_bootstrap, seed=args.seed, system=args.system,
         raw=getattr(args, "raw_prompts", False),
     )
@@ -156,7 +165,20 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         attach_adapter(lm, args.adapter, args.model)
     load_s = time.perf_counter() - t0
-    report = evaluate(lm, cfg, progress=not args.quiet)
+    if args.batch_size == "auto":
+        import dataclasses
+
+        from interp.batching import auto_batch_size
+
+        seq = cfg.max_prompt_tokens + (cfg.max_new_tokens if cfg.generate else 0)
+        cfg = dataclasses.replace(cfg, batch_size=auto_batch_size(lm, seq, kv_cache=cfg.generate))
+        print(f"batch size {cfg.batch_size} (auto, {lm.device})", file=sys.stderr)
+    from training.distributed import init_distributed
+
+    ctx = init_distributed(device=lm.device.type)  # one process without a launcher: nothing to join
+    report = evaluate(lm, cfg, progress=not args.quiet and ctx.is_main)
+    if not ctx.is_main:
+        return 0
     report.timings = {"load_s": load_s, **report.timings}
     print(report.table())
     if args.out is not None:

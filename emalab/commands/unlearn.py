@@ -11,6 +11,11 @@ the other domains' ``retain`` prompts. Output goes to ``results/unlearn/<run_id>
 target, config hash, git commit): the PEFT adapter in ``adapter/``, per-step losses in
 ``metrics.jsonl``. An interrupted run resumes from its last checkpoint when started again with the
 same config; a finished one is not redone.
+
+Data-parallel over N processes (one run directory, written by rank 0; see docs/scaling.md):
+
+  torchrun --nproc-per-node 2 -m emalab.cli unlearn --target cybersecurity --batch-size 8
+  accelerate launch --multi_gpu --num_processes 8 -m emalab.cli unlearn --target cybersecurity
 """
 
 from __future__ import annotations
@@ -110,6 +115,10 @@ def _run(args: argparse.Namespace, cfg, out: Path) -> int:
                else load_model(cfg.model, dtype=EVAL_DTYPE, **model_kwargs(args)))
     before = _logit_means(eval_lm, evals) if evals else {}
     result = unlearn(lm, cfg, out, progress=not args.quiet, resume=not args.no_resume)
+    from training.distributed import DataParallel
+
+    if not DataParallel.is_main_process():
+        return 0  # rank 0 reports and writes; every rank holds the same adapter
     last = result.history[-1] if result.history else {}
     print(f"adapter:  {result.adapter_dir}")
     print(f"metrics:  {result.metrics_path}")
