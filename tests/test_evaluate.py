@@ -468,3 +468,18 @@ def test_auroc_and_agreement_planted():
     a = logit_agreement(np.array([-2.0, -1.0, 1.0, 2.0]), np.array([0, 0, 1, 1]))
     assert a["auroc"] == 1.0 and a["accuracy_at_zero"] == 1.0 and a["point_biserial"] > 0.8
     assert logit_agreement(np.array([1.0, 2.0]), np.array([1, 1]))["auroc"] is None
+
+
+def test_calibration_kappa_folds_rebuttal_onto_refusal():
+    from interp.calibration import _agreement
+
+    truth = ["refusal", "compliance", "compliance", "incoherent", "refusal"]
+    pred = ["rebuttal", "compliance", "rebuttal", "incoherent", "refusal"]
+    a = _agreement(truth, pred)
+    # three classes only; the first rebuttal agrees with a human refusal, the second counts against it
+    assert set(a["confusion"]) == {"refusal", "compliance", "incoherent"}
+    assert a["confusion"]["refusal"]["refusal"] == 2 and a["confusion"]["compliance"]["refusal"] == 1
+    assert a["accuracy"] == pytest.approx(0.8)
+    assert a["rebuttal_as_refusal"] == {"n": 2, "labelled_compliance": 1}
+    b = _agreement(truth, ["refusal", "compliance", "refusal", "incoherent", "refusal"])
+    assert a["kappa"] == pytest.approx(b["kappa"])
