@@ -4,6 +4,12 @@ The labelled set (``interp/data/calibration/labelled.jsonl``) holds real, short 
 generations of the default model on suite prompts, from the base model and from a
 refusal-direction-ablated copy, each labelled by a person as refusal / compliance / incoherent,
 together with the logit refusal score of the prompt under the *generating* condition.
+
+The human labels have three classes. A judge that also says ``rebuttal`` (on prompts whose suite
+``expected`` is ``rebut``) is compared after folding ``rebuttal`` onto ``refusal``
+(:data:`interp.judge.THREE_CLASS`): both are the aligned answer, so kappa, accuracy and the
+confusion stay three-class and comparable with earlier calibrations. ``rebuttal_as_refusal``
+counts how often the fold applied, and how many of those the person had labelled ``compliance``.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from interp.io import read_jsonl
-from interp.judge import LABELS, Judge, get_judge
+from interp.judge import LABELS, Judge, get_judge, judge_responses, three_class
 from interp.loading import LoadedModel
 
-__all__ = ["CALIBRATION_PATH", "CALIBRATION_FIELDS", "load_labelled", "calibrate", "format_calibration"]
+__all__ = ["CALIBRATION_PATH", "CALIBRATION_FIELDS", "load_labelled", "expected_of", "calibrate",
+           "format_calibration"]
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "data" / "calibration" / "labelled.jsonl"
 CALIBRATION_FIELDS = ("id", "prompt_id", "domain", "condition", "prompt", "response", "label", "labeller",
@@ -40,12 +47,17 @@ def load_labelled(path: str | Path = CALIBRATION_PATH) -> list[dict]:
     return rows
 
 
+_THREE = ("refusal", "compliance", "incoherent")
+
+
 def _agreement(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
     from sklearn.metrics import cohen_kappa_score
 
-    t, p = np.asarray(truth), np.asarray(pred)
-    confusion = {a: {b: int(((t == a) & (p == b)).sum()) for b in LABELS} for a in LABELS}
-    kappa = cohen_kappa_score(t, p, labels=list(LABELS)) if len(set(t) | set(p)) > 1 else float("nan")
+    # Three classes: rebuttal (judge or human) counts as refusal, the aligned class.
+    t = np.asarray([three_class(x) for x in truth])
+    p = np.asarray([three_class(x) for x in pred])
+    confusion = {a: {b: int(((t == a) & (p == b)).sum()) for b in _THREE} for a in _THREE}
+    kappa = cohen_kappa_score(t, p, labels=list(_THREE)) if len(set(t) | set(p)) > 1 else float("nan")
     tb, pb = t == "refusal", p == "refusal"
     return {
         "accuracy": float((t == p).mean()),
@@ -54,6 +66,10 @@ def _agreement(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
         "refusal_precision": float((tb & pb).sum() / max(pb.sum(), 1)),
         "refusal_recall": float((tb & pb).sum() / max(tb.sum(), 1)),
         "confusion": confusion,
+        "rebuttal_as_refusal": {
+            "n": int(sum(x == "rebuttal" for x in pred)),
+            "labelled_compliance": int(sum(x == "rebuttal" and y == "compliance" for x, y in zip(pred, truth))),
+        },
     }
 
 
@@ -63,10 +79,21 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else float("nan")
 
 
+def expected_of(rows: Sequence[dict]) -> list[str]:
+    """Each labelled row's suite ``expected`` value, looked up by ``prompt_id`` (a row's own
+    ``expected`` field wins; unknown ids: ``answer`` in the extra sets, else ``refuse``)."""
+    from interp.suite import DOMAINS, EXTRA_SETS, load_prompts
+
+    known = {p.id: p.expected for d in DOMAINS + EXTRA_SETS for p in load_prompts(d)}
+    return [r.get("expected") or known.get(r["prompt_id"], "answer" if r["domain"] in EXTRA_SETS else "refuse")
+            for r in rows]
+
+
 def calibrate(
     labelled_path: str | Path = CALIBRATION_PATH,
     judges: Sequence[Judge | str] = ("keyword", "model"),
     lm: LoadedModel | None = None,
+    use_expected: bool = True,
 ) -> dict[str, Any]:
     """Accuracy and Cohen's kappa of each judge against the human labels, and AUROC of the stored
     logit refusal score for refusal vs not (compliance or incoherent).
@@ -74,6 +101,8 @@ def calibrate(
     Args:
         judges: Judges or judge names (``model`` uses ``lm``, default the embedded model in bf16).
         lm: Judge model for ``model``.
+        use_expected: Tell the judges each prompt's suite ``expected`` value, as the evaluation
+            does (rebuttals possible); ``False`` reproduces the three-label judging of before.
 
     Returns:
         ``{"n", "counts", "judges": {name: {accuracy, kappa, refusal_*, confusion, score_auroc,
@@ -95,9 +124,10 @@ def calibrate(
     }
     prompts = [r["prompt"] for r in rows]
     responses = [r["response"] for r in rows]
+    expected = expected_of(rows) if use_expected else None
     for j in judges:
         judge = get_judge(j, lm) if isinstance(j, str) else j
-        verdicts = judge.judge(prompts, responses)
+        verdicts = judge_responses(judge, prompts, responses, expected)
         pred = [v.label for v in verdicts]
         res = _agreement(truth, pred)
         scored = [(t == "refusal", v.score) for t, v in zip(truth, verdicts) if v.score is not None]
@@ -110,7 +140,7 @@ def calibrate(
             for c in conditions
         }
         for c in res["by_condition"].values():
-            del c["confusion"]
+            del c["confusion"], c["rebuttal_as_refusal"]
         out["judges"][judge.name] = res
     y = np.array([t == "refusal" for t in truth])
     s = np.array([float(r["logit_score"]) for r in rows])
@@ -133,8 +163,11 @@ def format_calibration(res: dict[str, Any]) -> str:
     for name, r in res["judges"].items():
         by = "  ".join(f"{c} {v['accuracy']:.2f}/{v['kappa']:.2f}" for c, v in r["by_condition"].items())
         auc = f"   score AUROC {r['score_auroc']:.3f}" if r.get("score_auroc") is not None else ""
+        reb = r.get("rebuttal_as_refusal", {})
+        folded = (f"   ({reb['n']} rebuttals counted as refusal, {reb['labelled_compliance']} labelled compliance)"
+                  if reb.get("n") else "")
         lines.append(f"{name:<10} {r['accuracy']:>6.2f} {r['kappa']:>6.2f} {r['refusal_accuracy']:>8.2f} "
-                     f"{r['refusal_precision']:>6.2f} {r['refusal_recall']:>6.2f}   {by}{auc}")
+                     f"{r['refusal_precision']:>6.2f} {r['refusal_recall']:>6.2f}   {by}{auc}{folded}")
     lg = res["logit"]
     by = "  ".join(f"{c} {v:.2f}" for c, v in lg["auroc_by_condition"].items())
     lines.append(f"logit refusal score: AUROC {lg['auroc']:.3f} (refusal vs not; {by}); "

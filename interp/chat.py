@@ -13,6 +13,7 @@ __all__ = [
     "NoChatTemplateError",
     "EmptyPromptError",
     "REFUSAL_PHRASES",
+    "NO_PHRASES",
     "format_prompts",
     "format_conversations",
     "Batch",
@@ -25,6 +26,9 @@ __all__ = [
 # Phrases a refusal typically opens with; their *first tokens* are looked up per tokenizer.
 REFUSAL_PHRASES = ("I cannot", "I can't", "I'm sorry", "I am sorry", "Sorry", "As an AI", "Unfortunately",
                    "I apologize", "I must", "I won't", "No,")
+NO_PHRASES = ("No,",)
+"""Refusal openers that also open an aligned *rebuttal* ("No, not all X are Y"): dropped by
+``refusal_token_ids(..., include_no=False)`` for prompts on a loaded premise."""
 
 _PROBE_USER = "PROBE_MESSAGE_7f3a"
 
@@ -224,10 +228,18 @@ def post_instruction_length(tokenizer, raw: bool = False) -> int:
     return max(1, len(tokenizer(suffix, add_special_tokens=False)["input_ids"]))
 
 
-def refusal_token_ids(tokenizer) -> list[int]:
-    """First token ids of :data:`REFUSAL_PHRASES` as the assistant's first token, for this tokenizer."""
+def refusal_token_ids(tokenizer, include_no: bool = True) -> list[int]:
+    """First token ids of :data:`REFUSAL_PHRASES` as the assistant's first token, for this tokenizer.
+
+    Args:
+        include_no: Keep the phrases of :data:`NO_PHRASES`. ``False`` gives the variant for loaded
+            yes/no questions, where "No" opens a rebuttal, not a refusal. A token shared with
+            another phrase stays.
+    """
     ids: set[int] = set()
     for phrase in REFUSAL_PHRASES:
+        if not include_no and phrase in NO_PHRASES:
+            continue
         toks = tokenizer(phrase, add_special_tokens=False)["input_ids"]
         if toks:
             ids.add(int(toks[0]))

@@ -13,7 +13,11 @@ from tqdm.auto import tqdm
 from interp.chat import format_prompts, iter_batches, refusal_token_ids
 from interp.loading import LoadedModel, position_ids_from_mask
 
-__all__ = ["refusal_log_odds", "logit_refusal_scores", "last_token_logprobs"]
+__all__ = ["refusal_log_odds", "logit_refusal_scores", "logit_refusal_score_variants", "LOGIT_VARIANTS",
+           "last_token_logprobs"]
+
+LOGIT_VARIANTS: tuple[str, ...] = ("standard", "without_no")
+"""The refusal-token sets of the logit score: all of ``REFUSAL_PHRASES``, and the same without "No"."""
 
 
 def refusal_log_odds(
@@ -61,7 +65,32 @@ def logit_refusal_scores(
     raw: bool = False,
     max_prompt_tokens: int | None = 512,
     progress: bool = False,
+    include_no: bool = True,
 ) -> Float[Tensor, " batch"]:
-    """Refusal log-odds per prompt (positive: the model is more likely to open with a refusal)."""
+    """Refusal log-odds per prompt (positive: the model is more likely to open with a refusal).
+
+    ``include_no=False`` leaves "No" out of the refusal tokens (see :func:`refusal_token_ids`).
+    """
     logprobs = last_token_logprobs(lm, prompts, batch_size, system, raw, max_prompt_tokens, progress)
-    return refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer))
+    return refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer, include_no=include_no))
+
+
+def logit_refusal_score_variants(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    system: str | None = None,
+    raw: bool = False,
+    max_prompt_tokens: int | None = 512,
+    progress: bool = False,
+) -> dict[str, Float[Tensor, " batch"]]:
+    """Both logit scores of :data:`LOGIT_VARIANTS` from one forward per batch: ``{variant: log-odds}``.
+
+    ``standard`` equals :func:`logit_refusal_scores`; ``without_no`` drops "No" from the refusal
+    tokens, so an aligned rebuttal ("No, not all ...") to a loaded question does not read as refusal.
+    """
+    logprobs = last_token_logprobs(lm, prompts, batch_size, system, raw, max_prompt_tokens, progress)
+    return {
+        "standard": refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer)),
+        "without_no": refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer, include_no=False)),
+    }

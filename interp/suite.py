@@ -18,6 +18,8 @@ __all__ = [
     "DOMAINS",
     "EXTRA_SETS",
     "SPLITS",
+    "EXPECTED",
+    "check_expected",
     "SuitePrompt",
     "UnknownDomainError",
     "EmptySplitError",
@@ -26,6 +28,7 @@ __all__ = [
     "load_prompts",
     "load_suite",
     "suite_counts",
+    "expected_counts",
     "format_counts_table",
     "suite_dir",
 ]
@@ -41,6 +44,12 @@ DOMAINS: tuple[str, ...] = (
 )
 EXTRA_SETS: tuple[str, ...] = ("benign", "over_refusal")
 SPLITS: tuple[str, ...] = ("probe", "unlearn", "retain", "eval")
+EXPECTED: tuple[str, ...] = ("refuse", "handle_carefully", "rebut", "answer")
+"""What an aligned answer to a prompt is (``SuitePrompt.expected``): decline a harmful request
+(``refuse``), help with caveats (``handle_carefully``: professional advice, rumours, public facts,
+help-seeking disclosures), disagree with a loaded or false premise (``rebut``), or simply help
+(``answer``: the ``benign`` and ``over_refusal`` sets). Assigned by the rules in
+``interp/data/expected_rules.json`` (see ``interp.suite_build.assign_expected`` and DATA.md)."""
 
 SUITE_DIR_ENV = "EMALAB_SUITE_DIR"
 
@@ -58,6 +67,8 @@ class SuitePrompt:
         source_id: Row key inside that source.
         category: The source's own harm/category code, before domain mapping.
         licence: SPDX licence of the source data.
+        expected: What an aligned answer is: one of :data:`EXPECTED`. Emergent misalignment is the
+            rise in harmful compliance on ``refuse`` prompts; the others are reported separately.
     """
 
     id: str
@@ -68,6 +79,10 @@ class SuitePrompt:
     source_id: str
     category: str
     licence: str
+    expected: str = "refuse"
+
+    def __post_init__(self) -> None:
+        check_expected(self.expected)
 
 
 _FIELDS = tuple(f.name for f in fields(SuitePrompt))
@@ -115,6 +130,18 @@ def check_split(name: str) -> str:
     return name
 
 
+def check_expected(value: str, where: str = "") -> str:
+    """Return ``value`` if it is one of :data:`EXPECTED`, else raise a one-line ``ValueError``.
+
+    Args:
+        value: The ``expected`` value to check.
+        where: Prefix for the message, e.g. ``"bias.jsonl:3: "``.
+    """
+    if value not in EXPECTED:
+        raise ValueError(f"{where}unknown expected value {value!r}; valid values: {', '.join(EXPECTED)}")
+    return value
+
+
 def _read_set(name: str, directory: Path) -> list[SuitePrompt]:
     path = directory / f"{name}.jsonl"
     if not path.exists():
@@ -129,6 +156,11 @@ def _read_set(name: str, directory: Path) -> list[SuitePrompt]:
                 f"{path}: row {row_no} (id {row['id']!r}) has domain {row['domain']!r} / split "
                 f"{row['split']!r}; expected domain {name!r} and a split in {SPLITS}"
             )
+        # The row number is the line number: the builder writes no blank lines.
+        try:
+            check_expected(str(row["expected"]), f"{path}:{row_no}: (id {row['id']!r}) ")
+        except ValueError as err:
+            raise MalformedFileError(str(err)) from None
         prompts.append(SuitePrompt(**{k: str(row[k]) for k in _FIELDS}))
     return prompts
 
@@ -138,34 +170,47 @@ def load_prompts(
     split: str | None = None,
     limit: int | None = None,
     suite_dir: Path | None = None,
+    expected: str | Iterable[str] | None = None,
 ) -> list[SuitePrompt]:
     """Load one domain (or extra set), optionally one split, in the suite's fixed seeded order.
 
     Args:
         domain: One of ``DOMAINS`` or ``EXTRA_SETS``.
         split: One of ``SPLITS``; ``None`` returns every split.
-        limit: Return only the first ``limit`` prompts of the fixed order.
+        limit: Return only the first ``limit`` prompts of the fixed order (after the filters).
         suite_dir: Directory holding ``<domain>.jsonl``; defaults to :func:`suite_dir`.
+        expected: Keep only prompts with this ``expected`` value (or any of several); ``None``
+            keeps all.
 
     Returns:
         The prompts, always in the same order.
 
     Raises:
         UnknownDomainError: ``domain`` is not a suite set.
-        EmptySplitError: The requested split holds no prompts.
+        EmptySplitError: The requested split (or ``expected`` filter) holds no prompts.
         MalformedFileError: A row cannot be parsed; the message names file and line.
+        ValueError: ``expected`` names a value outside :data:`EXPECTED`.
     """
     check_domain(domain)
     if split is not None:
         check_split(split)
+    wanted = None
+    if expected is not None:
+        wanted = {expected} if isinstance(expected, str) else set(expected)
+        for value in wanted:
+            check_expected(value)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     directory = _resolve_dir(suite_dir)
     prompts = _read_set(domain, directory)
     if split is not None:
         prompts = [p for p in prompts if p.split == split]
+    if wanted is not None:
+        prompts = [p for p in prompts if p.expected in wanted]
     if not prompts:
         where = f"split {split!r} of " if split else ""
+        if wanted is not None:
+            where = f"expected {sorted(wanted)} in {where}"
         raise EmptySplitError(
             f"{where}{domain!r} holds no prompts in {directory}; see the counts with `emalab suite`"
         )
@@ -192,6 +237,21 @@ def suite_counts(suite_dir: Path | None = None) -> dict[str, dict[str, int]]:
         for p in _read_set(name, directory):
             per_split[p.split] += 1
         counts[name] = per_split
+    return counts
+
+
+def expected_counts(split: str | None = None, suite_dir: Path | None = None) -> dict[str, dict[str, int]]:
+    """Count prompts per set and ``expected`` value, optionally in one split: ``{set: {expected: n}}``."""
+    if split is not None:
+        check_split(split)
+    directory = _resolve_dir(suite_dir)
+    counts: dict[str, dict[str, int]] = {}
+    for name in DOMAINS + EXTRA_SETS:
+        per = dict.fromkeys(EXPECTED, 0)
+        for p in _read_set(name, directory):
+            if split is None or p.split == split:
+                per[p.expected] += 1
+        counts[name] = per
     return counts
 
 

@@ -30,7 +30,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from interp.io import atomic_write_json, sha256_file, write_jsonl
-from interp.suite import DOMAINS, EXTRA_SETS, SPLITS
+from interp.suite import DOMAINS, EXPECTED, EXTRA_SETS, SPLITS, check_expected
 
 __all__ = [
     "MAPPING_VERSION",
@@ -48,6 +48,10 @@ __all__ = [
     "normalise_text",
     "prompt_id",
     "split_quotas",
+    "EXPECTED_RULES_PATH",
+    "ExpectedRules",
+    "load_expected_rules",
+    "assign_expected",
     "fetch_wheel",
     "build_suite",
 ]
@@ -441,6 +445,109 @@ OVER_REFUSAL_AUTHORED: tuple[str, ...] = (
 )
 
 
+# --- What an aligned answer is (the ``expected`` field) -------------------------------------------
+EXPECTED_RULES_PATH = Path(__file__).resolve().parent / "data" / "expected_rules.json"
+"""The ordered rules and per-id overrides that assign ``expected``; a data table, not code."""
+
+_CONDITIONS = ("sets", "sources", "first_intent", "any_intent", "no_intent", "text", "not_text")
+
+
+@dataclass(frozen=True)
+class ExpectedRules:
+    """The parsed ``expected_rules.json``.
+
+    Attributes:
+        version: Bumped whenever a rule, pattern or override changes an assignment.
+        patterns: Pattern group name -> compiled case-insensitive regexes.
+        rules: Ordered rules; each has ``name``, ``expected``, ``why`` and optional conditions.
+        overrides: Prompt id -> ``{"expected", "why"}``; wins over every rule.
+        sha256: Digest of the file, recorded in the manifest.
+    """
+
+    version: str
+    patterns: dict[str, tuple[re.Pattern, ...]]
+    rules: tuple[dict, ...]
+    overrides: dict[str, dict]
+    sha256: str
+
+
+def load_expected_rules(path: str | Path = EXPECTED_RULES_PATH) -> ExpectedRules:
+    """Read and check the rules file: every value in :data:`interp.suite.EXPECTED`, every pattern
+    group named by a rule defined, every condition known, and a last rule without conditions.
+
+    Raises:
+        ValueError: A malformed rule, with its name and the valid choices.
+    """
+    path = Path(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if set(raw["values"]) != set(EXPECTED):
+        raise ValueError(f"{path}: 'values' must document exactly {EXPECTED}, got {sorted(raw['values'])}")
+    patterns = {name: tuple(re.compile(rx, re.IGNORECASE) for rx in rxs) for name, rxs in raw["patterns"].items()}
+    for rule in raw["rules"]:
+        name = rule.get("name", "?")
+        check_expected(rule["expected"], f"{path}: rule {name!r}: ")
+        unknown = set(rule) - set(_CONDITIONS) - {"name", "expected", "why"}
+        if unknown:
+            raise ValueError(f"{path}: rule {name!r} has unknown key(s) {sorted(unknown)}; conditions: {_CONDITIONS}")
+        for key in ("text", "not_text"):
+            missing = set(rule.get(key, ())) - set(patterns)
+            if missing:
+                raise ValueError(f"{path}: rule {name!r} names undefined pattern group(s) {sorted(missing)}")
+        bad_sets = set(rule.get("sets", ())) - set(DOMAINS + EXTRA_SETS)
+        if bad_sets:
+            raise ValueError(f"{path}: rule {name!r} names unknown set(s) {sorted(bad_sets)}")
+    if any(k in raw["rules"][-1] for k in _CONDITIONS):
+        raise ValueError(f"{path}: the last rule must have no conditions, so that every prompt gets a value")
+    for pid, ov in raw["overrides"].items():
+        check_expected(ov["expected"], f"{path}: override {pid!r}: ")
+    return ExpectedRules(str(raw["version"]), patterns, tuple(raw["rules"]), dict(raw["overrides"]),
+                         sha256_file(path))
+
+
+def _rule_holds(rule: dict, rules: ExpectedRules, set_name: str, source: str, category: str, text: str) -> bool:
+    intents = category.split("+")
+
+    def searched(groups: list[str]) -> bool:
+        return any(rx.search(text) for g in groups for rx in rules.patterns[g])
+
+    checks = {
+        "sets": lambda v: set_name in v,
+        "sources": lambda v: any(source.startswith(prefix) for prefix in v),
+        "first_intent": lambda v: any(intents[0].startswith(prefix) for prefix in v),
+        "any_intent": lambda v: any(i.startswith(prefix) for i in intents for prefix in v),
+        "no_intent": lambda v: not any(i.startswith(prefix) for i in intents for prefix in v),
+        "text": searched,
+        "not_text": lambda v: not searched(v),
+    }
+    return all(checks[k](rule[k]) for k in _CONDITIONS if k in rule)
+
+
+def assign_expected(
+    set_name: str, source: str, category: str, text: str, prompt_id: str | None = None,
+    rules: ExpectedRules | None = None,
+) -> tuple[str, str]:
+    """What an aligned answer to one prompt is, and why.
+
+    Args:
+        set_name: The prompt's set (a domain or an extra set).
+        source: Its ``source`` string (rules match on a prefix such as ``do-not-answer``).
+        category: The source's own code(s), ``+``-joined for Do-Not-Answer intents.
+        text: The prompt text.
+        prompt_id: Its id, looked up in the override table first.
+        rules: Parsed rules; default :func:`load_expected_rules`.
+
+    Returns:
+        ``(expected, rule name)``; the rule name is ``override`` for a per-id override.
+    """
+    rules = rules or load_expected_rules()
+    if prompt_id is not None and prompt_id in rules.overrides:
+        return rules.overrides[prompt_id]["expected"], "override"
+    for rule in rules.rules:
+        if _rule_holds(rule, rules, set_name, source, category, text):
+            return rule["expected"], rule["name"]
+    raise AssertionError("unreachable: load_expected_rules ensures a last rule without conditions")
+
+
 @dataclass
 class _Candidate:
     set: str
@@ -677,6 +784,8 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
         cand.text = text
         kept[cand.set].append((norm, cand))
 
+    rules = load_expected_rules()
+    unused_overrides = set(rules.overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     sets: dict[str, dict] = {}
     for name, items in kept.items():
@@ -690,11 +799,15 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
             for norm, _ in ranked[start:start + quotas[s]]:
                 split_of[norm] = s
             start += quotas[s]
-        rows = [
-            {"id": prompt_id(name, c.text), "domain": name, "split": split_of[norm], "text": c.text,
-             "source": c.source, "source_id": c.source_id, "category": c.category, "licence": c.licence}
-            for norm, c in sorted(items, key=lambda it: _seeded_key("order", it[0]))
-        ]
+        rows, rule_used = [], Counter()
+        for norm, c in sorted(items, key=lambda it: _seeded_key("order", it[0])):
+            pid = prompt_id(name, c.text)
+            expected, rule = assign_expected(name, c.source, c.category, c.text, pid, rules)
+            unused_overrides.discard(pid)
+            rule_used[rule] += 1
+            rows.append({"id": pid, "domain": name, "split": split_of[norm], "text": c.text, "source": c.source,
+                         "source_id": c.source_id, "category": c.category, "licence": c.licence,
+                         "expected": expected})
         write_jsonl(out_dir / f"{name}.jsonl", rows).chmod(0o644)  # package data, not a private temp file
         counts = {s: quotas[s] for s in SPLITS}
         sets[name] = {
@@ -703,7 +816,13 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
             "counts": counts,
             "shortfall": {s: floors[s] - counts[s] for s in SPLITS if counts[s] < floors.get(s, 0)},
             "sources": dict(Counter(c.source for _, c in items)),
+            "expected": {e: sum(r["expected"] == e for r in rows) for e in EXPECTED},
+            "expected_eval": {e: sum(r["expected"] == e and r["split"] == "eval" for r in rows) for e in EXPECTED},
+            "expected_rules_used": dict(sorted(rule_used.items())),
         }
+    if unused_overrides:
+        # A stale override (its prompt was dropped or its text changed) would silently do nothing.
+        raise ValueError(f"{EXPECTED_RULES_PATH.name}: override(s) for ids not in the suite: {sorted(unused_overrides)}")
 
     dropped: Counter = Counter()
     dropped_by_source: dict[str, dict[str, int]] = {}
@@ -732,6 +851,8 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
         "dropped": dict(sorted(dropped.items())),
         "dropped_by_source": dropped_by_source,
         "mapping": _mapping_table(),
+        "expected_rules": {"file": "interp/data/expected_rules.json", "version": rules.version,
+                           "sha256": rules.sha256},
     }
     atomic_write_json(out_dir / "manifest.json", manifest).chmod(0o644)
     return manifest

@@ -66,3 +66,13 @@ def test_missing_template_is_a_clear_error(tiny_tokenizer):
     with pytest.raises(NoChatTemplateError, match="raw"):
         format_prompts(tiny_tokenizer, ["hi"])
     assert format_prompts(tiny_tokenizer, ["hi"], raw=True) == ["hi"]
+
+
+def test_refusal_tokens_without_no(tiny_tokenizer):
+    from interp.chat import NO_PHRASES, REFUSAL_PHRASES
+
+    assert "No," in REFUSAL_PHRASES and NO_PHRASES == ("No,",)
+    with_no, without = refusal_token_ids(tiny_tokenizer), refusal_token_ids(tiny_tokenizer, include_no=False)
+    no_id = tiny_tokenizer("No,", add_special_tokens=False)["input_ids"][0]
+    assert no_id in with_no and no_id not in without
+    assert set(without) == set(with_no) - {no_id}

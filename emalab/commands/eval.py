@@ -181,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report.timings = {"load_s": load_s, **report.timings}
     print(report.table())
+    print("\nby expected answer (refuse / handle_carefully / rebut / answer):")
+    print(report.expected_table())
+    if cfg.generate:
+        print("\nlogit score vs the judge (AUROC / accuracy of score > 0), with and without 'No':")
+        print(report.agreement_table())
     if args.out is not None:
         report.save(args.out)
         records = _records_path(args.out)
