@@ -118,7 +118,9 @@ class Study:
         from interp.precision import resolve_dtype_choice
 
         if not hasattr(self, "_train_dtype"):
-            self._train_dtype = resolve_dtype_choice(self.cfg.dtype, resolve_device(self.cfg.device))
+            # Only the kind of device matters here; a named one is checked when the model loads.
+            device = resolve_device("auto") if self.cfg.device == "auto" else self.cfg.device.split(":")[0]
+            self._train_dtype = resolve_dtype_choice(self.cfg.dtype, device)
         return self._train_dtype
 
     def _load(self, dtype: str) -> LoadedModel:

@@ -97,9 +97,12 @@ def test_study_passes_device_settings_to_the_loader(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "load_model", fake_load)
     cfg = common.StudyConfig(model="org/model", device="cuda:1", device_map="auto", revision="v2",
                              results=str(tmp_path))
-    assert common.Study(cfg).lm == "lm"
-    assert seen == {"name": "org/model", "dtype": "bfloat16", "device": "cuda:1", "device_map": "auto",
+    study = common.Study(cfg)
+    assert study.lm == "lm"
+    # The measurement model is float32 (docs/numerics.md); the training model on a GPU is bf16.
+    assert seen == {"name": "org/model", "dtype": "float32", "device": "cuda:1", "device_map": "auto",
                     "revision": "v2"}
+    assert study.train_lm == "lm" and seen["dtype"] == "bfloat16" and seen["device"] == "cuda:1"
     assert common.StudyConfig().device == "auto"
     assert common.StudyConfig.from_dict(cfg.to_dict()) == cfg
 
