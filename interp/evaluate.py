@@ -52,6 +52,7 @@ from interp.suite import (
     check_expected,
     load_prompts,
 )
+from interp.utility import carries_adapter, kl_to_base
 
 __all__ = [
     "EvalConfig",
@@ -65,9 +66,11 @@ __all__ = [
     "evaluate",
     "evaluate_prompts",
     "OVER_REFUSAL",
+    "BENIGN",
 ]
 
 OVER_REFUSAL = "over_refusal"
+BENIGN = "benign"
 
 
 @dataclass
@@ -100,6 +103,12 @@ class EvalConfig:
     """Prompts longer than this keep their last tokens."""
     raw: bool = False
     """Feed prompts as plain text, without a chat template (base models that have none)."""
+    benign: bool = True
+    """Also measure refusal on the ``benign`` set (harmless requests: any refusal there is a cost of
+    unlearning, not safety)."""
+    kl_tokens: int = 8
+    """When the model carries an adapter: mean next-token KL(base || model) on the benign prompts over
+    this many response positions (the utility cost of the adapter); 0 skips it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.domains, str):
@@ -122,6 +131,10 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kl_tokens < 0:
+            raise ValueError(f"kl_tokens must be >= 0 (0 skips the KL to base), got {self.kl_tokens}")
+        if self.benign and "benign" in self.domains:
+            raise ValueError("benign is its own row; drop it from domains or set benign=False")
         if self.n_bootstrap < 0:
             raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
 
@@ -216,6 +229,10 @@ class EvalReport:
     over_refusal: DomainResult | None
     timings: dict[str, float]
     judge: str | None = None
+    benign: DomainResult | None = None
+    """Refusal on harmless requests (``EvalConfig.benign``)."""
+    utility: dict[str, Any] | None = None
+    """``{"kl_to_base", "kl_ci", "kl_tokens", "n"}`` when the model carries an adapter, else ``None``."""
     records: list[PromptRecord] = field(default_factory=list, repr=False, compare=False)
     """Per-prompt records; saved separately (:meth:`save_records`), not part of the report JSON."""
 
@@ -227,6 +244,8 @@ class EvalReport:
             "judge": self.judge,
             "domains": {k: dataclasses.asdict(v) for k, v in self.domains.items()},
             "over_refusal": dataclasses.asdict(self.over_refusal) if self.over_refusal else None,
+            "benign": dataclasses.asdict(self.benign) if self.benign else None,
+            "utility": self.utility,
             "timings": dict(self.timings),
         }
 
@@ -239,6 +258,8 @@ class EvalReport:
             judge=d.get("judge"),
             domains={k: DomainResult(**v) for k, v in d["domains"].items()},
             over_refusal=DomainResult(**d["over_refusal"]) if d.get("over_refusal") else None,
+            benign=DomainResult(**d["benign"]) if d.get("benign") else None,
+            utility=d.get("utility"),
             timings=dict(d["timings"]),
         )
 
@@ -254,14 +275,16 @@ class EvalReport:
         return write_jsonl(path, (dataclasses.asdict(r) for r in self.records))
 
     def table(self) -> str:
-        """A fixed-width text table: one row per domain, then over-refusal, then timings."""
-        rows = list(self.domains.values()) + ([self.over_refusal] if self.over_refusal else [])
+        """A fixed-width text table: one row per domain, then benign and over-refusal, the KL to the
+        base model (adapters), then timings."""
+        rows = (list(self.domains.values()) + ([self.benign] if self.benign else [])
+                + ([self.over_refusal] if self.over_refusal else []))
         width = max([len("domain")] + [len(r.domain) for r in rows])
         header = (f"{'domain':<{width}} {'n':>5}  {'refusal [95% CI]':<20} {'compl':>6} {'incoh':>6} {'rebut':>6}  "
                   f"{'harmful compl. [95% CI]':<26} {'logit [95% CI]':<22} {'logit>0':>7} {'no-No':>6}")
         lines = [f"model {self.model}  state {self.state_id}  judge {self.judge or '-'}", header, "-" * len(header)]
         for r in rows:
-            if r.domain == OVER_REFUSAL and len(lines) > 3:
+            if r is (self.benign or self.over_refusal) and len(lines) > 3:
                 lines.append("-" * len(header))
             ref = (f"{r.refusal_rate:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if r.refusal_rate is not None
                    else "-")
@@ -276,6 +299,10 @@ class EvalReport:
             no_no = f"{r.mean_logit_without_no:+.2f}" if r.mean_logit_without_no is not None else "-"
             lines.append(f"{r.domain:<{width}} {r.n:>5}  {ref:<20} {compl:>6} {incoh:>6} {rebut:>6}  {harm:<26} "
                          f"{logit:<22} {r.logit_refusal_rate:>7.2f} {no_no:>6}")
+        if self.utility:
+            u = self.utility
+            lines.append(f"KL(base || model) on {u['n']} benign prompts, first {u['kl_tokens']} response tokens: "
+                         f"{u['kl_to_base']:.4f} [{u['kl_ci'][0]:.4f}, {u['kl_ci'][1]:.4f}] nats")
         t = self.timings
         parts = [f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items()
                  if k.endswith("_s") and not k.endswith("_per_s")]
@@ -508,7 +535,9 @@ def evaluate_prompts(
         prompts_by_domain: ``{row name: prompts}``; prompts are :class:`SuitePrompt`, plain strings
             (ids become ``<row>-<i>``), ``(id, text)`` pairs or ``(id, text, expected)`` triples.
             Strings and pairs count as ``expected == "refuse"`` (``"answer"`` in the ``benign`` and
-            ``over_refusal`` rows). The key ``over_refusal`` becomes the report's over-refusal row.
+            ``over_refusal`` rows). The key ``over_refusal`` becomes the report's over-refusal row, and
+            ``benign`` (with ``cfg.benign``) the benign row, on which the KL to the base model is
+            measured when ``lm`` carries an adapter.
         cfg: Generation, judge and bootstrap settings (its ``domains``/``split``/``limit`` are
             ignored here).
         judge: A ready judge; default ``get_judge(cfg.judge, lm)``.
@@ -595,9 +624,25 @@ def evaluate_prompts(
         results[d] = _summarise(d, scores[idx], scores_nn[idx], [labels[i] for i in idx] if labels else None,
                                 [all_expected[i] for i in idx], cfg)
     over = results.pop(OVER_REFUSAL, None)
-    timings["total_s"] = sum(timings[k] for k in ("logit_s", "generate_s", "judge_s") if k in timings)
+    benign = results.pop(BENIGN, None) if cfg.benign else None
+    utility = None
+    if cfg.kl_tokens and BENIGN in pairs and carries_adapter(lm):
+        t0 = time.perf_counter()
+        b_idx = [i for i in mine if flat[i][0] == BENIGN]
+        kl_local = kl_to_base(lm, [all_texts[i] for i in b_idx], n_tokens=cfg.kl_tokens, batch_size=cfg.batch_size,
+                              system=cfg.system, raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens).tolist() \
+            if b_idx else []
+        if world > 1:
+            gathered = _gather_in_order(len(all_texts), b_idx, kl_local, world)
+            kl = np.asarray([v for v in gathered if v is not None], dtype=np.float64)
+        else:
+            kl = np.asarray(kl_local, dtype=np.float64)
+        lo, hi = bootstrap_ci(kl, cfg.n_bootstrap, _domain_seed(cfg.seed, "kl_to_base"))
+        utility = {"kl_to_base": float(kl.mean()), "kl_ci": [lo, hi], "kl_tokens": cfg.kl_tokens, "n": int(kl.size)}
+        timings["kl_s"] = time.perf_counter() - t0
+    timings["total_s"] = sum(timings[k] for k in ("logit_s", "generate_s", "judge_s", "kl_s") if k in timings)
     return EvalReport(config=cfg, model=lm.name, state_id=state_id(lm), domains=results, over_refusal=over,
-                      timings=timings, judge=judge_name, records=records)
+                      timings=timings, judge=judge_name, benign=benign, utility=utility, records=records)
 
 
 def evaluate(lm: LoadedModel, cfg: EvalConfig | None = None, progress: bool = True,
@@ -609,6 +654,8 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig | None = None, progress: bool = Tr
     """
     cfg = cfg or EvalConfig()
     sets = {d: load_prompts(d, cfg.split, limit=cfg.limit) for d in cfg.domains}
+    if cfg.benign:
+        sets[BENIGN] = load_prompts(BENIGN, cfg.split, limit=cfg.limit)
     if cfg.over_refusal:
         sets[OVER_REFUSAL] = load_prompts(OVER_REFUSAL, cfg.split, limit=cfg.limit)
     return evaluate_prompts(lm, sets, cfg, progress=progress, judge=judge, distributed=distributed)

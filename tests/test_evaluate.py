@@ -181,7 +181,9 @@ def test_evaluate_suite_end_to_end(tiny_qwen, tmp_path):
     rep = evaluate(tiny_qwen, _fast_cfg(limit=2), progress=False)
     assert list(rep.domains) == list(DOMAINS)
     assert rep.over_refusal is not None and rep.over_refusal.n == 2
-    assert len(rep.records) == 2 * (len(DOMAINS) + 1)
+    assert rep.benign is not None and rep.benign.n == 2 and "benign" not in rep.domains
+    assert rep.utility is None  # no adapter: the model is its own base
+    assert len(rep.records) == 2 * (len(DOMAINS) + 2)
     assert {r.label for r in rep.records} <= set(LABELS)
     for d in rep.domains.values():
         assert d.n == 2
@@ -194,6 +196,35 @@ def test_evaluate_suite_end_to_end(tiny_qwen, tmp_path):
     # No response text: the original fields plus the prompt's expected value and the no-"No" score.
     assert set(rows[0]) == {"id", "domain", "logit_score", "label", "reason"} | {"expected", "logit_score_without_no"}
     assert EvalReport.load(rep.save(tmp_path / "r.json")).domains == rep.domains
+
+
+def test_evaluate_reports_kl_to_base_for_an_adapter(tiny_qwen, tmp_path):
+    import torch
+
+    from training.lora import attach_lora, detach_lora
+
+    cfg = _fast_cfg(limit=2, domains=("safety",), kl_tokens=3)
+    attach_lora(tiny_qwen, rank=2)
+    try:
+        untrained = evaluate(tiny_qwen, cfg, progress=False)
+        with torch.no_grad():
+            for n, p in tiny_qwen.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        moved = evaluate(tiny_qwen, cfg, progress=False)
+    finally:
+        detach_lora(tiny_qwen)
+    assert untrained.utility["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+    u = moved.utility
+    assert u["kl_to_base"] > 1e-4 and u["n"] == 2 and u["kl_tokens"] == 3
+    assert u["kl_ci"][0] <= u["kl_to_base"] <= u["kl_ci"][1]
+    assert "KL(base || model)" in moved.table() and "kl_s" in moved.timings
+    back = EvalReport.load(moved.save(tmp_path / "r.json"))
+    assert back.utility == u and back.benign == moved.benign
+    with pytest.raises(ValueError, match="kl_tokens"):
+        EvalConfig(kl_tokens=-1)
+    with pytest.raises(ValueError, match="benign is its own row"):
+        EvalConfig(domains=("benign",))
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -455,7 +486,7 @@ def test_default_eval_config_dict_is_unchanged():
     # Stage keys of default evaluations must not move for settings that did not change.
     assert set(EvalConfig().to_dict()) == {"domains", "split", "limit", "over_refusal", "generate", "max_new_tokens",
                                            "batch_size", "judge", "n_bootstrap", "seed", "system",
-                                           "max_prompt_tokens"}
+                                           "max_prompt_tokens", "benign", "kl_tokens"}
 
 
 def test_auroc_and_agreement_planted():

@@ -1,0 +1,114 @@
+"""Grow the human-labelled calibration set from unlearned models: generate, label by hand, add.
+
+  emalab calibration generate --out results/calibration/unlabelled.jsonl     # trains/reuses adapters
+  (label each row by hand: "label": refusal | compliance | incoherent | rebuttal, "labeller": your name)
+  emalab calibration add results/calibration/unlabelled.jsonl                 # appends to the packaged set
+
+``generate`` evaluates the conditions that decide the claims (NPO, NPO+retain-CE, LoRA-SFT and a
+deliberately degenerate high-lr NPO run, on cybersecurity and safety targets) with the study's own
+cached stages and measurement path, on eval prompts past those already labelled, and writes their
+40-token greedy responses under ``results/`` (gitignored). ``add`` checks every label, cuts compliant
+answers to harmful requests to their first sentence (the stored policy), and appends the rows to
+``interp/data/calibration/labelled.jsonl`` with their provenance in the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+NAME = "calibration"
+HELP = "grow the human-labelled judge calibration set from unlearned models (generate, then add)"
+
+# name -> (target, method, retain, StudyConfig overrides)
+CONDITIONS: dict[str, tuple[str, str, bool, dict]] = {
+    "npo-cybersecurity": ("cybersecurity", "npo", False, {}),
+    "npo-safety": ("safety", "npo", False, {}),
+    "npo_retain-cybersecurity": ("cybersecurity", "npo", True, {}),
+    "sft-cybersecurity": ("cybersecurity", "sft", False, {}),
+    "npo_highlr-safety": ("safety", "npo", False, {"lr": 2e-4, "steps": 30}),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    g = sub.add_parser("generate", help="responses of unlearned models to label by hand")
+    g.add_argument("--out", type=Path, default=Path("results/calibration/unlabelled.jsonl"))
+    g.add_argument("--results", default="results", help="results root of the cached study stages")
+    g.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    g.add_argument("--per-domain", type=int, default=6, help="eval prompts per domain and condition")
+    g.add_argument("--skip", type=int, default=10, help="eval prompts per domain to skip (already labelled)")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    a = sub.add_parser("add", help="append hand-labelled rows to the packaged calibration set")
+    a.add_argument("labelled", type=Path, help="the generated JSONL with 'label' and 'labeller' filled in")
+    a.add_argument("--to", type=Path, default=None, help="calibration set (default: the packaged one)")
+
+
+def _first_sentence(text: str) -> str:
+    m = re.search(r"(.+?[.!?:])(\s|$)", text.strip(), re.DOTALL)
+    return (m.group(1) if m else text.strip().split("\n")[0]).strip()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from experiments.common import Study, StudyConfig
+    from interp.generate import generate
+    from interp.io import write_jsonl
+    from interp.refusal import logit_refusal_scores
+    from interp.suite import DOMAINS, load_prompts
+
+    prompts = [p for d in DOMAINS for p in load_prompts(d, "eval", limit=args.skip + args.per_domain)[args.skip:]]
+    texts = [p.text for p in prompts]
+    rows = []
+    for name in args.conditions:
+        target, method, retain, overrides = CONDITIONS[name]
+        study = Study(StudyConfig(results=args.results, **overrides))
+        ablation, ablation_id = study.ablation() if method == "sft" else (None, None)
+        run = study.unlearn(target, method, None if retain else (), ablation=ablation, ablation_id=ablation_id)
+        with study._weights(run / "adapter") as lm:
+            responses = generate(lm, texts, max_new_tokens=args.max_new_tokens, batch_size=16, progress=True)
+            scores = logit_refusal_scores(lm, texts).tolist()
+        rows += [{"prompt_id": p.id, "domain": p.domain, "condition": name, "expected": p.expected,
+                  "prompt": p.text, "response": r, "label": "", "labeller": "", "logit_score": round(s, 4)}
+                 for p, r, s in zip(prompts, responses, scores)]
+        print(f"{name}: {len(prompts)} responses")
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} unlabelled rows to {args.out} (gitignored; label them by hand, then `add`)")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from interp.calibration import CALIBRATION_PATH, load_labelled
+    from interp.io import MalformedFileError, read_jsonl, write_jsonl
+    from interp.judge import LABELS
+
+    target = args.to or CALIBRATION_PATH
+    rows = read_jsonl(args.labelled, required=("prompt_id", "domain", "condition", "prompt", "response", "label",
+                                               "labeller", "logit_score"))
+    for i, r in enumerate(rows, start=1):
+        if r["label"] not in LABELS:
+            raise MalformedFileError(f"{args.labelled}:{i}: label {r['label']!r} is not one of {LABELS}; "
+                                     "label every row by hand before adding")
+        if not str(r["labeller"]).strip():
+            raise MalformedFileError(f"{args.labelled}:{i}: 'labeller' is empty; say who labelled the row")
+    existing = load_labelled(target)
+    seen = {(r["prompt_id"], r["condition"]) for r in existing}
+    start = len(existing)
+    new = []
+    for r in rows:
+        if (r["prompt_id"], r["condition"]) in seen:
+            continue
+        harmful = r.get("expected", "refuse") != "answer"
+        cut = harmful and r["label"] == "compliance"
+        new.append({"id": f"cal-{start + len(new):03d}", "prompt_id": r["prompt_id"], "domain": r["domain"],
+                    "condition": r["condition"], "prompt": r["prompt"],
+                    "response": _first_sentence(r["response"]) if cut else r["response"],
+                    "label": r["label"], "labeller": r["labeller"], "logit_score": r["logit_score"],
+                    "truncated": "first_sentence" if cut else "40_tokens"})
+    write_jsonl(target, [*existing, *new])
+    print(f"added {len(new)} rows to {target} ({len(rows) - len(new)} already present)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _generate(args) if args.action == "generate" else _add(args)
