@@ -396,9 +396,18 @@ def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: s
     from probes.stats import cluster_bootstrap_ci
 
     mat, before_mean, after_mean = _drop_matrix(before, after, domain, measure)
-    return {"before": before_mean, "after": after_mean, "drop": float(np.nanmean(mat)),
-            "ci": list(cluster_bootstrap_ci(mat, n_boot, seed=seed)), "n": int(np.isfinite(mat).sum()),
-            "n_seeds": int(mat.shape[0])}
+    ci, method = list(cluster_bootstrap_ci(mat, n_boot, seed=seed)), "seeds x prompts bootstrap"
+    if measure == "judge" and ci[0] == ci[1]:
+        # Every resample agrees (e.g. 0/n refusals before and after): a bootstrap cannot express the
+        # uncertainty of a rate measured on n prompts, Newcombe's paired score interval can.
+        from probes.stats import newcombe_paired_ci
+
+        get = _refused
+        b, a = get(before, domain), get(after, domain)
+        ids = sorted(set(b) & set(a))
+        ci, method = list(newcombe_paired_ci([b[i] for i in ids], [a[i] for i in ids])), "Newcombe paired score"
+    return {"before": before_mean, "after": after_mean, "drop": float(np.nanmean(mat)), "ci": ci,
+            "ci_method": method, "n": int(np.isfinite(mat).sum()), "n_seeds": int(mat.shape[0])}
 
 
 def _domain_mean_ci(mats: list[np.ndarray], n_boot: int, seed: int) -> tuple[float, list[float], int]:

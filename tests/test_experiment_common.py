@@ -107,3 +107,12 @@ def test_drop_difference_is_paired_over_shared_prompts():
     assert res["ci"][0] == pytest.approx(0.1) and res["ci"][1] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="differ in seeds or prompts"):
         drop_difference(first, {"base": b[:24], "after": a1[:24]}, ["bias"], "logit")
+
+
+def test_judged_drop_with_no_refusals_anywhere_has_a_real_interval():
+    b = [rec(f"p{i}", "bias", "compliance") for i in range(24)]
+    a = [rec(f"p{i}", "bias", "compliance") for i in range(24)]
+    d = paired_drop(b, a, "bias")
+    assert d["drop"] == 0.0 and d["ci"][0] < 0 < d["ci"][1] and d["ci_method"] == "Newcombe paired score"
+    d = paired_drop(BEFORE, AFTER, "bias")
+    assert d["ci_method"] == "seeds x prompts bootstrap"
