@@ -7,6 +7,7 @@ a PEFT adapter attached to ``lm.model`` is traced like any other weights.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -170,8 +171,8 @@ def collect_cached(
 ) -> ActivationSet:
     """:func:`collect_activations` with a resumable on-disk cache.
 
-    The cache is keyed on the model state (weights and adapter), prompt ids, layers, site, position
-    and dtype; shards are written atomically and a manifest that does not match is recomputed, never
+    The cache is keyed on the model state (weights and adapter), prompt ids and text, layers, site,
+    position, dtype, shard size and the tracing code's version; shards are written atomically and a manifest that does not match is recomputed, never
     reused. An interrupted collection resumes at the first missing shard.
     """
     if len(prompts) != len(prompt_ids):
@@ -179,10 +180,16 @@ def collect_cached(
     if not prompts:
         raise ValueError("the prompt set is empty; nothing to collect")
     layers = check_layers(lm.model, layers)
+    from interp.runs import code_version
+
+    # Everything that changes a row: the prompts' text (not only their ids), how they are cut into
+    # shards, and the code that traces them.
     key = {
         "model": lm.name, "state": state_id(lm), "prompt_ids": list(prompt_ids), "layers": layers,
         "site": site, "position": position, "system": system, "raw": raw,
-        "dtype": str(next(lm.model.parameters()).dtype),
+        "dtype": str(next(lm.model.parameters()).dtype), "shard_size": shard_size,
+        "prompts_sha256": hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16],
+        "code": code_version("activations"),
     }
     root = ensure_writable_dir(Path(cache_dir) / f"acts-{config_hash(key, 16)}", "activation cache")
     manifest_path = root / "manifest.json"
@@ -196,7 +203,7 @@ def collect_cached(
     for s in tqdm(range(n_shards), desc=f"activations {site}", unit="shard", disable=not progress or n_shards < 2):
         name = f"shard-{s:05d}.safetensors"
         lo, hi = s * shard_size, min((s + 1) * shard_size, len(prompts))
-        if name in manifest["shards"] and (root / name).exists():
+        if manifest["shards"].get(name) == [lo, hi] and (root / name).exists():
             parts.append(load_file(root / name)["acts"])
             continue
         acts = collect_activations(lm, prompts[lo:hi], layers, site, position, batch_size, system, raw)
