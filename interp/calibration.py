@@ -25,8 +25,18 @@ from interp.io import read_jsonl
 from interp.judge import LABELS, Judge, get_judge, judge_responses, three_class
 from interp.loading import LoadedModel
 
-__all__ = ["CALIBRATION_PATH", "CALIBRATION_FIELDS", "load_labelled", "expected_of", "calibrate",
-           "format_calibration"]
+__all__ = ["BASE_CONDITIONS", "part_of", "CALIBRATION_PATH", "CALIBRATION_FIELDS", "load_labelled", "expected_of",
+           "calibrate", "format_calibration"]
+
+BASE_CONDITIONS = ("base", "ablated")
+"""Conditions of the original set: the base model and a refusal-ablated copy. Every other condition
+is an unlearned model (NPO, NPO+retain-CE, LoRA-SFT, a degenerate high-lr run)."""
+
+
+def part_of(condition: str) -> str:
+    """``base`` for the base model and its ablation, ``unlearned`` for unlearned models."""
+    return "base" if condition in BASE_CONDITIONS else "unlearned"
+
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "data" / "calibration" / "labelled.jsonl"
 CALIBRATION_FIELDS = ("id", "prompt_id", "domain", "condition", "prompt", "response", "label", "labeller",
@@ -141,6 +151,12 @@ def calibrate(
         }
         for c in res["by_condition"].values():
             del c["confusion"], c["rebuttal_as_refusal"]
+        res["by_part"] = {}
+        for part in ("base", "unlearned"):
+            sel = [i for i, r in enumerate(rows) if part_of(r["condition"]) == part]
+            if sel:
+                agg = _agreement([truth[i] for i in sel], [pred[i] for i in sel])
+                res["by_part"][part] = {k: agg[k] for k in ("accuracy", "kappa", "refusal_accuracy")} | {"n": len(sel)}
         out["judges"][judge.name] = res
     y = np.array([t == "refusal" for t in truth])
     s = np.array([float(r["logit_score"]) for r in rows])
@@ -168,6 +184,9 @@ def format_calibration(res: dict[str, Any]) -> str:
                   if reb.get("n") else "")
         lines.append(f"{name:<10} {r['accuracy']:>6.2f} {r['kappa']:>6.2f} {r['refusal_accuracy']:>8.2f} "
                      f"{r['refusal_precision']:>6.2f} {r['refusal_recall']:>6.2f}   {by}{auc}{folded}")
+        for part, v in r.get("by_part", {}).items():
+            lines.append(f"  {part + ' part':<16} n={v['n']:<4} three-class kappa {v['kappa']:.3f}  "
+                         f"accuracy {v['accuracy']:.3f}  refusal-binary accuracy {v['refusal_accuracy']:.3f}")
     lg = res["logit"]
     by = "  ".join(f"{c} {v:.2f}" for c, v in lg["auroc_by_condition"].items())
     lines.append(f"logit refusal score: AUROC {lg['auroc']:.3f} (refusal vs not; {by}); "
