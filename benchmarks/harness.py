@@ -23,6 +23,7 @@ import torch
 
 from interp.config import JsonConfig
 from interp.io import atomic_write_json, git_commit, read_json
+from interp.precision import cpu_name
 from interp.registry import DEFAULT_MODEL
 
 __all__ = [
@@ -209,16 +210,6 @@ def ratio(variants: Mapping[str, Variant], fast: str, slow: str, target: float |
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -227,12 +218,12 @@ def machine_name(device: str | torch.device = "cpu") -> str:
     """A stable directory name for this hardware: the GPU model for CUDA runs, else CPU model + cores."""
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         return _slug(torch.cuda.get_device_name(0))
-    return f"cpu-{_slug(_cpu_model())}-{os.cpu_count()}c"
+    return f"cpu-{_slug(cpu_name())}-{os.cpu_count()}c"
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
+        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: active)"),
     }

@@ -24,7 +24,8 @@ import torch
 
 from interp.io import atomic_write_json, read_json
 
-__all__ = ["EVAL_DTYPE", "DTYPE_CHOICES", "fastest_dtype", "resolve_dtype_choice", "machine_key"]
+__all__ = ["EVAL_DTYPE", "DTYPE_CHOICES", "fastest_dtype", "resolve_dtype_choice", "machine_key", "cpu_name",
+           "measure_cpu_dtypes"]
 
 EVAL_DTYPE = "float32"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -33,7 +34,8 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 _MIN_SPEEDUP = 1.15
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``; the platform's description elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -45,7 +47,7 @@ def _cpu_name() -> str:
 
 def machine_key() -> str:
     """What a CPU dtype measurement depends on: processor, torch build and thread count."""
-    return f"{_cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    return f"{cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
 
 
 def _cache_file() -> Path:
