@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--per-domain", type=int, default=6, help="eval prompts per domain and condition")
     g.add_argument("--skip", type=int, default=10, help="eval prompts per domain to skip (already labelled)")
     g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--dtype", default="float32",
+                   help="measurement dtype of the generating models (float32: the study's path; bfloat16 is "
+                        "~2.6x faster on a CPU with AVX512-BF16, and the judge only needs the outputs' kind)")
     a = sub.add_parser("add", help="append hand-labelled rows to the packaged calibration set")
     a.add_argument("labelled", type=Path, help="the generated JSONL with 'label' and 'labeller' filled in")
     a.add_argument("--to", type=Path, default=None, help="calibration set (default: the packaged one)")
@@ -53,26 +56,32 @@ def _first_sentence(text: str) -> str:
 def _generate(args: argparse.Namespace) -> int:
     from experiments.common import Study, StudyConfig
     from interp.generate import generate
-    from interp.io import write_jsonl
+    from interp.io import read_jsonl, write_jsonl
     from interp.refusal import logit_refusal_scores
     from interp.suite import DOMAINS, load_prompts
 
     prompts = [p for d in DOMAINS for p in load_prompts(d, "eval", limit=args.skip + args.per_domain)[args.skip:]]
     texts = [p.text for p in prompts]
-    rows = []
+    # Written after each condition, so an interrupted build keeps what it finished and resumes there.
+    rows = read_jsonl(args.out) if args.out.exists() else []
+    done = {r["condition"] for r in rows}
     for name in args.conditions:
+        if name in done:
+            print(f"{name}: already in {args.out}")
+            continue
         target, method, retain, overrides = CONDITIONS[name]
-        study = Study(StudyConfig(results=args.results, **overrides))
+        study = Study(StudyConfig(results=args.results, eval_dtype=args.dtype, **overrides))
         ablation, ablation_id = study.ablation() if method == "sft" else (None, None)
         run = study.unlearn(target, method, None if retain else (), ablation=ablation, ablation_id=ablation_id)
         with study._weights(run / "adapter") as lm:
             responses = generate(lm, texts, max_new_tokens=args.max_new_tokens, batch_size=16, progress=True)
             scores = logit_refusal_scores(lm, texts).tolist()
         rows += [{"prompt_id": p.id, "domain": p.domain, "condition": name, "expected": p.expected,
-                  "prompt": p.text, "response": r, "label": "", "labeller": "", "logit_score": round(s, 4)}
+                  "prompt": p.text, "response": r, "label": "", "labeller": "", "logit_score": round(s, 4),
+                  "dtype": args.dtype}
                  for p, r, s in zip(prompts, responses, scores)]
+        write_jsonl(args.out, rows)
         print(f"{name}: {len(prompts)} responses")
-    write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} unlabelled rows to {args.out} (gitignored; label them by hand, then `add`)")
     return 0
 
