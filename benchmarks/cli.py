@@ -4,6 +4,7 @@
   python -m benchmarks --suite activations,unlearn --reps 5
   python -m benchmarks --suite gpu7b --device cuda       # 7B-scale architectures on a GPU
   python -m benchmarks --suite gpu7b --device cpu --tiny # the same code path, CPU-sized
+  python -m benchmarks --suite speed --dtype float32      # matmul peak, MFU, prefix cache, judge-aware generation
   python -m benchmarks --write-md                        # BENCHMARKS.md from the result files
 """
 
@@ -15,8 +16,8 @@ import time
 
 __all__ = ["add_arguments", "run", "main", "run_suites"]
 
-MODEL_SUITES = ("activations", "refusal", "probes", "unlearn")
-ORDER = ("activations", "refusal", "probes", "unlearn", "e2e", "gpu7b")
+MODEL_SUITES = ("activations", "refusal", "probes", "unlearn", "speed")
+ORDER = ("activations", "refusal", "probes", "unlearn", "speed", "e2e", "gpu7b")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +43,11 @@ def _summary(result) -> str:
 
 def run_suites(cfg, log=print) -> list:
     """Run ``cfg.suite`` in a fixed order (one model load), write each result file, return the results."""
-    from benchmarks import activations, e2e, gpu_7b, probing, refusal, unlearn
+    from benchmarks import activations, e2e, gpu_7b, probing, refusal, speed, unlearn
     from benchmarks.harness import machine_name, write_result
 
     modules = {"activations": activations, "refusal": refusal, "probes": probing, "unlearn": unlearn, "e2e": e2e,
-               "gpu7b": gpu_7b}
+               "gpu7b": gpu_7b, "speed": speed}
     machine = cfg.machine or machine_name(cfg.device)
     lm = None
     if any(s in MODEL_SUITES for s in cfg.suite):

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 SCHEMA = "emalab.bench/v1"
-SUITES = ("activations", "refusal", "unlearn", "probes", "e2e", "gpu7b")
+SUITES = ("activations", "refusal", "unlearn", "probes", "e2e", "gpu7b", "speed")
 DEFAULT_SUITES = ("activations", "refusal", "unlearn", "probes", "e2e")
 
 
@@ -56,7 +56,7 @@ class BenchConfig(JsonConfig):
 
     suite: tuple[str, ...] = DEFAULT_SUITES
     """Benchmarks to run: activations, refusal, unlearn, probes, e2e, gpu7b (gpu7b builds 7B models: GPU only
-    unless --tiny)."""
+    unless --tiny), speed (matmul peak, MFU, prefix cache, judge-aware generation, NPO + retain-CE step)."""
     model: str = DEFAULT_MODEL
     """Model for the CPU benchmarks (embedded name, local directory or hub id)."""
     device: str = "cpu"
@@ -82,6 +82,10 @@ class BenchConfig(JsonConfig):
     """Harmful prompts per domain in the probe benchmark (benign: twice that)."""
     probe_folds: int = 3
     """Cross-validation folds in the probe benchmark."""
+    eval_limit: int | None = None
+    """speed: prompts per set of the eval split for scoring and generation (None: all, ~540)."""
+    gen_prompts: int = 64
+    """speed: at most this many of those prompts for the generation comparison."""
     cache_activations: bool = True
     """probes: cache the (untimed) input activations under the emalab cache, keyed on the model state."""
     tiny: bool = False
@@ -107,7 +111,9 @@ class BenchConfig(JsonConfig):
             raise ValueError(f"unknown benchmark(s) {unknown or '(none given)'}; choose from {', '.join(SUITES)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        for name in ("reps", "n_prompts", "batch_size", "train_batch", "train_response_tokens", "max_new_tokens",
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1 or None, got {self.eval_limit}")
+        for name in ("reps", "n_prompts", "gen_prompts", "batch_size", "train_batch", "train_response_tokens", "max_new_tokens",
                      "gpu_batch", "gpu_seq", "gpu_micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

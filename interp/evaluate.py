@@ -67,10 +67,12 @@ __all__ = [
     "evaluate_prompts",
     "OVER_REFUSAL",
     "BENIGN",
+    "GENERATION_MODES",
 ]
 
 OVER_REFUSAL = "over_refusal"
 BENIGN = "benign"
+GENERATION_MODES = ("judge_aware", "fixed")
 
 
 @dataclass
@@ -109,6 +111,13 @@ class EvalConfig:
     kl_tokens: int = 8
     """When the model carries an adapter: mean next-token KL(base || model) on the benign prompts over
     this many response positions (the utility cost of the adapter); 0 skips it."""
+    generation: str = "judge_aware"
+    """``judge_aware``: stop each response once the judge can decide (the keyword judge: once the
+    opening it reads is complete, :func:`interp.judge.opening_decided`), capped at ``max_new_tokens``;
+    ``fixed``: always ``max_new_tokens`` (or end-of-sequence), HF ``generate``. A judge without a
+    ``decided`` rule (the model judge) gets fixed-length responses either way."""
+    prefix_cache: bool = True
+    """Reuse the shared system/template prefix's KV cache in scoring and generation (exact)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.domains, str):
@@ -137,12 +146,15 @@ class EvalConfig:
             raise ValueError("benign is its own row; drop it from domains or set benign=False")
         if self.n_bootstrap < 0:
             raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if self.generation not in GENERATION_MODES:
+            raise ValueError(f"generation must be one of {', '.join(GENERATION_MODES)}, got {self.generation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["domains"] = list(self.domains)
         if not self.raw:
             del d["raw"]  # keeps the cache keys of every chat-template evaluation as they were
+        del d["prefix_cache"]  # exact either way: not part of what a result depends on
         return d
 
     @classmethod
@@ -570,7 +582,7 @@ def evaluate_prompts(
     if texts:
         variants = logit_refusal_score_variants(lm, texts, batch_size=cfg.batch_size, system=cfg.system,
                                                 raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens,
-                                                progress=progress)
+                                                progress=progress, prefix_cache=cfg.prefix_cache)
         local_scores = list(zip(variants["standard"].double().tolist(), variants["without_no"].double().tolist(),
                                 strict=True))
     else:
@@ -587,10 +599,14 @@ def evaluate_prompts(
         judge_name = judge.name
         if texts:
             t0 = time.perf_counter()
+            stop = getattr(judge, "decided", None) if cfg.generation == "judge_aware" else None
+            gen_stats: dict[str, Any] = {}
             responses = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                  system=cfg.system, raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens,
-                                 progress=progress)
+                                 progress=progress, stop=stop, prefix_cache=cfg.prefix_cache, stats=gen_stats,
+                                 engine="emalab" if cfg.generation == "judge_aware" else "hf")
             timings["generate_s"] = time.perf_counter() - t0
+            timings["generated_tokens"] = float(gen_stats.get("generated_tokens", 0))
             t0 = time.perf_counter()
             verdicts = judge_responses(judge, texts, responses, expected)
             timings["judge_s"] = time.perf_counter() - t0

@@ -1,16 +1,102 @@
-"""Batched greedy generation from chat prompts (length-sorted, left-padded)."""
+"""Batched greedy generation from chat prompts (length-sorted, left-padded), with the shared-prefix
+KV cache and per-sequence stopping.
+
+Each batch is prefilled once (continuing from the shared system/template prefix's cache,
+:mod:`interp.prefix`) and decoded one token a step from its KV cache. A row leaves the batch as soon
+as it emits an end-of-sequence token or its ``stop`` rule fires (e.g. the judge can already decide:
+:meth:`interp.judge.KeywordJudge.decided`), so later steps run on the rows still going. Prompts are
+length-sorted into batches, which keeps padding small.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from interp.chat import format_prompts, iter_batches
-from interp.loading import LoadedModel
+from interp.chat import Batch, format_prompts, iter_batches
+from interp.loading import LoadedModel, position_ids_from_mask
+from interp.prefix import build_prefix, prefix_cache_enabled, prefixed_inputs, sliding_window, split_prefix
 
-__all__ = ["generate"]
+__all__ = ["generate", "StopRule"]
+
+StopRule = Callable[[str], bool]
+"""``stop(text_so_far) -> True`` once a sequence may end (decoded without special tokens)."""
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(lm.model, "generation_config", None), lm.model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids |= set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+    if not ids and lm.tokenizer.eos_token_id is not None:
+        ids.add(int(lm.tokenizer.eos_token_id))
+    return ids
+
+
+def _decode_batch(lm: LoadedModel, batch: Batch, prefix, max_new_tokens: int, stop: StopRule | None,
+                  eos: set[int]) -> tuple[list[list[int]], int]:
+    """Greedy tokens of each row of ``batch`` (EOS excluded) and the prompt tokens prefilled."""
+    tok = lm.tokenizer
+    pb = split_prefix(batch, prefix, lm.model)
+    if pb is not None:
+        inputs = prefixed_inputs(pb, prefix)
+        prefilled = sum(pb.suffix_lengths)
+    else:
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                  "position_ids": position_ids_from_mask(batch.attention_mask)}
+        prefilled = int(batch.attention_mask.sum())
+    width = inputs["attention_mask"].shape[1]
+    n_new = inputs["input_ids"].shape[1]
+    # Explicit cache positions: sliding-window layers keep a cropped cache, so its length is not the
+    # number of slots written (HF's generate tracks them the same way).
+    out = lm.model(**inputs, use_cache=True, logits_to_keep=1,
+                   cache_position=torch.arange(width - n_new, width, device=batch.input_ids.device))
+    cache = out.past_key_values
+    mask = inputs["attention_mask"]
+    pos = inputs["position_ids"][:, -1]
+    nxt = out.logits[:, -1].argmax(-1)
+    rows = list(range(batch.input_ids.shape[0]))
+    gen: list[list[int]] = [[] for _ in rows]
+    eos_t = torch.tensor(sorted(eos), device=nxt.device) if eos else None
+    for step in range(max_new_tokens):
+        done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        keep: list[int] = []
+        for j, r in enumerate(rows):
+            if bool(done[j]):
+                continue
+            gen[r].append(int(nxt[j]))
+            if step + 1 < max_new_tokens and not (stop is not None and stop(tok.decode(gen[r], skip_special_tokens=True))):
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            sel = torch.tensor(keep, device=nxt.device)
+            cache.batch_select_indices(sel)
+            mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+            rows = [rows[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = pos + 1
+        out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                       past_key_values=cache, use_cache=True,
+                       cache_position=torch.tensor([mask.shape[1] - 1], device=mask.device))
+        nxt = out.logits[:, -1].argmax(-1)
+    return gen, prefilled
+
+
+def _until_stop(tok, ids: list[int], eos: set[int], stop: StopRule | None) -> list[int]:
+    """``ids`` up to the first EOS, and up to the first token after which ``stop`` fires."""
+    kept: list[int] = []
+    for t in ids:
+        if t in eos:
+            break
+        kept.append(t)
+        if stop is not None and stop(tok.decode(kept, skip_special_tokens=True)):
+            break
+    return kept
 
 
 @torch.inference_mode()
@@ -23,25 +109,63 @@ def generate(
     raw: bool = False,
     max_prompt_tokens: int | None = 512,
     progress: bool = True,
+    stop: StopRule | None = None,
+    prefix_cache: bool | None = None,
+    stats: dict[str, Any] | None = None,
+    engine: str = "emalab",
 ) -> list[str]:
     """Greedy completions for user ``prompts`` (in input order), decoded without special tokens.
 
-    Interventions (ablation, steering, adapters) active on ``lm.model`` apply, since this calls the
-    model's own ``generate``.
+    Interventions (ablation, steering, adapters) active on ``lm.model`` apply: every forward runs
+    the model itself.
+
+    Args:
+        stop: ends a row early once ``stop(text so far)`` is true (the text is then returned as it
+            is); ``None`` generates up to ``max_new_tokens`` or end-of-sequence.
+        prefix_cache: continue from the shared prefix's KV cache (exact; default on,
+            ``$EMALAB_PREFIX_CACHE=0`` turns it off).
+        stats: filled with ``generated_tokens`` (tokens kept, EOS excluded), ``prefill_tokens`` and
+            ``rows``.
+        engine: ``emalab`` (the loop above) or ``hf`` (``model.generate`` for ``max_new_tokens``
+            without the prefix cache, the fixed-length reference; ``stop`` then cuts its output).
     """
+    if engine not in ("emalab", "hf"):
+        raise ValueError(f"engine must be 'emalab' or 'hf', got {engine!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts:
         return []
     tok = lm.tokenizer
     texts = format_prompts(tok, prompts, system=system, raw=raw)
     out: list[str | None] = [None] * len(texts)
     batches = list(iter_batches(tok, texts, batch_size, max_length=max_prompt_tokens))
+    counts = {"generated_tokens": 0, "prefill_tokens": 0, "rows": len(texts)}
+    prefix = (build_prefix(lm, system, raw) if engine == "emalab" and prefix_cache_enabled(prefix_cache)
+              else None)
+    eos = _eos_ids(lm)
+    window = sliding_window(lm.model)
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
         batch = batch.to(lm.device)
-        seqs = lm.model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
-        )
-        new = seqs[:, batch.input_ids.shape[1]:]
+        # A sliding window shorter than the padded span: the decode loop's batched steps are not
+        # exact there (tested against single prompts); HF's generate is, and the stop rule is then
+        # applied to its output, which greedy decoding makes the same text.
+        if engine == "hf" or (window is not None and batch.input_ids.shape[1] + max_new_tokens > window):
+            seqs = lm.model.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+            )
+            new = seqs[:, batch.input_ids.shape[1]:]
+            counts["prefill_tokens"] += int(batch.attention_mask.sum())
+            for row, i in enumerate(batch.index):
+                ids = _until_stop(tok, new[row].tolist(), eos, stop)
+                counts["generated_tokens"] += len(ids)
+                out[i] = tok.decode(ids, skip_special_tokens=True)
+            continue
+        gen, prefilled = _decode_batch(lm, batch, prefix, max_new_tokens, stop, eos)
+        counts["prefill_tokens"] += prefilled
         for row, i in enumerate(batch.index):
-            out[i] = tok.decode(new[row], skip_special_tokens=True)
+            counts["generated_tokens"] += len(gen[row])
+            out[i] = tok.decode(gen[row], skip_special_tokens=True)
+    if stats is not None:
+        stats.update(counts)
     return out  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from interp.chat import format_prompts, iter_batches, refusal_token_ids
 from interp.loading import LoadedModel, position_ids_from_mask
+from interp.prefix import build_prefix, prefix_cache_enabled, prefixed_inputs, split_prefix
 
 __all__ = ["refusal_log_odds", "logit_refusal_scores", "logit_refusal_score_variants", "LOGIT_VARIANTS",
            "last_token_logprobs"]
@@ -38,16 +39,28 @@ def last_token_logprobs(
     raw: bool = False,
     max_prompt_tokens: int | None = 512,
     progress: bool = False,
+    prefix_cache: bool | None = None,
 ) -> Float[Tensor, "batch d_vocab"]:
-    """Next-token log-probabilities at the last prompt position (assistant turn start), input order."""
+    """Next-token log-probabilities at the last prompt position (assistant turn start), input order.
+
+    Args:
+        prefix_cache: reuse the shared system/template prefix's KV cache across the call's batches
+            (:mod:`interp.prefix`; exact, on by default; ``$EMALAB_PREFIX_CACHE=0`` turns it off).
+    """
     tok = lm.tokenizer
     texts = format_prompts(tok, prompts, system=system, raw=raw)
+    prefix = build_prefix(lm, system, raw) if prefix_cache_enabled(prefix_cache) else None
     out: Tensor | None = None
     for batch in tqdm(list(iter_batches(tok, texts, batch_size, max_prompt_tokens)), desc="logit score",
                       unit="batch", disable=not progress, leave=False):
         batch = batch.to(lm.device)
-        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=position_ids_from_mask(batch.attention_mask), logits_to_keep=1).logits[:, -1, :]
+        pb = split_prefix(batch, prefix, lm.model)
+        if pb is not None:
+            logits = lm.model(**prefixed_inputs(pb, prefix), use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        else:
+            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=position_ids_from_mask(batch.attention_mask),
+                              logits_to_keep=1).logits[:, -1, :]
         lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         if out is None:
             out = torch.empty(len(texts), lp.shape[-1])
@@ -66,12 +79,13 @@ def logit_refusal_scores(
     max_prompt_tokens: int | None = 512,
     progress: bool = False,
     include_no: bool = True,
+    prefix_cache: bool | None = None,
 ) -> Float[Tensor, " batch"]:
     """Refusal log-odds per prompt (positive: the model is more likely to open with a refusal).
 
     ``include_no=False`` leaves "No" out of the refusal tokens (see :func:`refusal_token_ids`).
     """
-    logprobs = last_token_logprobs(lm, prompts, batch_size, system, raw, max_prompt_tokens, progress)
+    logprobs = last_token_logprobs(lm, prompts, batch_size, system, raw, max_prompt_tokens, progress, prefix_cache)
     return refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer, include_no=include_no))
 
 
@@ -83,13 +97,14 @@ def logit_refusal_score_variants(
     raw: bool = False,
     max_prompt_tokens: int | None = 512,
     progress: bool = False,
+    prefix_cache: bool | None = None,
 ) -> dict[str, Float[Tensor, " batch"]]:
     """Both logit scores of :data:`LOGIT_VARIANTS` from one forward per batch: ``{variant: log-odds}``.
 
     ``standard`` equals :func:`logit_refusal_scores`; ``without_no`` drops "No" from the refusal
     tokens, so an aligned rebuttal ("No, not all ...") to a loaded question does not read as refusal.
     """
-    logprobs = last_token_logprobs(lm, prompts, batch_size, system, raw, max_prompt_tokens, progress)
+    logprobs = last_token_logprobs(lm, prompts, batch_size, system, raw, max_prompt_tokens, progress, prefix_cache)
     return {
         "standard": refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer)),
         "without_no": refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer, include_no=False)),

@@ -256,3 +256,25 @@ def test_cli_writes_markdown_and_emalab_bench_is_registered(cfg, tmp_path, capsy
     assert "not measured" in capsys.readouterr().out
     args = build_parser().parse_args(["bench", "--suite", "e2e", "--reps", "2"])
     assert args.suite == ["e2e"] and args.reps == 2
+
+
+def test_speed_benchmark_reports_mfu_and_exact_prefix_cache(lm, cfg, tmp_path):
+    from benchmarks import speed
+    from benchmarks.harness import write_result
+    from benchmarks.report import render_markdown
+
+    results = speed.run(lm, cfg.replace(eval_limit=1, gen_prompts=4, max_new_tokens=6, train_batch=2,
+                                        train_response_tokens=4))
+    by = {r.bench: r for r in results}
+    assert set(by) == {"matmul_peak", "scoring", "generation", "train_step"}
+    assert by["matmul_peak"].checks["float32_peak_gflops"] > 0
+    assert by["scoring"].checks["max_abs_diff_log_odds"] < 1e-4
+    assert 0 < by["scoring"].variants["prefix_cache"].extra["mfu"]
+    assert by["generation"].checks["judge_agreement"] == 1.0
+    assert by["train_step"].variants["npo_retain_ce"].extra["mfu"] > 0
+    for r in results:
+        write_result(r, tmp_path, "tiny")
+    from benchmarks.harness import read_results
+
+    md = render_markdown(read_results(tmp_path))
+    assert "### scoring" in md and "MFU" in md and "### matmul_peak" in md

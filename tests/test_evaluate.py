@@ -486,7 +486,7 @@ def test_default_eval_config_dict_is_unchanged():
     # Stage keys of default evaluations must not move for settings that did not change.
     assert set(EvalConfig().to_dict()) == {"domains", "split", "limit", "over_refusal", "generate", "max_new_tokens",
                                            "batch_size", "judge", "n_bootstrap", "seed", "system",
-                                           "max_prompt_tokens", "benign", "kl_tokens"}
+                                           "max_prompt_tokens", "benign", "kl_tokens", "generation"}
 
 
 def test_auroc_and_agreement_planted():
