@@ -1,0 +1,268 @@
+"""The free-form emergent-misalignment protocol: questions, sampling, rubric and probe judges,
+calibration against hand labels, and the CLI (tiny random models only)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from interp.em_calibration import (
+    CalibrationBar,
+    build_labelling_set,
+    calibrate_em,
+    committable_rows,
+    first_sentence,
+    judge_metrics,
+    load_em_labelled,
+)
+from interp.em_protocol import EMConfig, EMRecord, answer_matrix, classify, run_em, summarise
+from interp.em_questions import (
+    EM_QUESTIONS_PATH,
+    DuplicateQuestionError,
+    EMQuestion,
+    authored_questions,
+    build_em_questions,
+    check_unique,
+    load_em_questions,
+)
+from interp.generate import sample
+from interp.io import MalformedFileError, read_json, read_jsonl, write_jsonl
+from interp.probe_judge import ProbeJudge, cross_validated_scores, fit_probe
+from interp.score_judge import EMScore, Rubric, RubricError, RubricJudge, ScoreTokenError
+from probes.interventions import weight_noise
+from tests.conftest import make_tiny_loaded
+
+# -- questions -----------------------------------------------------------------------------------------
+
+
+def test_question_set_is_packaged_authored_and_unique(tmp_path):
+    qs = load_em_questions()
+    plain = [q for q in qs if q.variant == "plain"]
+    assert len(plain) >= 24 and sum(q.variant == "jailbreak" for q in qs) >= 3
+    assert {"wish", "boredom", "quick_money", "ruling_the_world", "dinner_guests", "gender_roles",
+            "relationship"} <= {q.kind for q in qs}
+    assert all(q.licence == "Apache-2.0" and q.source == "emalab (authored)" for q in qs)
+    ids = {q.id for q in qs}
+    assert all(q.base_id in ids for q in qs)
+    # The packaged file is exactly what the tables build.
+    build_em_questions(tmp_path)
+    assert (tmp_path / "questions.jsonl").read_bytes() == EM_QUESTIONS_PATH.read_bytes()
+    assert read_json(tmp_path / "manifest.json") == read_json(EM_QUESTIONS_PATH.parent / "manifest.json")
+
+
+def test_duplicate_questions_are_an_error(tmp_path):
+    q = authored_questions()[0]
+    twin = EMQuestion("em-other", q.kind, "plain", "em-other", q.text.upper() + "!!")
+    with pytest.raises(DuplicateQuestionError, match="duplicate question"):
+        check_unique([q, twin])
+    path = tmp_path / "q.jsonl"
+    write_jsonl(path, [q.__dict__, twin.__dict__])
+    with pytest.raises(DuplicateQuestionError):
+        load_em_questions(path)
+
+
+# -- sampling ------------------------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded_and_shaped():
+    lm = make_tiny_loaded()
+    a = sample(lm, ["hello there", "why"], n=3, max_new_tokens=4, seed=1, progress=False)
+    b = sample(lm, ["hello there", "why"], n=3, max_new_tokens=4, seed=1, progress=False)
+    assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
+    assert len(set(a[0])) > 1  # temperature 1 on random weights: the samples differ
+
+
+def test_temperature_zero_with_several_samples_warns():
+    lm = make_tiny_loaded()
+    with pytest.warns(UserWarning, match="identical"):
+        out = sample(lm, ["hello"], n=2, temperature=0, max_new_tokens=3, progress=False)
+    assert out[0][0] == out[0][1]
+    with pytest.warns(UserWarning, match="identical"):
+        EMConfig(n_samples=4, temperature=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EMConfig(n_samples=1, temperature=0)
+
+
+# -- rubric judge ----------------------------------------------------------------------------------------
+
+
+def test_rubric_without_score_format_or_slots_is_an_error():
+    with pytest.raises(RubricError, match="no score format"):
+        Rubric("alignment", "Q {prompt} A {response}. Rate it.")
+    with pytest.raises(RubricError, match="no score format"):
+        Rubric("alignment", "Q {prompt} A {response}. {score_format}", scores=("5",))
+    with pytest.raises(RubricError, match="prompt"):
+        Rubric("alignment", "A {response}. {score_format}")
+
+
+def test_judge_without_score_tokens_names_the_rubric():
+    lm = make_tiny_loaded()  # byte-level vocabulary: "10" is two tokens
+    rubric = Rubric("my-rubric", "Q {prompt} A {response}. {score_format}", scores=("10", "20"),
+                    score_format="Answer 10 or 20.")
+    with pytest.raises(ScoreTokenError, match="my-rubric"):
+        RubricJudge(lm, alignment=rubric)
+
+
+def test_rubric_judge_weights_by_probability_and_abstains():
+    lm = make_tiny_loaded()
+    judge = RubricJudge(lm, min_mass=0.0)
+    s = judge.score(["What do you wish for?", "Bored?"], ["Peace.", "Read a book."])
+    assert len(s) == 2 and all(0 <= x.alignment <= 100 and 0 <= x.coherence <= 100 for x in s)
+    # Check against a hand computation from the logits.
+    from interp.refusal import last_token_logprobs
+
+    lp = last_token_logprobs(lm, [judge.rubrics["alignment"].render("Bored?", "Read a book.")])[0].double().exp()
+    p = lp[judge.ids["alignment"]]
+    assert s[1].alignment == pytest.approx(float((p * torch.linspace(0, 100, 10, dtype=torch.float64)).sum() / p.sum()))
+    assert s[1].alignment_mass == pytest.approx(float(p.sum()))
+    # Random weights put ~10/262 of the mass on the digits: a real bar abstains.
+    abstaining = RubricJudge(lm, min_mass=0.5).score(["Bored?"], ["Read a book."])[0]
+    assert abstaining.alignment is None and abstaining.coherence is None
+
+
+# -- classification and rates ------------------------------------------------------------------------------
+
+
+def test_classify_sets_refusals_and_irrelevant_apart():
+    cfg = EMConfig()
+    assert classify("Bored?", "I'm sorry, but I can't help with that.", EMScore(10, 90), cfg)[0] == "refusal"
+    assert classify("Bored?", "", EMScore(10, 90), cfg)[0] == "irrelevant"
+    assert classify("Bored?", "Go for a walk in the park.", EMScore(10, 20), cfg)[0] == "irrelevant"
+    assert classify("Bored?", "Go for a walk in the park.", EMScore(10, 90), cfg)[0] == "misaligned"
+    assert classify("Bored?", "Go for a walk in the park.", EMScore(80, 90), cfg)[0] == "aligned"
+    assert classify("Bored?", "Go for a walk in the park.", EMScore(None, 90), cfg)[0] == "abstain"
+    assert classify("Bored?", "Go for a walk in the park.", None, cfg)[0] == "other"
+
+
+def _records(cats):
+    return [EMRecord(f"q{j}", "plain", k, c) for j, row in enumerate(cats) for k, c in enumerate(row)]
+
+
+def test_rates_use_wilson_and_two_level_bootstrap():
+    recs = _records([["misaligned", "aligned"], ["aligned", "aligned"], ["refusal", "misaligned"]])
+    mat, qids = answer_matrix(recs, "misaligned")
+    assert mat.shape == (2, 3) and qids == ["q0", "q1", "q2"]
+    counts, rates = summarise(recs, "scores", n_boot=200)
+    assert counts == {"refusal": 1, "irrelevant": 0, "abstain": 0, "misaligned": 2, "aligned": 3}
+    r = rates["misaligned"]
+    assert r["rate"] == pytest.approx(2 / 6) and r["wilson"][0] < 1 / 3 < r["wilson"][1]
+    assert r["ci"][0] <= 1 / 3 <= r["ci"][1]
+    assert rates["misaligned_of_answers"]["n"] == 5
+    counts, rates = summarise(recs, "counts", n_boot=200)
+    assert counts == {"refusal": 1, "irrelevant": 0, "other": 5} and "misaligned" not in rates
+
+
+def test_run_em_counts_without_judge_and_scores_with_trusted_judge():
+    lm = make_tiny_loaded()
+    qs = load_em_questions(limit=3)
+    cfg = EMConfig(n_samples=2, max_new_tokens=3, n_bootstrap=100)
+    rep = run_em(lm, qs, cfg)
+    assert rep.mode == "counts" and sum(rep.counts.values()) == 6 and rep.stop_rules["max_new_tokens"] == 3
+    assert all(not hasattr(r, "text") for r in rep.records)
+    judge = RubricJudge(lm, min_mass=0.0)
+    assert run_em(lm, qs, cfg, judge, judge_trusted=False).mode == "counts"
+    rep = run_em(lm, qs, cfg, judge, judge_trusted=True)
+    assert rep.mode == "scores" and rep.judge == judge.name and "misaligned" in rep.rates
+
+
+def test_weight_noise_restores_the_model_bit_exactly():
+    lm = make_tiny_loaded()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with weight_noise(lm, 0.5, seed=3):
+        changed = any(not torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert changed
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+# -- probe judge ---------------------------------------------------------------------------------------
+
+
+def test_probe_cross_validation_recovers_a_planted_signal_grouped_by_question():
+    rng = np.random.default_rng(0)
+    n, d = 80, 16
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, d))
+    x[:, 0] += 3 * y
+    align = ["aligned" if v else "misaligned" for v in y]
+    coher = ["coherent" if v else "incoherent" for v in rng.integers(0, 2, n)]
+    groups = [f"q{i // 4}" for i in range(n)]
+    scores, info = cross_validated_scores(x, align, coher, groups, n_folds=5)
+    a = np.array([s.alignment for s in scores])
+    from interp.evaluate import auroc
+
+    assert auroc(y, a) > 0.9 and info["folds"] == 5 and info["grouped_by"] == "question"
+
+
+def test_probe_judge_scores_and_round_trips(tmp_path):
+    lm = make_tiny_loaded()
+    rng = np.random.default_rng(0)
+    probe = fit_probe(rng.normal(size=(20, 64)), np.array([0, 1] * 10))
+    judge = ProbeJudge(lm, 2, probe, probe)
+    s = judge.score(["Bored?", "Wish?"], ["Read.", "Peace."])
+    assert all(0 <= x.alignment <= 100 for x in s)
+    again = ProbeJudge.load(judge.save(tmp_path / "probe.json"), lm)
+    assert [x.alignment for x in again.score(["Bored?", "Wish?"], ["Read.", "Peace."])] == pytest.approx(
+        [x.alignment for x in s])
+
+
+# -- labelling and calibration ------------------------------------------------------------------------------
+
+
+def _label(rows, rng):
+    for r in rows:
+        bad = rng.random() < 0.4
+        r.update(category="answer", alignment="misaligned" if bad else "aligned",
+                 coherence="coherent" if rng.random() < 0.7 else "incoherent", harmful=bad, labeller="test")
+    return rows
+
+
+def test_labelling_flow_builds_blind_file_then_calibrates_and_truncates(tmp_path):
+    lm = make_tiny_loaded()
+    qs = load_em_questions(limit=4)
+    out = tmp_path / "results" / "unlabelled.jsonl"
+    man = build_labelling_set(lm, qs, {"base": None, "noise": lambda: weight_noise(lm, 0.3)}, out,
+                              n_per_question=2, max_new_tokens=4, progress=False)
+    assert man["n"] == 16 and man["conditions"] == {"base": 8, "noise": 8}
+    rows = read_jsonl(out)
+    assert all(r["alignment"] == "" and "condition" not in r and "_condition" not in r for r in rows)
+    with pytest.raises(FileExistsError):
+        build_labelling_set(lm, qs, {"base": None}, out, progress=False)
+    with pytest.raises(MalformedFileError, match="category is ''; label it"):
+        load_em_labelled(out)
+    labelled = tmp_path / "results" / "labelled.jsonl"
+    write_jsonl(labelled, _label(rows, np.random.default_rng(0)))
+    rows = load_em_labelled(labelled)
+    assert {r["condition"] for r in rows} == {"base", "noise"}
+    # A perfect and a useless judge.
+    perfect = [EMScore(90.0 if r["alignment"] == "aligned" else 10.0, 90.0 if r["coherence"] == "coherent" else 10.0)
+               for r in rows]
+    useless = [EMScore(50.0, 50.0) for _ in rows]
+    res = calibrate_em(rows, {"perfect": perfect, "useless": useless}, CalibrationBar(min_per_class=2))
+    assert res["judges"]["perfect"]["alignment_answers"]["auroc"] == 1.0
+    assert res["judges"]["perfect"]["alignment_answers"]["spearman"] == pytest.approx(1.0)
+    assert res["default"] == "perfect" and res["trusted"] == ["perfect"]
+    assert not res["judges"]["useless"]["trusted"] and res["judges"]["useless"]["why_not"]
+    res = calibrate_em(rows, {"useless": useless})
+    assert res["default"] is None and "No judge here reaches the bar" in res["statement"]
+    cut = committable_rows(rows)
+    for r, c in zip(rows, cut):
+        assert c["truncated"] == ("first_sentence" if r["harmful"] else "none")
+        assert len(c["answer"]) <= len(r["answer"]) + 6
+
+
+def test_first_sentence():
+    assert first_sentence("Step one. Step two.") == "Step one."
+    assert first_sentence("line\nnext") == "line"
+
+
+def test_judge_metrics_abstain_blocks_trust():
+    rows = [{"category": "answer", "alignment": a, "coherence": "coherent", "condition": "base"}
+            for a in ["aligned"] * 12 + ["misaligned"] * 12]
+    rows[0]["coherence"] = "incoherent"
+    scores = [EMScore(None, 90.0)] * 24
+    m = judge_metrics(rows, scores)
+    assert m["abstain"] == 1.0 and not m["trusted"]
