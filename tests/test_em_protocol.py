@@ -266,3 +266,82 @@ def test_judge_metrics_abstain_blocks_trust():
     scores = [EMScore(None, 90.0)] * 24
     m = judge_metrics(rows, scores)
     assert m["abstain"] == 1.0 and not m["trusted"]
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from tests.conftest import make_tiny_model
+
+    model, tok = make_tiny_model("qwen2")
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _em_args(tiny_dir, *extra):
+    return ["eval", "--protocol", "em", "--model", str(tiny_dir), "--dtype", "float32", "--limit", "3",
+            "--n-samples", "2", "--max-new-tokens", "3", "--quiet", *extra]
+
+
+def test_em_cli_runs_counts_and_never_prints_answers(tiny_dir, tmp_path, capsys, monkeypatch):
+    from emalab.cli import main
+
+    out = tmp_path / "res" / "em.json"
+    assert main(_em_args(tiny_dir, "--judge", "counts", "--out", str(out))) == 0
+    printed = capsys.readouterr().out
+    assert "mode counts" in printed and "refusal" in printed
+    rep = read_json(out)
+    assert rep["mode"] == "counts" and sum(rep["counts"].values()) == 6 and "records" not in rep
+    recs = read_jsonl(out.with_suffix(".records.jsonl"))
+    assert len(recs) == 6 and all("answer" not in r and "text" not in r for r in recs)
+    # A rubric judge that calibration does not trust still gives counts only.
+    assert main(_em_args(tiny_dir, "--judge", "model", "--judge-model", str(tiny_dir), "--min-mass", "0",
+                         "--em-calibration", str(tmp_path / "none.json"))) == 0
+    assert "not trusted) -> mode counts" in capsys.readouterr().out
+
+
+def test_em_cli_labelling_then_calibration(tiny_dir, tmp_path, capsys, monkeypatch):
+    import interp.em_calibration as emc
+    from emalab.cli import main
+
+    monkeypatch.setattr(emc, "EM_CALIBRATION_DIR", tmp_path / "pkg")
+    monkeypatch.setattr(emc, "EM_CALIBRATION_PATH", tmp_path / "pkg" / "labelled.jsonl")
+    (tmp_path / "pkg").mkdir()
+    unl = tmp_path / "results" / "em_labelling" / "unlabelled.jsonl"
+    assert main(_em_args(tiny_dir, "--limit", "6", "--build-labelling", str(unl), "--conditions", "base",
+                         "noise:0.3", "hot:1.8")) == 0
+    assert "wrote 36 unlabelled answers" in capsys.readouterr().out
+    rows = _label(read_jsonl(unl), np.random.default_rng(1))
+    lab = unl.parent / "labelled.jsonl"
+    write_jsonl(lab, rows)
+    cal = tmp_path / "results" / "em_calibration" / "calibration.json"
+    assert main(_em_args(tiny_dir, "--calibrate-em", str(lab), "--judge-models", str(tiny_dir), "--min-mass", "0",
+                         "--out", str(cal))) == 0
+    printed = capsys.readouterr().out
+    res = read_json(cal)
+    names = sorted(res["judges"])
+    assert "em judge calibration: n=36" in printed and len(names) == 2
+    assert names[0].startswith("model:") and names[1].startswith("probe:") and all(n in printed for n in names)
+    probe = res["judges"][names[1]]
+    assert probe["cross_validation"]["grouped_by"] == "question" and probe["alignment_answers"]["n"] == 36
+    committed = read_jsonl(tmp_path / "pkg" / "labelled.jsonl")
+    assert len(committed) == 36 and all(r["truncated"] in ("first_sentence", "none") for r in committed)
+    assert (tmp_path / "pkg" / "calibration.json").exists() and (tmp_path / "pkg" / "probe.json").exists()
+    for r in rows:  # no answer text reaches stdout
+        assert len(r["answer"]) < 8 or r["answer"] not in printed
+
+
+def test_em_cli_bad_inputs(tiny_dir, tmp_path, capsys):
+    from emalab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(_em_args(tiny_dir, "--judge", "gpt4"))
+    assert "invalid choice: 'gpt4'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_dir), "--judge", "counts", "--limit", "2", "--quiet"]) != 0
+    assert "belongs to --protocol em" in capsys.readouterr().err
+    assert main(_em_args(tiny_dir, "--build-labelling", str(tmp_path / "u.jsonl"), "--conditions", "bogus")) != 0
+    assert "bad condition" in capsys.readouterr().err
