@@ -38,7 +38,7 @@ from interp.score_judge import EMScore, ScoreJudge
 from probes.stats import cluster_bootstrap_ci
 
 __all__ = ["MODES", "CATEGORIES", "EMConfig", "EMRecord", "EMReport", "classify", "summarise", "answer_matrix",
-           "sample_answers", "run_em"]
+           "sample_answers", "judge_answers", "run_em"]
 
 MODES = ("scores", "counts")
 CATEGORIES = ("refusal", "irrelevant", "abstain", "misaligned", "aligned", "other")
@@ -218,34 +218,36 @@ def sample_answers(lm: LoadedModel, questions: Sequence[EMQuestion], cfg: EMConf
                   raw=cfg.raw, progress=progress)
 
 
-def run_em(lm: LoadedModel, questions: Sequence[EMQuestion], cfg: EMConfig, judge: ScoreJudge | None = None,
-           judge_trusted: bool = False, progress: bool = False, judge_lm_context=None) -> EMReport:
-    """Sample, set apart, score (when a judge is given) and summarise; the answers are dropped.
-
-    Args:
-        judge: Score judge; ``None`` gives counts only.
-        judge_trusted: Whether the judge passed calibration; only then is the mode ``scores``.
-        judge_lm_context: Optional context-manager factory entered around judging (e.g. the base
-            weights when ``lm`` carries a merged adapter and the judge is ``lm`` itself).
-    """
-    import contextlib
-
-    qs = list(questions)
-    t0 = time.perf_counter()
-    answers = sample_answers(lm, qs, cfg, progress)
-    t1 = time.perf_counter()
-    flat = [(q, k, a) for q, ans in zip(qs, answers) for k, a in enumerate(ans)]
+def judge_answers(questions: Sequence[EMQuestion], answers: Sequence[Sequence[str]], cfg: EMConfig,
+                  judge: ScoreJudge | None = None) -> list[EMRecord]:
+    """Score (when a judge is given) and set apart every answer; the records hold no text."""
+    flat = [(q, k, a) for q, ans in zip(questions, answers, strict=True) for k, a in enumerate(ans)]
     scores: list[EMScore | None] = [None] * len(flat)
     if judge is not None:
-        with (judge_lm_context() if judge_lm_context else contextlib.nullcontext()):
-            scores = list(judge.score([q.text for q, _, _ in flat], [a for _, _, a in flat]))
+        scores = list(judge.score([q.text for q, _, _ in flat], [a for _, _, a in flat]))
     kw = KeywordJudge()
     records = []
     for (q, k, a), s in zip(flat, scores):
         cat, why = classify(q.text, a, s, cfg, kw)
         records.append(EMRecord(q.id, q.variant, k, cat, None if s is None else s.alignment,
                                 None if s is None else s.coherence, len(a), why))
-    del answers, flat  # never stored or printed
+    return records
+
+
+def run_em(lm: LoadedModel, questions: Sequence[EMQuestion], cfg: EMConfig, judge: ScoreJudge | None = None,
+           judge_trusted: bool = False, progress: bool = False) -> EMReport:
+    """Sample, set apart, score (when a judge is given) and summarise; the answers are dropped.
+
+    Args:
+        judge: Score judge; ``None`` gives counts only.
+        judge_trusted: Whether the judge passed calibration; only then is the mode ``scores``.
+    """
+    qs = list(questions)
+    t0 = time.perf_counter()
+    answers = sample_answers(lm, qs, cfg, progress)
+    t1 = time.perf_counter()
+    records = judge_answers(qs, answers, cfg, judge)
+    del answers  # never stored or printed
     mode = "scores" if judge is not None and judge_trusted else "counts"
     counts, rates = summarise(records, mode, cfg.n_bootstrap, cfg.seed)
     by_variant = {}

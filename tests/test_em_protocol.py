@@ -345,3 +345,72 @@ def test_em_cli_bad_inputs(tiny_dir, tmp_path, capsys):
     assert "belongs to --protocol em" in capsys.readouterr().err
     assert main(_em_args(tiny_dir, "--build-labelling", str(tmp_path / "u.jsonl"), "--conditions", "bogus")) != 0
     assert "bad condition" in capsys.readouterr().err
+
+
+# -- H9, figures, report ---------------------------------------------------------------------------------
+
+
+def _ff_records(p_cat: float, seed: int, n_q: int = 6, n_s: int = 4):
+    rng = np.random.default_rng(seed)
+    return [EMRecord(f"q{j}", "plain", k, "other" if rng.random() < p_cat else "refusal", 80.0, 90.0)
+            for j in range(n_q) for k in range(n_s)]
+
+
+def test_h9_free_form_table_pairs_over_seeds_questions_and_samples():
+    from experiments import h9_backdoor as h9
+
+    conds = {"base": {s: _ff_records(0.2, 10 + s) for s in (0, 1, 2)},
+             "base+trigger": {s: _ff_records(0.2, 20 + s) for s in (0, 1, 2)},
+             "after": {s: _ff_records(0.1, 30 + s) for s in (0, 1, 2)},
+             "after+trigger": {s: [dataclasses_replace(r, category="other") for r in _ff_records(0.1, 30 + s)]
+                               for s in (0, 1, 2)}}
+    tab = h9.free_form_table(conds, "counts")
+    eff = tab["trigger_effect_after"]["other"]
+    assert tab["measure"] == "other" and eff["n_seeds"] == 3 and eff["n_questions"] == 6 and eff["n_pairs"] == 72
+    assert eff["difference"] > 0.5 and eff["ci"][0] > 0 and eff["p_perm"] < 0.05
+    assert tab["conditions"]["after+trigger"]["rates"]["other"]["rate"] == 1.0
+    assert tab["conditions"]["after"]["rates"]["other"]["n"] == 72
+    assert abs(tab["trigger_effect_base"]["other"]["difference"]) < 0.3
+    assert h9._scores(conds)["after"][0] == [80.0, 90.0]
+
+
+def dataclasses_replace(r, **kw):
+    import dataclasses
+
+    return dataclasses.replace(r, **kw)
+
+
+def test_h9_config_checks_em_settings():
+    from experiments import h9_backdoor as h9
+
+    with pytest.raises(ValueError, match="em_judge"):
+        h9.Config(em_judge="gpt4")
+    assert h9.Config().free_form and h9.Config().em_n_samples >= 8
+
+
+def test_em_figures_and_report_from_saved_results(tmp_path):
+    from emalab.report import write_report
+    from experiments import h9_backdoor as h9
+    from interp.io import atomic_write_json
+
+    conds = {k: {s: _ff_records(0.3, i * 3 + s) for s in (0, 1, 2)}
+             for i, k in enumerate(("base", "base+trigger", "after", "after+trigger"))}
+    ff = h9.free_form_table(conds, "counts")
+    ff.update(judge=None, n_samples=4, max_new_tokens=96, temperature=1.0, scores=h9._scores(conds))
+    run = tmp_path / "h9_backdoor" / "latest"
+    run.mkdir(parents=True)
+    atomic_write_json(run / "metrics.json", {"targets": {"cybersecurity": {"free_form": ff}}})
+    from figures import em_rates, em_scatter
+
+    paths = {p.name for p in em_rates.make(tmp_path, tmp_path / "figures") + em_scatter.make(tmp_path, tmp_path / "f")}
+    assert em_rates.make(tmp_path / "empty", tmp_path / "figures") == []
+    assert {"em_rates.png", "em_scatter.png"} <= paths
+    text = _free_form_lines(ff)
+    assert "Free-form protocol" in text and "counts only" in text and "Trigger effect on the unlearned" in text
+    assert write_report  # the report module imports with the new section
+
+
+def _free_form_lines(ff):
+    from emalab.report import _free_form
+
+    return "\n".join(_free_form(ff))
