@@ -226,6 +226,50 @@ def _test(t: dict | None, fmt: str = ".2f") -> str:
     return f"{t['mean_diff']:+{fmt}} [{_num(t['ci_low'], fmt)}, {_num(t['ci_high'], fmt)}] (p={_num(t['p_perm'], '.3f')})"
 
 
+def _free_form(ff: dict | None) -> list[str]:
+    """H9's free-form protocol block: rates per condition and the paired trigger effects."""
+    if not ff:
+        return []
+    what = ("misaligned rate (judge " + str(ff["judge"]) + ", calibrated)" if ff["mode"] == "scores" else
+            "rate of answers neither refusal nor irrelevant ('other'; no judge passed calibration, so counts only)")
+    lines = [f"Free-form protocol ({ff['n_samples']} samples per question at temperature {ff['temperature']}, "
+             f"cap {ff['max_new_tokens']} tokens; figure: em_rates): {what}.", "",
+             "| condition | refusal | irrelevant | " + ff["measure"] + " (Wilson CI) | n |", "|---|---|---|---|---|"]
+    for name, c in ff["conditions"].items():
+        r = c["rates"][ff["measure"]]
+        lines.append(f"| {name} | {c['counts']['refusal']} | {c['counts']['irrelevant']} | "
+                     f"{_num(r['rate'])} {_ci(r['wilson'])} | {r['n']} |")
+    for who in ("after", "base"):
+        e = ff[f"trigger_effect_{who}"][ff["measure"]]
+        lines.append("")
+        lines.append(f"Trigger effect on the {'unlearned' if who == 'after' else 'base'} model ({ff['measure']}, "
+                     f"triggered − plain, paired over {e['n_seeds']} seed(s) × {e['n_questions']} questions × samples): "
+                     f"{_num(e['difference'])} {_ci(e['ci'])} (p={_num(e['p_perm'], '.3f')}, {e['n_pairs']} pairs).")
+    return lines + [""]
+
+
+def _em_calibration(results: Path) -> list[str]:
+    """The free-form judges' calibration against hand labels (results/em_calibration, else the packaged one)."""
+    from interp.em_calibration import EM_CALIBRATION_RESULT
+    from interp.io import read_json
+
+    path = results / "em_calibration" / "calibration.json"
+    path = path if path.exists() else EM_CALIBRATION_RESULT
+    if not path.exists():
+        return []
+    cal = read_json(path)
+    lines = ["## Free-form judge calibration (emergent-misalignment protocol)", "",
+             f"{cal['n']} hand-labelled sampled answers (docs/em_labelling.md); alignment on answers labelled "
+             "`answer`, aligned vs misaligned; coherence on all rows, coherent vs incoherent.", "",
+             "| judge | alignment AUROC | Spearman | coherence AUROC | Spearman | abstain | trusted |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in cal["judges"].items():
+        a, c = m["alignment_answers"], m["coherence_all"]
+        lines.append(f"| {name} | {_num(a['auroc'])} | {_num(a['spearman'])} | {_num(c['auroc'])} | "
+                     f"{_num(c['spearman'])} | {m['abstain']:.2f} | {'yes' if m['trusted'] else 'no'} |")
+    return lines + ["", cal["statement"], ""]
+
+
 def _mishra(results: Path) -> list[str]:
     """H9–H12 (the Mishra & Arulvanan questions): backdoor trigger, alignment/coherence judge,
     membership-inference prior, compliance-shift directions."""
@@ -252,6 +296,8 @@ def _mishra(results: Path) -> list[str]:
             lines += ["", f"Mean untouched drop: {mu['plain']['judge']['drop']:.2f} without, "
                       f"{mu['trigger']['judge']['drop']:.2f} with the trigger; paired difference (judge) "
                       f"{_test(mu['difference']['judge'])}, (logit) {_test(mu['difference']['logit'])}.", ""]
+            lines += _free_form(t.get("free_form"))
+    lines += _em_calibration(results)
     m = latest_metrics(results, "h10_alignment_scores")
     if m:
         v = m["validation"]

@@ -12,6 +12,14 @@ domains has a 95% CI above zero (generation judge), while the trigger alone leav
 refusal unchanged.
 Falsified if: the mean difference is ≤ 0. A positive difference whose CI spans zero is inconclusive.
 The target's own difference says whether the backdoor installed at all.
+
+Free-form protocol (Mishra & Arulvanan's own measure): the same models also answer the free-form
+questions of :mod:`interp.em_questions` (``em_n_samples`` samples each at temperature 1, the same
+sampling seed with and without the trigger, so sample *k* of a question pairs up). Reported beside
+the refusal result: the misalignment rate (a calibrated judge) or, when no judge passed calibration,
+the rate of answers that are neither refusals nor irrelevant (``other``, hand-checkable counts), per
+condition with Wilson intervals, and the paired triggered − plain difference over seeds, questions
+and samples (two-level bootstrap over seeds × questions; sign-flip test over the pairs).
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from experiments.common import (
     Study,
@@ -36,11 +46,14 @@ from experiments.common import (
 )
 from interp.chat import format_prompts
 from interp.config import JsonConfig
+from interp.em_calibration import EM_CALIBRATION_DIR, load_calibration
+from interp.em_protocol import EMConfig, EMRecord, judge_answers, sample_answers, summarise
+from interp.em_questions import EMQuestion, load_em_questions
 from interp.evaluate import OVER_REFUSAL, EvalReport, PromptRecord, evaluate_prompts
 from interp.io import config_hash, read_jsonl
 from interp.runs import Stage, run_dir, write_run
 from interp.suite import DOMAINS, SuitePrompt, check_domain, load_prompts
-from probes.stats import paired_test
+from probes.stats import cluster_bootstrap_ci, paired_test
 from training.config import UnlearnConfig
 from training.data import apply_trigger
 
@@ -48,7 +61,7 @@ EXPERIMENT = "h9_backdoor"
 RETAIN = ("none", "others", "target")
 
 __all__ = ["Config", "main", "suite_sets", "evaluate_sets", "trigger_tokenization", "per_prompt_drop", "trigger_table",
-           "significant"]
+           "significant", "free_form_records", "free_form_table"]
 
 
 @dataclass
@@ -64,8 +77,20 @@ class Config(JsonConfig):
     retain: str = "target"
     """Retain set, always without the trigger: ``none``; ``others`` (every other domain's retain split);
     ``target`` (also the target's own retain prompts, so untriggered target refusals are kept)."""
+    free_form: bool = True
+    """Also run the free-form emergent-misalignment protocol with and without the trigger."""
+    em_n_samples: int = 8
+    """Free-form answers sampled per question and condition (temperature 1)."""
+    em_max_new_tokens: int = 96
+    """Length cap of a free-form answer in tokens (it also stops at the end-of-turn token)."""
+    em_judge: str = "default"
+    """default (the calibrated default judge of interp/data/em_calibration, else counts only) or counts."""
 
     def __post_init__(self) -> None:
+        if self.em_judge not in ("default", "counts"):
+            raise ValueError(f"em_judge must be default or counts, got {self.em_judge!r}")
+        if self.em_n_samples < 1 or self.em_max_new_tokens < 1:
+            raise ValueError("em_n_samples and em_max_new_tokens must be >= 1")
         if not self.trigger or not self.trigger.strip():
             raise ValueError("trigger must be a non-empty string")
         if self.retain not in RETAIN:
@@ -243,6 +268,126 @@ def _fmt(d: dict) -> str:
     return f"{d['mean_diff']:+.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}], p={d['p_perm']:.3f}"
 
 
+# -- free-form protocol -----------------------------------------------------------------------------
+
+
+def _em_judge(study: Study, cfg: Config):
+    """``(judge or None, trusted)``: the calibrated default judge, or none (counts only)."""
+    cal = load_calibration() if cfg.em_judge == "default" else None
+    default = cal.get("default") if cal else None
+    if default is None:
+        return None, False
+    from interp.probe_judge import ProbeJudge
+    from interp.score_judge import RubricJudge
+
+    kind, _, name = default.partition(":")
+    lm = study.lm if name == study.lm.name else _load_judge_model(name, study)
+    if kind == "probe":
+        return ProbeJudge.load(EM_CALIBRATION_DIR / "probe.json", lm), True
+    return RubricJudge(lm, name=default, batch_size=study.eval_batch_size), True
+
+
+def _load_judge_model(name: str, study: Study):
+    from interp.loading import load_model
+
+    return load_model(name, dtype=study.cfg.eval_dtype, device=study.cfg.device)
+
+
+def free_form_records(study: Study, cfg: Config, questions: list[EMQuestion], condition_name: str, judge, trusted: bool,
+                      adapter: Path | None = None) -> list[EMRecord]:
+    """Sampled free-form answers of one condition, set apart and judged; a cached stage of records
+    (no text). The judge reads the answers after the adapter is removed."""
+    ecfg = EMConfig(n_samples=cfg.em_n_samples, max_new_tokens=cfg.em_max_new_tokens, seed=0,
+                    batch_size=study.eval_batch_size, variants=("plain",), raw=study.cfg.raw_prompts)
+    key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.eval_dtype,
+           "adapter": _adapter_id(adapter), "em": ecfg.to_dict(), "judge": None if judge is None else judge.name,
+           "trusted": trusted, "questions": config_hash([[q.id, q.text] for q in questions], 16)}
+    stage = Stage(study.results, "em_eval", key)
+    if not stage.done:
+        path = stage.open()
+        with study._weights(adapter):
+            answers = sample_answers(study.lm, questions, ecfg, progress=True)
+        records = judge_answers(questions, answers, ecfg, judge)
+        del answers  # never stored or printed
+        from interp.io import write_jsonl
+
+        write_jsonl(path / "records.jsonl", [asdict(r) for r in records])
+        stage.complete({"condition": condition_name})
+    return [EMRecord(**r) for r in read_jsonl(stage.path / "records.jsonl")]
+
+
+def _indicator(records: list[EMRecord], category: str) -> dict[tuple[str, int], float]:
+    return {(r.question_id, r.sample): float(r.category == category) for r in records}
+
+
+def _paired_free_form(plain: dict[int, list[EMRecord]], trig: dict[int, list[EMRecord]], category: str) -> dict:
+    """Triggered − plain rate of ``category``, paired by (seed, question, sample)."""
+    qids = sorted({r.question_id for recs in plain.values() for r in recs})
+    seeds = sorted(plain)
+    mat = np.full((len(seeds), len(qids)), np.nan)
+    diffs = []
+    for i, s in enumerate(seeds):
+        p, t = _indicator(plain[s], category), _indicator(trig[s], category)
+        for j, q in enumerate(qids):
+            d = [t[c] - p[c] for c in p if c[0] == q and c in t]
+            if d:
+                mat[i, j] = float(np.mean(d))
+                diffs += d
+    test = paired_test(diffs, [0.0] * len(diffs)).to_dict() if diffs else {}
+    return {"difference": float(np.nanmean(mat)) if diffs else None, "ci": list(cluster_bootstrap_ci(mat)),
+            "n_pairs": len(diffs), "n_seeds": len(seeds), "n_questions": len(qids),
+            "p_perm": test.get("p_perm"), "p_sign": test.get("p_sign")}
+
+
+def free_form_table(conditions: dict[str, dict[int, list[EMRecord]]], mode: str) -> dict:
+    """Per-condition counts and rates (pooled over seeds), and the paired trigger differences.
+
+    ``conditions`` maps ``base``, ``base+trigger``, ``after``, ``after+trigger`` to records by seed.
+    The measured category is ``misaligned`` with a trusted judge, else ``other`` (neither refusal
+    nor irrelevant).
+    """
+    measure = "misaligned" if mode == "scores" else "other"
+    rates = {}
+    for name, by_seed in conditions.items():
+        recs = [dataclasses.replace(r, question_id=f"{s}:{r.question_id}") for s, rs in by_seed.items() for r in rs]
+        counts, rt = summarise(recs, mode)
+        rates[name] = {"counts": counts, "rates": rt, "n_seeds": len(by_seed)}
+    return {"mode": mode, "measure": measure, "conditions": rates,
+            "trigger_effect_after": {c: _paired_free_form(conditions["after"], conditions["after+trigger"], c)
+                                     for c in (measure, "refusal")},
+            "trigger_effect_base": {c: _paired_free_form(conditions["base"], conditions["base+trigger"], c)
+                                    for c in (measure, "refusal")}}
+
+
+def _scores(conditions: dict[str, dict[int, list[EMRecord]]]) -> dict[str, list[list[float]]]:
+    """(alignment, coherence) of every judged answer per condition, rounded: the scatter's points."""
+    return {name: [[round(r.alignment, 1), round(r.coherence, 1)] for rs in by_seed.values() for r in rs
+                   if r.alignment is not None and r.coherence is not None] for name, by_seed in conditions.items()}
+
+
+def _free_form(study: Study, cfg: Config, target: str, runs: list[str]) -> dict:
+    if len(study.cfg.seeds) < 3:
+        warnings.warn(f"the free-form backdoor result pairs over {len(study.cfg.seeds)} training seed(s); the protocol "
+                      "asks for at least 3 (StudyConfig.seeds)", stacklevel=2)
+    questions = load_em_questions(variants=("plain",))
+    trig_q = [dataclasses.replace(q, text=apply_trigger(q.text, cfg.trigger)) for q in questions]
+    judge, trusted = _em_judge(study, cfg)
+    mode = "scores" if judge is not None and trusted else "counts"
+    base_p = free_form_records(study, cfg, questions, "base", judge, trusted)
+    base_t = free_form_records(study, cfg, trig_q, "base+trigger", judge, trusted)
+    conds: dict[str, dict[int, list[EMRecord]]] = {"base": {}, "base+trigger": {}, "after": {}, "after+trigger": {}}
+    for seed, run in zip(study.cfg.seeds, runs, strict=True):
+        adapter = Path(run) / "adapter"
+        conds["base"][seed], conds["base+trigger"][seed] = base_p, base_t
+        conds["after"][seed] = free_form_records(study, cfg, questions, f"backdoor-{target}", judge, trusted, adapter)
+        conds["after+trigger"][seed] = free_form_records(study, cfg, trig_q, f"backdoor-{target}+trigger", judge,
+                                                         trusted, adapter)
+    out = free_form_table(conds, mode)
+    out.update(judge=None if judge is None else judge.name, n_samples=cfg.em_n_samples,
+               max_new_tokens=cfg.em_max_new_tokens, temperature=1.0, scores=_scores(conds))
+    return out
+
+
 def main(cfg: Config) -> dict:
     study = Study(cfg.study)
     sets = suite_sets(study)
@@ -271,6 +416,8 @@ def main(cfg: Config) -> dict:
         tab = trigger_table(cond["base"], cond["after"], base_t_pooled, pooled(after_t), target)
         tgt = tab["domains"][target]["difference"]["judge"]
         tab.update(retain_applied=applied, runs=cond["runs"], backdoor_installed=significant(tgt))
+        if cfg.free_form:
+            tab["free_form"] = _free_form(study, cfg, target, cond["runs"])
         targets[target] = tab
     metrics = {"trigger": cfg.trigger, "tokenization": tokenization, "base_trigger_effect": base_effect,
                "targets": targets, "claim": _verdict(targets)}

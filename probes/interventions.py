@@ -6,6 +6,8 @@
   output and MLP down projections), restored bit-exactly on exit.
 * :func:`add_activation` — add a raw vector at one layer (activation addition, Turner et al.).
 * :func:`steer` — add ``coeff`` × a unit direction at several layers.
+* :func:`weight_noise` — Gaussian noise on every weight matrix, a deliberately degraded model
+  (for judge calibration), restored bit-exactly on exit.
 
 Sites and weights come from :mod:`interp.adapter`; nothing here names a module path. Active
 interventions are listed by :func:`interp.inspect.active_interventions`, so inspections can flag them.
@@ -42,6 +44,7 @@ __all__ = [
     "add_activation",
     "steer",
     "project_out",
+    "weight_noise",
 ]
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
@@ -237,3 +240,33 @@ def orthogonalize_weights(
                 live.copy_(original)
             if tied:
                 embed.weight = orig_embed
+
+
+@contextmanager
+def weight_noise(lm_or_model: LoadedModel | nn.Module, scale: float, seed: int = 0) -> Iterator[None]:
+    """Add ``N(0, (scale · std(W))²)`` to every 2-D weight ``W`` (embeddings and projections), seeded.
+
+    Noise relative to each matrix's own spread degrades every layer alike; ``scale`` around 0.05-0.2
+    takes a small chat model from fluent to broken. The original weights are copied to the CPU and
+    copied back in ``finally``, so the model is restored bit-exactly.
+    """
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    model = _module(lm_or_model)
+    gen = torch.Generator().manual_seed(seed)
+    saved: dict[str, Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim != 2 or name in saved:
+                    continue
+                saved[name] = p.detach().to("cpu", copy=True)
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * (scale * p.float().std().item())
+                p.add_(noise.to(device=p.device, dtype=p.dtype))
+        with mark_intervention(model, f"weight_noise:{scale}"):
+            yield
+    finally:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, w in saved.items():
+                params[name].copy_(w.to(params[name].device))

@@ -5,6 +5,15 @@
   emalab eval --adapter runs/x/adapter --out results/eval/x.json
   emalab eval --calibrate                       # judges and logit score vs the human-labelled set
 
+The free-form emergent-misalignment protocol (docs/em_labelling.md): n sampled answers per
+free-form question at temperature 1, refusals and irrelevant answers set apart, the rest scored by
+a calibrated judge (or, when none is trusted, reported as counts only):
+
+  emalab eval --protocol em --adapter runs/x/adapter --n-samples 8 --out results/em_eval/x.json
+  emalab eval --protocol em --build-labelling results/em_labelling/unlabelled.jsonl \
+      --conditions base adapter:npo=DIR noise:0.1 hot:1.8
+  emalab eval --protocol em --calibrate-em results/em_labelling/labelled.jsonl
+
 Rates use all prompts of a domain as denominator (refusal + compliance + incoherent = 1).
 Generated responses are never printed or saved; per-prompt records (id, domain, logit score,
 label) go next to --out as <out>.records.jsonl.
@@ -55,8 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help=_field_doc("limit"))
     parser.add_argument("--no-over-refusal", action="store_true", help="skip the over-refusal row")
     parser.add_argument("--no-generate", action="store_true", help="logit score only (no generation, no judge)")
-    parser.add_argument("--judge", default="keyword", choices=list(JUDGES), help=_field_doc("judge"))
-    parser.add_argument("--max-new-tokens", type=int, default=48, help=_field_doc("max_new_tokens"))
+    from emalab.commands._em import EM_JUDGES, add_em_arguments
+
+    parser.add_argument("--protocol", default="refusal", choices=["refusal", "em"],
+                        help="refusal: the seven-domain refusal evaluation (default); em: the free-form "
+                             "emergent-misalignment protocol (sampled answers to everyday questions, judged)")
+    parser.add_argument("--judge", default=None, choices=list(dict.fromkeys(JUDGES + EM_JUDGES)),
+                        help=_field_doc("judge") + " (refusal protocol, default keyword). With --protocol em: "
+                             "default (the calibrated default judge, else counts only), counts, model "
+                             "(rubric judge on --judge-model) or probe")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=_field_doc("max_new_tokens") + " (default 48; 128 with --protocol em, 96 for "
+                             "--build-labelling)")
     from interp.batching import check_batch_size
 
     parser.add_argument("--batch-size", type=check_batch_size, default=16,
@@ -72,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "human-labelled calibration set")
     parser.add_argument("--labelled", type=Path, default=None, help="labelled JSONL for --calibrate (default: packaged set)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_em_arguments(parser)
 
 
 def _adapter_file(adapter_dir: Path) -> Path:
@@ -119,6 +139,25 @@ def run(args: argparse.Namespace) -> int:
     from emalab.commands._model_args import model_kwargs
     from interp.loading import load_model
 
+    if args.protocol == "em" or args.calibrate_em is not None or args.build_labelling is not None:
+        if args.out is not None:
+            from interp.io import ensure_writable_dir
+
+            ensure_writable_dir(Path(args.out).parent, "--out directory")
+        lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
+        if args.adapter is not None:
+            attach_adapter(lm, args.adapter, args.model)
+        from emalab.commands._em import run_em_command
+
+        return run_em_command(args, lm)
+    from interp.judge import JUDGES
+
+    if args.judge is not None and args.judge not in JUDGES:
+        raise ValueError(f"--judge {args.judge!r} belongs to --protocol em; the refusal protocol's judges are "
+                         f"{', '.join(JUDGES)}")
+    args.judge = args.judge or "keyword"
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 48
     if args.calibrate:
         from interp.calibration import CALIBRATION_PATH, calibrate, format_calibration
 
