@@ -52,7 +52,7 @@ def _check_prompts(prompts: Sequence[str]) -> None:
 def _check_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplateError(
-            "this tokenizer has no chat template (a base model?); pass raw=True (CLI: --raw-prompts on `emalab eval` and `emalab run`) to feed "
+            "this tokenizer has no chat template (a base model?); pass raw=True (CLI: --raw-prompts on `emalab eval`, `run` and `inspect`) to feed "
             "prompts as plain text, or use an instruction-tuned model"
         )
 

@@ -406,3 +406,25 @@ def test_compute_vectors_cached_and_resolved(tmp_path):
     assert str(saved) in vectors.concepts_source
     vectors = resolve_vectors(lm, None, tmp_path / "cache", probe_limit=2)
     assert "fallback" in vectors.refusal_source
+
+
+def test_raw_prompts_inspect_a_model_without_chat_template():
+    """A base model (no chat template) is inspected with --raw-prompts; without it, the error names the flag."""
+    from interp.chat import NoChatTemplateError
+
+    lm = make_tiny_loaded("qwen2")
+    lm.tokenizer.chat_template = None
+    chat = InspectorService(lm, random_vectors(), InspectorConfig(answer_tokens=2))
+    with pytest.raises(NoChatTemplateError, match="--raw-prompts"):
+        chat.inspect(chat.parse({"prompt": "Tell me a story."}))
+    raw = InspectorService(lm, random_vectors(), InspectorConfig(answer_tokens=2, raw=True))
+    out = raw.inspect(raw.parse({"prompt": "Tell me a story."}))
+    assert out["views"]["base"]["matrix"] and raw.count_tokens("Tell me a story.") == len(
+        lm.tokenizer("Tell me a story.", add_special_tokens=False)["input_ids"])
+
+
+def test_inspect_cli_takes_raw_prompts():
+    from emalab.cli import build_parser
+
+    args = build_parser().parse_args(["inspect", "--raw-prompts"])
+    assert args.raw_prompts is True

@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="eval", help=_field_doc("split"))
     parser.add_argument("--limit", type=int, default=None, help=_field_doc("limit"))
     parser.add_argument("--no-over-refusal", action="store_true", help="skip the over-refusal row")
+    parser.add_argument("--no-benign", action="store_true",
+                        help="skip the benign row (and with it the KL to the base model of an --adapter)")
+    parser.add_argument("--kl-tokens", type=int, default=8,
+                        help="response positions of the benign prompts over which KL(base || adapted) is "
+                             "averaged when --adapter is given (0: skip; default 8)")
     parser.add_argument("--no-generate", action="store_true", help="logit score only (no generation, no judge)")
     from emalab.commands._em import EM_JUDGES, add_em_arguments
 
@@ -184,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(
         domains=tuple(args.domains), split=args.split, limit=args.limit, over_refusal=not args.no_over_refusal,
+        benign=not args.no_benign, kl_tokens=args.kl_tokens,
         generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
         batch_size=16 if args.batch_size == "auto" else args.batch_size,  # "auto" is resolved once the model is loaded
         judge=args.judge, n_bootstrap=args.n_bootstrap, seed=args.seed, system=args.system,

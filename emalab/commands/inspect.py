@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from emalab.commands._model_args import DEVICE_HELP, add_model_source_arguments
 
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    add_model_source_arguments(parser)
+    add_model_source_arguments(parser, raw_prompts=True)
     parser.add_argument("--probe-limit", type=int, default=12,
                         help="probe prompts per domain when the concept vectors are computed here (default: 12)")
     parser.add_argument("--answer-tokens", type=int, default=48, help="greedy answer length in tokens (default: 48)")
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                          "'import secrets; print(secrets.token_urlsafe())'")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    cfg = InspectorConfig(k=args.k, answer_tokens=args.answer_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    cfg = InspectorConfig(k=args.k, answer_tokens=args.answer_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                          raw=args.raw_prompts)
     from emalab.commands._model_args import model_kwargs
 
     lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         from training.lora import load_adapter
 
         load_adapter(lm, args.adapter)  # AdapterMismatchError names both models
-    vectors = resolve_vectors(lm, args.results, cache_root() / "inspector", args.probe_limit)
+    vectors = resolve_vectors(lm, args.results, cache_root() / "inspector", args.probe_limit, raw=args.raw_prompts)
     print(f"concept vectors: {vectors.concepts_source}", file=sys.stderr)
     print(f"refusal direction: {vectors.refusal_source}", file=sys.stderr)
     service = InspectorService(lm, vectors, cfg, adapter=str(args.adapter) if args.adapter else None)

@@ -53,6 +53,8 @@ class InspectorConfig:
     """Largest |coefficient| accepted for activation addition."""
     judge: str = "keyword"
     """Refusal judge for the answer's label."""
+    raw: bool = False
+    """Feed prompts as plain text, without a chat template (base models that have none)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 20:
@@ -201,7 +203,7 @@ class InspectorService:
     def count_tokens(self, prompt: str) -> int:
         from interp.chat import format_prompts
 
-        text = format_prompts(self.lm.tokenizer, [prompt])[0]
+        text = format_prompts(self.lm.tokenizer, [prompt], raw=self.cfg.raw)[0]
         return len(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -- computation -------------------------------------------------------------------------------------
@@ -231,11 +233,11 @@ class InspectorService:
         self._set_phase(f"{name}: layer-by-layer trace", step, total)
         with self._interventions(req):
             ins = inspect_prompt(self.lm, req.prompt, concepts=self.concept_dirs, refusal=self.vectors.refusal,
-                                 k=self.cfg.k, layers=self.layers)
+                                 k=self.cfg.k, layers=self.layers, raw=self.cfg.raw)
             t1 = time.perf_counter()
             self._set_phase(f"{name}: generating {self.cfg.answer_tokens} tokens", step + 1, total)
             answer = generate(self.lm, [req.prompt], max_new_tokens=self.cfg.answer_tokens, progress=False,
-                              max_prompt_tokens=self.cfg.max_prompt_tokens)[0]
+                              max_prompt_tokens=self.cfg.max_prompt_tokens, raw=self.cfg.raw)[0]
             t2 = time.perf_counter()
         ins.answer = answer
         verdict = self.judge.judge([req.prompt], [answer])[0]

@@ -126,7 +126,7 @@ def find_refusal(results: Path, lm: LoadedModel) -> tuple[Direction, str] | None
 
 
 def compute_vectors(
-    lm: LoadedModel, cache_dir: Path, probe_limit: int = 12, batch_size: int = 8
+    lm: LoadedModel, cache_dir: Path, probe_limit: int = 12, batch_size: int = 8, raw: bool = False
 ) -> tuple[ConceptVectors, Direction, Path]:
     """Concept vectors (domain − benign) and a fallback refusal direction (all domains pooled −
     benign, at ``FALLBACK_LAYER_FRACTION`` depth), from the probe split; cached under ``cache_dir``.
@@ -144,7 +144,7 @@ def compute_vectors(
     key = {"weights": lm.weights_id, "dtype": dtype, "split": "probe", "limit": probe_limit,
            "site": "resid_post", "position": "last", "contrast": "benign",
            "suite": sha256_file(manifest) if manifest.exists() else None,
-           "refusal_layer_fraction": FALLBACK_LAYER_FRACTION}
+           "refusal_layer_fraction": FALLBACK_LAYER_FRACTION, **({"raw": True} if raw else {})}
     where = Path(cache_dir) / config_hash(key, 16)
     c_path, r_path = where / "concepts.safetensors", where / "refusal_fallback.safetensors"
     if c_path.exists() and r_path.exists():
@@ -152,7 +152,7 @@ def compute_vectors(
     sets = {name: [p.text for p in load_prompts(name, "probe", limit=probe_limit)] for name in (*DOMAINS, "benign")}
     texts = [t for prompts in sets.values() for t in prompts]
     with adapter_disabled(lm):  # one call: length-sorted batches across sets, one progress bar
-        stacked = collect_activations(lm, texts, batch_size=batch_size, progress=True)
+        stacked = collect_activations(lm, texts, batch_size=batch_size, raw=raw, progress=True)
     acts, start = {}, 0
     for name, prompts in sets.items():
         acts[name], start = stacked[start:start + len(prompts)], start + len(prompts)
@@ -170,15 +170,17 @@ def compute_vectors(
 
 
 def resolve_vectors(
-    lm: LoadedModel, results: Path | None, cache_dir: Path, probe_limit: int = 12
+    lm: LoadedModel, results: Path | None, cache_dir: Path, probe_limit: int = 12, raw: bool = False
 ) -> InspectorVectors:
     """Concept vectors and refusal direction for ``lm``'s base weights: from ``results`` if saved
-    there, else computed once (see :func:`compute_vectors`)."""
-    found_c = find_concepts(Path(results), lm) if results is not None else None
-    found_r = find_refusal(Path(results), lm) if results is not None else None
+    there, else computed once (see :func:`compute_vectors`). With ``raw`` (prompts without a chat
+    template) saved vectors, which were read from chat-formatted prompts, are not used."""
+    search = results is not None and not raw
+    found_c = find_concepts(Path(results), lm) if search else None
+    found_r = find_refusal(Path(results), lm) if search else None
     if found_c is not None and found_r is not None:
         return InspectorVectors(found_c[0], found_r[0], found_c[1], found_r[1])
-    cv, fallback, where = compute_vectors(lm, cache_dir, probe_limit)
+    cv, fallback, where = compute_vectors(lm, cache_dir, probe_limit, raw=raw)
     if found_c is None:
         c_src = (f"computed at startup: domain − benign means of last-token activations, {probe_limit} probe-split "
                  f"prompts per domain (cached in {where})")
