@@ -143,7 +143,7 @@ def check_batch_size(value: Any, name: str = "batch_size") -> int | str:
         return value
     if isinstance(value, str) and value.isdigit() and int(value) >= 1:
         return int(value)
-    raise ValueError(f"{name} must be an integer >= 1 or 'auto' (fit the device's free memory), got {value!r}")
+    raise ValueError(f"{name} must be >= 1 (an integer) or 'auto' (fit the device's free memory), got {value!r}")
 
 
 def resolve_batch_size(value: int | str, lm: LoadedModel, seq_len: int, **kwargs: Any) -> int:

@@ -81,9 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=_field_doc("max_new_tokens") + " (default 48; 128 with --protocol em, 96 for "
                              "--build-labelling)")
-    from interp.batching import check_batch_size
-
-    parser.add_argument("--batch-size", type=check_batch_size, default=16,
+    # Checked in run(), not by argparse, so that a bad value is the same one-line error as every other.
+    parser.add_argument("--batch-size", default="16",
                         help=_field_doc("batch_size") + " An integer, or auto: the largest batch whose estimated "
                         "activations fit the device's free memory (on CPU a quarter of the available RAM, at most 64)")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help=_field_doc("n_bootstrap"))
@@ -142,7 +141,10 @@ def _records_path(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from emalab.commands._model_args import model_kwargs
+    from interp.batching import check_batch_size
     from interp.loading import load_model
+
+    args.batch_size = check_batch_size(args.batch_size)
 
     if args.protocol == "em" or args.calibrate_em is not None or args.build_labelling is not None:
         if args.out is not None:
