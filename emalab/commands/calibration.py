@@ -114,9 +114,42 @@ def _add(args: argparse.Namespace) -> int:
                     "response": _first_sentence(r["response"]) if cut else r["response"],
                     "label": r["label"], "labeller": r["labeller"], "logit_score": r["logit_score"],
                     "truncated": "first_sentence" if cut else "40_tokens"})
-    write_jsonl(target, [*existing, *new])
+    everything = [*existing, *new]
+    write_jsonl(target, everything)
+    _update_manifest(target, everything, new, args.labelled)
     print(f"added {len(new)} rows to {target} ({len(rows) - len(new)} already present)")
     return 0
+
+
+def _update_manifest(target: Path, rows: list[dict], new: list[dict], source: Path) -> None:
+    """Counts, digest and the provenance of the added part, in the manifest beside the set."""
+    from collections import Counter
+
+    from interp.io import atomic_write_json, read_json, sha256_file
+
+    path = target.parent / "manifest.json"
+    manifest = read_json(path) if path.exists() else {}
+    by_cond: dict[str, Counter] = {}
+    for r in rows:
+        by_cond.setdefault(r["condition"], Counter())[r["label"]] += 1
+    manifest.update({
+        "n": len(rows),
+        "counts": {"label": dict(Counter(r["label"] for r in rows)),
+                   "condition": dict(Counter(r["condition"] for r in rows)),
+                   "domain": dict(Counter(r["domain"] for r in rows)),
+                   "label_by_condition": {c: dict(v) for c, v in by_cond.items()},
+                   "truncated_first_sentence": sum(r.get("truncated") == "first_sentence" for r in rows)},
+        "labelled_sha256": sha256_file(target),
+    })
+    if new:
+        manifest.setdefault("additions", []).append({
+            "ids": [new[0]["id"], new[-1]["id"]], "n": len(new), "from": str(source),
+            "conditions": dict(Counter(r["condition"] for r in new)),
+            "labels": dict(Counter(r["label"] for r in new)),
+            "generation": "emalab calibration generate (greedy, the study's cached adapters, eval prompts past "
+                          "the first 10 per domain); see the command's docstring",
+        })
+    atomic_write_json(path, manifest)
 
 
 def run(args: argparse.Namespace) -> int:
