@@ -94,8 +94,14 @@ class StudyConfig(JsonConfig):
         if self.steps < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 1 and lr > 0")
         from interp.batching import check_batch_size
+        from interp.precision import DTYPE_CHOICES
 
         self.eval_batch_size = check_batch_size(self.eval_batch_size, "eval_batch_size")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"StudyConfig.dtype: unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.eval_dtype not in DTYPE_CHOICES[1:]:
+            raise ValueError(f"StudyConfig.eval_dtype: unknown dtype {self.eval_dtype!r}; choose one of "
+                             f"{', '.join(DTYPE_CHOICES[1:])} (float32 is exact, docs/numerics.md)")
 
 
 @dataclass

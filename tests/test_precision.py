@@ -52,3 +52,11 @@ def test_study_measures_in_float32_and_trains_in_the_resolved_dtype(tmp_path, mo
     assert study.train_dtype == "bfloat16"
     same = Study(StudyConfig(results=str(tmp_path), dtype="float32"))
     assert same.train_dtype == same.cfg.eval_dtype  # then one model serves both
+
+
+@pytest.mark.parametrize("field,value", [("dtype", "fp8"), ("eval_dtype", "auto"), ("eval_dtype", "int8")])
+def test_study_config_rejects_unknown_dtypes_before_any_work(field, value):
+    from experiments.common import StudyConfig
+
+    with pytest.raises(ValueError, match=f"StudyConfig.{field}: unknown dtype"):
+        StudyConfig(**{field: value})

@@ -54,6 +54,13 @@ def _first_sentence(text: str) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    for flag, value, least in (("--per-domain", args.per_domain, 1), ("--skip", args.skip, 0),
+                               ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    from interp.io import ensure_writable_dir
+
+    ensure_writable_dir(args.out.parent, "--out directory")
     from experiments.common import Study, StudyConfig
     from interp.generate import generate
     from interp.io import read_jsonl, write_jsonl
