@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,24 +323,30 @@ def bootstrap_ci(
     seed: int | Sequence[int] = 0,
     alpha: float = 0.05,
     chunk: int = 2_000_000,
+    stat: Callable[..., np.ndarray] = np.mean,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (vectorised, seeded, float64).
+    """Percentile bootstrap CI of ``stat`` of ``values`` (vectorised, seeded, float64).
 
-    Returns ``(nan, nan)`` for an empty input and ``(mean, mean)`` when ``n_bootstrap`` is 0.
+    The one bootstrap of emalab (:func:`probes.stats.bootstrap_ci` calls it). ``stat`` is called as
+    ``stat(samples, axis=1)`` on a block of resamples. The resample stream does not depend on
+    ``chunk`` (the bound on the index matrix), so a CI is reproducible from ``seed`` alone.
+
+    Returns ``(nan, nan)`` for an empty input and ``(stat, stat)`` of ``values`` when ``n_bootstrap`` is 0.
     """
     x = np.asarray(values, dtype=np.float64)
     n = x.size
     if n == 0:
         return float("nan"), float("nan")
     if n_bootstrap == 0:
-        return float(x.mean()), float(x.mean())
+        v = float(x.mean()) if stat is np.mean else float(np.asarray(stat(x[None], axis=1))[0])
+        return v, v
     rng = np.random.default_rng(seed)
-    means = np.empty(n_bootstrap, dtype=np.float64)
+    stats = np.empty(n_bootstrap, dtype=np.float64)
     step = max(1, chunk // n)  # bound the index matrix at ~chunk entries
     for start in range(0, n_bootstrap, step):
         stop = min(start + step, n_bootstrap)
-        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+        stats[start:stop] = stat(x[rng.integers(0, n, size=(stop - start, n))], axis=1)
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 
