@@ -43,13 +43,7 @@ def starts_with_a(prompts, responses):
     return ["compliance" if r.startswith("A") else "refusal" for r in responses]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread avoids oversubscription stalls when the CPU is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
