@@ -1,6 +1,6 @@
 """The inspector's service layer: validates requests and composes library calls into JSON.
 
-No model logic lives here: one inspection is :func:`interp.inspect.inspect_prompt` under the
+No model logic lives here: one inspection is :func:`interp.layer_inspection.inspect_prompt` under the
 interventions of :mod:`probes.interventions`, on the base weights (``adapter_disabled``) and, when
 an adapter is loaded, on the adapted weights; the answer is labelled by the keyword judge. The
 web layer (:mod:`emalab.inspector.server`) only moves this JSON.
@@ -225,7 +225,7 @@ class InspectorService:
 
     def _view(self, req: InspectRequest, name: str, step: int, total: int) -> dict:
         from interp.generate import generate
-        from interp.inspect import inspect_prompt
+        from interp.layer_inspection import inspect_prompt
 
         t0, cpu0 = time.perf_counter(), time.process_time()
         self._set_phase(f"{name}: layer-by-layer trace", step, total)
