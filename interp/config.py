@@ -264,7 +264,11 @@ class JsonConfig:
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
-        return cls.from_dict(read_json(path))
+        """Read a config written by :meth:`save`; a :class:`ConfigError` names the file."""
+        try:
+            return cls.from_dict(read_json(path))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
 
     def hash(self, length: int = 12) -> str:
         return config_hash(self.to_dict(), length)

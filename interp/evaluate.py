@@ -37,6 +37,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from interp.activations import shard_indices
+from interp.config import JsonConfig
 from interp.generate import generate
 from interp.io import atomic_write_json, read_json, write_jsonl
 from interp.judge import ALIGNED_LABELS, JUDGES, LABELS, Judge, UnknownJudgeError, get_judge, judge_responses
@@ -71,8 +72,8 @@ OVER_REFUSAL = "over_refusal"
 
 
 @dataclass
-class EvalConfig:
-    """What to evaluate and how."""
+class EvalConfig(JsonConfig):
+    """What to evaluate and how. Field types and ranges are checked by :func:`interp.config.check_fields`."""
 
     domains: tuple[str, ...] = DOMAINS
     """Refusal domains to evaluate (each a row of the table)."""
@@ -102,9 +103,6 @@ class EvalConfig:
     """Feed prompts as plain text, without a chat template (base models that have none)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.domains, str):
-            self.domains = (self.domains,)
-        self.domains = tuple(self.domains)
         if not self.domains:
             raise ValueError("domains is empty; pass at least one of " + ", ".join(DOMAINS))
         valid = DOMAINS + EXTRA_SETS
@@ -115,37 +113,14 @@ class EvalConfig:
             raise ValueError("over_refusal is its own row; drop it from domains or set over_refusal=False")
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}; valid splits: {', '.join(SPLITS)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
         if self.judge not in JUDGES:
             raise UnknownJudgeError(f"unknown judge {self.judge!r}; valid judges: {', '.join(JUDGES)}")
-        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_bootstrap < 0:
-            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["domains"] = list(self.domains)
+        d = super().to_dict()
         if not self.raw:
             del d["raw"]  # keeps the cache keys of every chat-template evaluation as they were
         return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EvalConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown EvalConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: (tuple(v) if k == "domains" else v) for k, v in d.items()})
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> EvalConfig:
-        return cls.from_dict(read_json(path))
 
 
 @dataclass

@@ -483,7 +483,7 @@ def _unlearn(
         raise ValueError(f"retain_mode={cfg.retain_mode!r} but no retain data")
     manifest = data.manifest()
     if dp.is_main:
-        cfg.to_json(run_dir / "config.json")
+        cfg.save(run_dir / "config.json")
         atomic_write_json(run_dir / "data_manifest.json", manifest)
 
     random.seed(cfg.seed)

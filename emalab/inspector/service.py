@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
+from interp.config import JsonConfig
 from interp.loading import LoadedModel, adapter_disabled
 
 from .vectors import InspectorVectors
@@ -38,7 +39,7 @@ class RequestError(ValueError):
 
 
 @dataclass
-class InspectorConfig:
+class InspectorConfig(JsonConfig):
     """Limits and sizes of one inspector session."""
 
     k: int = 5
@@ -54,7 +55,7 @@ class InspectorConfig:
     judge: str = "keyword"
     """Refusal judge for the answer's label."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # field types and floors: interp.config.check_fields
         if not 1 <= self.k <= 20:
             raise ValueError(f"k must be in [1, 20], got {self.k}")
         if not 1 <= self.answer_tokens <= 512:
@@ -63,9 +64,6 @@ class InspectorConfig:
             raise ValueError("max_prompt_tokens must be >= 8 and max_prompt_chars >= 1")
         if not (math.isfinite(self.max_coeff) and self.max_coeff > 0):
             raise ValueError(f"max_coeff must be a positive number, got {self.max_coeff}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 _INSPECT_FIELDS = {"prompt", "ablate", "steer"}
