@@ -30,6 +30,7 @@ from torch import Tensor
 from interp.activations import ActivationSet
 from interp.direction import Direction, DModelMismatchError
 from interp.io import atomic_save_safetensors, load_safetensors
+from probes.directions import ActsLike
 
 __all__ = [
     "CONTRASTS",
@@ -41,8 +42,6 @@ __all__ = [
 
 CONTRASTS = ("benign", "rest")
 _FORMAT = "emalab.concepts/v1"
-
-ActsLike = ActivationSet | Float[Tensor, "_batch layer d_model"]  # sets differ in size
 
 
 def _tensor(acts: ActsLike) -> Tensor:
