@@ -347,7 +347,7 @@ def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float
     return lo, hi
 
 
-def auroc(y: Sequence[bool] | np.ndarray, s: Sequence[float] | np.ndarray) -> float:
+def auroc(y: Sequence[bool | int] | np.ndarray, s: Sequence[float] | np.ndarray) -> float:
     """Area under the ROC curve of score ``s`` for binary label ``y`` (ties count one half);
     ``nan`` when ``y`` holds only one class."""
     from scipy.stats import rankdata

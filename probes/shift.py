@@ -23,14 +23,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.direction import Direction
-from interp.types import Acts, LayerVectors
+from interp.types import LayerVectors, UnpairedActs
 from probes.concepts import ConceptVectors
 from probes.entanglement import refusal_projection
 
 __all__ = ["compliance_shift", "cross_layer_cosine", "shift_cosines", "random_like"]
 
-MeanableActs = Acts | LayerVectors
-"""Activations of a batch, or their mean already taken."""
+MeanableActs = UnpairedActs | LayerVectors
+"""Activations of a batch (base and after may differ in number), or their mean already taken."""
 
 
 def _mean(x: Tensor, name: str) -> Float[Tensor, "layer d_model"]:

@@ -35,6 +35,8 @@ def all_refusal(prompts, responses):
 class AlternatingJudge:
     """Object-style judge: refusal, compliance, refusal, ..."""
 
+    name = "alternating"
+
     def judge(self, prompts, responses):
         return [Judgement("refusal" if i % 2 == 0 else "compliance", "alt", 1.0) for i in range(len(prompts))]
 

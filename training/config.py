@@ -240,7 +240,7 @@ class UnlearnConfig(JsonConfig):
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UnlearnConfig:
+    def from_dict(cls, data: Any) -> UnlearnConfig:
         try:
             return super().from_dict(data)
         except ConfigError:
