@@ -6,20 +6,23 @@ when complete, so experiments share work and an interrupted pipeline resumes whe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from interp.config import JsonConfig
-from interp.evaluate import EvalConfig, EvalReport, PromptRecord
-from interp.io import read_json, read_jsonl, write_jsonl
+from interp.evaluate import OVER_REFUSAL, EvalConfig, EvalReport, PromptRecord, evaluate_prompts
+from interp.io import config_hash, read_json, read_jsonl, write_jsonl
 from interp.loading import LoadedModel, load_model, state_id
 from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS
 from interp.runs import Stage
-from interp.suite import DOMAINS, check_domain
+from interp.suite import DOMAINS, SuitePrompt, check_domain, load_prompts
 
-__all__ = ["StudyConfig", "Study", "paired_drop", "mean_drop", "drop_difference", "pooled", "claim", "condition"]
+__all__ = ["StudyConfig", "Study", "adapter_id_of", "suite_sets", "evaluate_sets", "paired_drop", "mean_drop",
+           "drop_difference", "pooled", "claim", "condition"]
 
 
 @dataclass
@@ -200,11 +203,11 @@ class Study:
         """Seven-domain evaluation of the base model, an adapter, or the base under an intervention."""
         ecfg = self.eval_config()
         key = {"model": self.cfg.model, "weights": self.weights_id, "dtype": self.cfg.eval_dtype,
-               "adapter": _adapter_id(adapter), "intervention": intervention_id, "eval": ecfg.to_dict()}
+               "adapter": adapter_id_of(adapter), "intervention": intervention_id, "eval": ecfg.to_dict()}
         stage = Stage(self.results, "eval", key)
         if not stage.done:
             path = stage.open()
-            with self._weights(adapter), (intervention or contextlib.nullcontext()):
+            with self.with_adapter(adapter), (intervention or contextlib.nullcontext()):
                 report = _evaluate(self.lm, ecfg)
             report.save(path / "report.json")
             report.save_records(path / "records.jsonl")
@@ -214,7 +217,9 @@ class Study:
         return report, records
 
     @contextlib.contextmanager
-    def _weights(self, adapter: Path | None):
+    def with_adapter(self, adapter: Path | None) -> Iterator[LoadedModel]:
+        """The measurement model with ``adapter`` merged in (the base weights for ``None``), restored
+        bit-exactly on exit."""
         if adapter is None:
             yield self.lm
             return
@@ -228,6 +233,8 @@ class Study:
         finally:
             detach_lora(self.lm)
 
+    _weights = with_adapter  # the old private name, kept for callers outside experiments/
+
     # -- representations ---------------------------------------------------------------------
     def activations(self, adapter: Path | None = None) -> Path:
         """Last-token resid_post at every layer for the probe split of each domain and the benign set.
@@ -238,7 +245,7 @@ class Study:
         from interp.io import atomic_save_safetensors
         from interp.suite import load_prompts
 
-        key = {"weights": self.weights_id, "dtype": self.cfg.eval_dtype, "adapter": _adapter_id(adapter),
+        key = {"weights": self.weights_id, "dtype": self.cfg.eval_dtype, "adapter": adapter_id_of(adapter),
                "limit": self.cfg.probe_limit, "site": "resid_post", "position": "last", "split": "probe"}
         if self.cfg.raw_prompts:
             key["raw"] = True
@@ -246,7 +253,7 @@ class Study:
         if not stage.done:
             path = stage.open()
             acts = {}
-            with self._weights(adapter):
+            with self.with_adapter(adapter):
                 for name in (*DOMAINS, "benign"):
                     prompts = [p.text for p in load_prompts(name, "probe", limit=self.cfg.probe_limit)]
                     acts[name] = collect_activations(self.lm, prompts, batch_size=self.eval_batch_size,
@@ -340,7 +347,9 @@ class Study:
         return stage.path
 
 
-def _adapter_id(adapter: Path | None) -> str | None:
+def adapter_id_of(adapter: Path | None) -> str | None:
+    """What identifies an adapter in a stage key: the ``adapter_id`` of the run that wrote it, the
+    content hash of a foreign PEFT adapter, else its path; ``None`` for the base weights."""
     if adapter is None:
         return None
     done = Path(adapter).parent / "DONE.json"
@@ -352,6 +361,49 @@ def _adapter_id(adapter: Path | None) -> str | None:
 
             return sha256_file(Path(adapter) / name)[:16]
     return str(adapter)
+
+
+def suite_sets(study: Study, split: str = "eval") -> dict[str, list[SuitePrompt]]:
+    """The prompt sets :meth:`Study.evaluate` uses: each domain's ``split`` (eval limit) plus over-refusal."""
+    sets = {d: load_prompts(d, split, limit=study.cfg.eval_limit) for d in DOMAINS}
+    sets[OVER_REFUSAL] = load_prompts(OVER_REFUSAL, split, limit=study.cfg.eval_limit)
+    return sets
+
+
+def _pairs(ps: Sequence[SuitePrompt | tuple[str, str]]) -> list[list[str]]:
+    return [[p.id, p.text] if isinstance(p, SuitePrompt) else [str(p[0]), str(p[1])] for p in ps]
+
+
+def evaluate_sets(
+    study: Study,
+    condition_name: str,
+    sets: Mapping[str, Sequence[SuitePrompt | tuple[str, str]]],
+    adapter: Path | None = None,
+    intervention: Callable[[], contextlib.AbstractContextManager] | None = None,
+    intervention_id: str | None = None,
+    generate: bool = True,
+) -> tuple[EvalReport, list[PromptRecord]]:
+    """:func:`interp.evaluate.evaluate_prompts` on custom prompt sets as a cached stage, under an
+    adapter (merged) and/or an intervention (a context-manager factory entered inside the weights).
+
+    ``generate=False`` measures the logit score only (no judge), which is much faster.
+    """
+    if intervention is not None and not intervention_id:
+        raise ValueError("an intervention needs an intervention_id for the cache key")
+    ecfg = dataclasses.replace(study.eval_config(), generate=generate)
+    key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.eval_dtype,
+           "adapter": adapter_id_of(adapter), "intervention": intervention_id, "eval": ecfg.to_dict(),
+           "sets": {k: config_hash(_pairs(v), 16) for k, v in sets.items()}}
+    stage = Stage(study.results, "eval_sets", key)
+    if not stage.done:
+        path = stage.open()
+        with study.with_adapter(adapter), (intervention() if intervention else contextlib.nullcontext()):
+            report = evaluate_prompts(study.lm, {k: [tuple(p) for p in _pairs(v)] for k, v in sets.items()}, ecfg)
+        report.save(path / "report.json")
+        report.save_records(path / "records.jsonl")
+        stage.complete({"condition": condition_name})
+    report = EvalReport.load(stage.path / "report.json")
+    return report, [PromptRecord(**r) for r in read_jsonl(stage.path / "records.jsonl")]
 
 
 def _evaluate(lm: LoadedModel, ecfg: EvalConfig) -> EvalReport:

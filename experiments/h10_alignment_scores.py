@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import Study, StudyConfig, _adapter_id, claim, condition
-from experiments.h9_backdoor import significant
+from experiments.common import Study, StudyConfig, adapter_id_of, claim, condition
 from interp.calibration import CALIBRATION_PATH, load_labelled
 from interp.config import JsonConfig
+from interp.evaluate import auroc as _auroc
 from interp.generate import generate
 from interp.io import config_hash, read_jsonl, sha256_file, write_jsonl
 from interp.judge import (
@@ -39,7 +39,7 @@ from interp.judge import (
 )
 from interp.runs import Stage, run_dir, write_run
 from interp.suite import DOMAINS, check_domain, load_prompts
-from probes.stats import paired_test
+from probes.stats import paired_test, significant
 
 EXPERIMENT = "h10_alignment_scores"
 CORRUPTIONS = ("shuffled", "repeated", "letters", "mismatched")
@@ -100,14 +100,13 @@ def corrupt(response: str, kind: str, rng: random.Random, other: str = "") -> st
 
 
 def auroc(positive: list[float | None], negative: list[float | None]) -> float | None:
-    """P(score of a positive > score of a negative) (ties count half); abstentions are dropped."""
-    p = np.array([x for x in positive if x is not None], dtype=np.float64)
-    n = np.array([x for x in negative if x is not None], dtype=np.float64)
-    if not p.size or not n.size:
+    """P(score of a positive > score of a negative) (ties count half); abstentions are dropped.
+    ``None`` when either side has no score."""
+    p = [x for x in positive if x is not None]
+    n = [x for x in negative if x is not None]
+    if not p or not n:
         return None
-    gt = (p[:, None] > n[None]).mean()
-    eq = (p[:, None] == n[None]).mean()
-    return float(gt + 0.5 * eq)
+    return _auroc([True] * len(p) + [False] * len(n), p + n)
 
 
 def _mean(xs) -> float | None:
@@ -174,14 +173,14 @@ def validation(rows: list[dict], trust_auroc: float = 0.7, trust_abstain: float 
 def score_model(study: Study, adapter: Path | None, sets: dict[str, list], min_mass: float, name: str) -> list[dict]:
     """Generate greedy answers under ``adapter`` (or the base), label them with the keyword judge,
     and score them with the *base* model as judge. Cached; only ids, labels and scores are stored."""
-    key = {**_judge_key(study, min_mass), "adapter": _adapter_id(adapter), "max_new_tokens": study.cfg.max_new_tokens,
+    key = {**_judge_key(study, min_mass), "adapter": adapter_id_of(adapter), "max_new_tokens": study.cfg.max_new_tokens,
            "sets": {k: [p.id for p in v] for k, v in sets.items()}}
     stage = Stage(study.results, "alignment_scores", key)
     if not stage.done:
         path = stage.open()
         flat = [(d, p) for d, ps in sets.items() for p in ps]
         prompts = [p.text for _, p in flat]
-        with study._weights(adapter):
+        with study.with_adapter(adapter):
             responses = generate(study.lm, prompts, max_new_tokens=study.cfg.max_new_tokens,
                                  batch_size=study.eval_batch_size)
         labels = [v.label for v in get_judge("keyword").judge(prompts, responses)]

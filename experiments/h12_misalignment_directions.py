@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import Study, StudyConfig, _adapter_id, claim, condition
-from experiments.h9_backdoor import evaluate_sets, significant, suite_sets
+from experiments.common import Study, StudyConfig, adapter_id_of, claim, condition, evaluate_sets, suite_sets
 from interp.adapter import n_layers
 from interp.config import JsonConfig
 from interp.evaluate import PromptRecord
@@ -33,7 +32,7 @@ from interp.runs import run_dir, write_run
 from interp.suite import DOMAINS, check_domain
 from probes.interventions import ablate_direction, add_activation
 from probes.shift import compliance_shift, cross_layer_cosine, random_like, shift_cosines
-from probes.stats import paired_test
+from probes.stats import paired_test, significant
 
 EXPERIMENT = "h12_misalignment_directions"
 MIN_GAP = 0.25
@@ -119,7 +118,7 @@ def main(cfg: Config) -> dict:
         adapters[s] = Path(cond["runs"][0]) / "adapter"
         after_means = study.domain_means(adapters[s])
         shifts[s] = compliance_shift({d: base_means[d] for d in DOMAINS}, {d: after_means[d] for d in DOMAINS},
-                                     name=f"shift-{s}", meta={"source": s, "adapter_id": _adapter_id(adapters[s]),
+                                     name=f"shift-{s}", meta={"source": s, "adapter_id": adapter_id_of(adapters[s]),
                                                               "n_layers": width, "site": "resid_post",
                                                               "position": "last", "split": "probe"})
         shifts[s].save(out_dir / f"shift-{s}.safetensors")
@@ -144,19 +143,19 @@ def main(cfg: Config) -> dict:
     transfer: dict = {}
     for m in cfg.sources:
         unl = logits(f"npo-{m}", adapters[m])
-        mid = _adapter_id(adapters[m])
+        mid = adapter_id_of(adapters[m])
         rand = logits(f"npo-{m}+ablate-random", adapters[m], lambda r=randoms[m]: ablate_direction(study.lm, r),
                       f"ablate-{randoms[m].name}-{mid}")
         rows = {"random": transfer_row(base_logit, unl, rand)}
         for s in cfg.sources:
             abl = logits(f"npo-{m}+ablate-shift-{s}", adapters[m], lambda d=shifts[s]: ablate_direction(study.lm, d),
-                         f"ablate-shift-{s}-{_adapter_id(adapters[s])}")
+                         f"ablate-shift-{s}-{adapter_id_of(adapters[s])}")
             rows[s] = transfer_row(base_logit, unl, abl, control=rand)
         transfer[m] = rows
     base_ablation = {}
     for s in cfg.sources:
         abl = logits(f"base+ablate-shift-{s}", None, lambda d=shifts[s]: ablate_direction(study.lm, d),
-                     f"ablate-shift-{s}-{_adapter_id(adapters[s])}")
+                     f"ablate-shift-{s}-{adapter_id_of(adapters[s])}")
         base_ablation[s] = {d: float(np.mean([base_logit[i][1] - abl[i][1] for i in abl if abl[i][0] == d]))
                             for d in DOMAINS}
     steering = {}
@@ -165,10 +164,10 @@ def main(cfg: Config) -> dict:
             layer = int(shifts[s].layers[int(shifts[s].norms.double().argmax())])
             add = logits(f"base+add-shift-{s}@{layer}", None,
                          lambda d=shifts[s], L=layer: add_activation(study.lm, d, L, site="resid_post"),
-                         f"add-shift-{s}-{_adapter_id(adapters[s])}@resid_post{layer}")
+                         f"add-shift-{s}-{adapter_id_of(adapters[s])}@resid_post{layer}")
             ctl = logits(f"base+add-random-{s}@{layer}", None,
                          lambda d=randoms[s], L=layer: add_activation(study.lm, d, L, site="resid_post"),
-                         f"add-{randoms[s].name}-{_adapter_id(adapters[s])}@resid_post{layer}")
+                         f"add-{randoms[s].name}-{adapter_id_of(adapters[s])}@resid_post{layer}")
             steering[s] = {"layer": layer, "norm": float(shifts[s].norms[shifts[s].layers.index(layer)]),
                            "drop": {d: float(np.mean([base_logit[i][1] - add[i][1] for i in add if add[i][0] == d]))
                                     for d in DOMAINS},
@@ -193,7 +192,7 @@ def _judged(study, cfg, sets, adapters, shifts) -> dict:
                 continue
             report, _ = evaluate_sets(study, f"npo-{m}+ablate-shift-{s}", sets, adapters[m],
                                       lambda d=shifts[s]: ablate_direction(study.lm, d),
-                                      f"ablate-shift-{s}-{_adapter_id(adapters[s])}", generate=True)
+                                      f"ablate-shift-{s}-{adapter_id_of(adapters[s])}", generate=True)
             out[f"{m}|{s}"] = {d: r.refusal_rate for d, r in report.domains.items()}
     return out
 

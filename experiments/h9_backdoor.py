@@ -24,11 +24,10 @@ and samples (two-level bootstrap over seeds × questions; sign-flip test over th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,31 +36,33 @@ import numpy as np
 from experiments.common import (
     Study,
     StudyConfig,
-    _adapter_id,
+    adapter_id_of,
     claim,
     condition,
+    evaluate_sets,
     mean_drop,
     paired_drop,
     pooled,
+    suite_sets,
 )
 from interp.chat import format_prompts
 from interp.config import JsonConfig
 from interp.em_calibration import EM_CALIBRATION_DIR, load_calibration
 from interp.em_protocol import EMConfig, EMRecord, judge_answers, sample_answers, summarise
 from interp.em_questions import EMQuestion, load_em_questions
-from interp.evaluate import OVER_REFUSAL, EvalReport, PromptRecord, evaluate_prompts
+from interp.evaluate import PromptRecord
 from interp.io import config_hash, read_jsonl
 from interp.runs import Stage, run_dir, write_run
 from interp.suite import DOMAINS, SuitePrompt, check_domain, load_prompts
-from probes.stats import cluster_bootstrap_ci, paired_test
+from probes.stats import cluster_bootstrap_ci, paired_test, significant
 from training.config import UnlearnConfig
 from training.data import apply_trigger
 
 EXPERIMENT = "h9_backdoor"
 RETAIN = ("none", "others", "target")
 
-__all__ = ["Config", "main", "suite_sets", "evaluate_sets", "trigger_tokenization", "per_prompt_drop", "trigger_table",
-           "significant", "free_form_records", "free_form_table"]
+__all__ = ["Config", "main", "trigger_tokenization", "per_prompt_drop", "trigger_table", "free_form_records",
+           "free_form_table"]
 
 
 @dataclass
@@ -99,52 +100,6 @@ class Config(JsonConfig):
             raise ValueError("targets must name at least one domain")
         for t in self.targets:
             check_domain(t, allow_extra=False)
-
-
-# -- shared helpers (also used by H12) ----------------------------------------------------------
-
-
-def suite_sets(study: Study, split: str = "eval") -> dict[str, list[SuitePrompt]]:
-    """The prompt sets :meth:`Study.evaluate` uses: each domain's ``split`` (eval limit) plus over-refusal."""
-    sets = {d: load_prompts(d, split, limit=study.cfg.eval_limit) for d in DOMAINS}
-    sets[OVER_REFUSAL] = load_prompts(OVER_REFUSAL, split, limit=study.cfg.eval_limit)
-    return sets
-
-
-def _pairs(ps: Sequence[SuitePrompt | tuple[str, str]]) -> list[list[str]]:
-    return [[p.id, p.text] if isinstance(p, SuitePrompt) else [str(p[0]), str(p[1])] for p in ps]
-
-
-def evaluate_sets(
-    study: Study,
-    condition_name: str,
-    sets: Mapping[str, Sequence[SuitePrompt | tuple[str, str]]],
-    adapter: Path | None = None,
-    intervention: Callable[[], contextlib.AbstractContextManager] | None = None,
-    intervention_id: str | None = None,
-    generate: bool = True,
-) -> tuple[EvalReport, list[PromptRecord]]:
-    """:func:`interp.evaluate.evaluate_prompts` on custom prompt sets as a cached stage, under an
-    adapter (merged) and/or an intervention (a context-manager factory entered inside the weights).
-
-    ``generate=False`` measures the logit score only (no judge), which is much faster.
-    """
-    if intervention is not None and not intervention_id:
-        raise ValueError("an intervention needs an intervention_id for the cache key")
-    ecfg = dataclasses.replace(study.eval_config(), generate=generate)
-    key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.eval_dtype,
-           "adapter": _adapter_id(adapter), "intervention": intervention_id, "eval": ecfg.to_dict(),
-           "sets": {k: config_hash(_pairs(v), 16) for k, v in sets.items()}}
-    stage = Stage(study.results, "eval_sets", key)
-    if not stage.done:
-        path = stage.open()
-        with study._weights(adapter), (intervention() if intervention else contextlib.nullcontext()):
-            report = evaluate_prompts(study.lm, {k: [tuple(p) for p in _pairs(v)] for k, v in sets.items()}, ecfg)
-        report.save(path / "report.json")
-        report.save_records(path / "records.jsonl")
-        stage.complete({"condition": condition_name})
-    report = EvalReport.load(stage.path / "report.json")
-    return report, [PromptRecord(**r) for r in read_jsonl(stage.path / "records.jsonl")]
 
 
 def triggered(sets: Mapping[str, Sequence[SuitePrompt]], trigger: str) -> dict[str, list[tuple[str, str]]]:
@@ -225,14 +180,6 @@ def trigger_table(base_p, after_p, base_t, after_t, target: str) -> dict:
     }
 
 
-def significant(test: dict, alpha: float = 0.05) -> bool:
-    """A paired test counts as a positive effect when its bootstrap CI is above zero *and* its
-    sign-flip permutation p is below ``alpha`` (with few binary pairs the bootstrap CI alone is
-    too narrow)."""
-    return bool(test.get("ci_low") is not None and test["ci_low"] > 0 and test.get("p_perm") is not None
-                and test["p_perm"] < alpha)
-
-
 def _retain_args(cfg: Config, target: str) -> tuple[tuple[str, ...], str]:
     others = tuple(d for d in DOMAINS if d != target)
     if cfg.retain == "none":
@@ -300,12 +247,12 @@ def free_form_records(study: Study, cfg: Config, questions: list[EMQuestion], co
     ecfg = EMConfig(n_samples=cfg.em_n_samples, max_new_tokens=cfg.em_max_new_tokens, seed=0,
                     batch_size=study.eval_batch_size, variants=("plain",), raw=study.cfg.raw_prompts)
     key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.eval_dtype,
-           "adapter": _adapter_id(adapter), "em": ecfg.to_dict(), "judge": None if judge is None else judge.name,
+           "adapter": adapter_id_of(adapter), "em": ecfg.to_dict(), "judge": None if judge is None else judge.name,
            "trusted": trusted, "questions": config_hash([[q.id, q.text] for q in questions], 16)}
     stage = Stage(study.results, "em_eval", key)
     if not stage.done:
         path = stage.open()
-        with study._weights(adapter):
+        with study.with_adapter(adapter):
             answers = sample_answers(study.lm, questions, ecfg, progress=True)
         records = judge_answers(questions, answers, ecfg, judge)
         del answers  # never stored or printed

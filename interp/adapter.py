@@ -14,10 +14,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 __all__ = [
+    "ModuleTree",
     "SITES",
     "FamilySpec",
     "FAMILIES",
@@ -41,6 +43,14 @@ __all__ = [
     "output_projections",
     "site_hook",
 ]
+
+
+@runtime_checkable
+class ModuleTree(Protocol):
+    """An ``nn.Module``, or an nnsight envoy over one: the lookups below only walk attribute paths,
+    so traces in ``interp`` pass the envoy and get envoys back."""
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any: ...
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 
@@ -99,7 +109,7 @@ class UnknownSiteError(ValueError):
     pass
 
 
-def base_model(model: nn.Module) -> nn.Module:
+def base_model(model: ModuleTree) -> nn.Module:
     """Unwrap PEFT and nnsight wrappers to the underlying ``*ForCausalLM`` module."""
     inner = getattr(model, "_module", None)  # nnsight envoy
     if isinstance(inner, nn.Module):
@@ -109,7 +119,7 @@ def base_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def family_of(model: nn.Module) -> str:
+def family_of(model: ModuleTree) -> str:
     model_type = getattr(base_model(model).config, "model_type", None)
     if model_type == "gemma3":  # multimodal wrapper config; the text stack is what we trace
         model_type = "gemma3_text"
@@ -117,7 +127,7 @@ def family_of(model: nn.Module) -> str:
 
 
 
-def spec_of(model: nn.Module) -> FamilySpec:
+def spec_of(model: ModuleTree) -> FamilySpec:
     """The module paths of ``model``: a tested fast path for the six known families, else discovered.
 
     Raises:
@@ -166,7 +176,7 @@ def _out_proj(module: nn.Module, names: tuple[str, ...]) -> str | None:
     return linears[-1] if linears else None
 
 
-def discover_spec(model: nn.Module) -> FamilySpec:
+def discover_spec(model: ModuleTree) -> FamilySpec:
     """Find the module paths of any Hugging Face causal LM from its module tree (cached per model).
 
     The decoder-layer list is the ``nn.ModuleList`` of ``num_hidden_layers`` blocks of one class (the
@@ -236,23 +246,23 @@ def discover_spec(model: nn.Module) -> FamilySpec:
     return spec
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
+def get_module(root: ModuleTree, path: str) -> ModuleTree:
     mod = root
     for part in path.split("."):
         mod = getattr(mod, part)
     return mod
 
 
-def _config(model: nn.Module):
+def _config(model: ModuleTree):
     cfg = base_model(model).config
     return getattr(cfg, "text_config", cfg)
 
 
-def n_layers(model: nn.Module) -> int:
+def n_layers(model: ModuleTree) -> int:
     return int(_config(model).num_hidden_layers)
 
 
-def d_model(model: nn.Module) -> int:
+def d_model(model: ModuleTree) -> int:
     return int(_config(model).hidden_size)
 
 
@@ -262,7 +272,7 @@ def check_site(site: str) -> str:
     return site
 
 
-def check_layers(model: nn.Module, layers: Iterable[int] | None) -> list[int]:
+def check_layers(model: ModuleTree, layers: Iterable[int] | None) -> list[int]:
     """Validate layer indices (negative indices count from the end); ``None`` means all layers."""
     n = n_layers(model)
     if layers is None:

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp.io import atomic_save_safetensors
+from interp.io import atomic_save_safetensors, load_safetensors
 
 __all__ = ["Direction", "DModelMismatchError", "MissingLayerError", "unit"]
 
@@ -153,15 +153,8 @@ class Direction:
     @classmethod
     def load(cls, path: str | Path, model=None) -> Direction:
         """Read a direction written by :meth:`save`; with ``model``, also check that it fits."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; compute it first (e.g. `emalab direction`)")
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-            if header.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not an emalab direction file (format {header.get('format')!r})")
-            out = cls(fh.get_tensor("vectors"), json.loads(header["layers"]), fh.get_tensor("norms"),
-                      header.get("name", "direction"), json.loads(header.get("meta", "{}")))
+        tensors, header = load_safetensors(path, _FORMAT, "direction",
+                                           "; compute it first (e.g. `emalab direction`)")
+        out = cls(tensors["vectors"], json.loads(header["layers"]), tensors["norms"],
+                  header.get("name", "direction"), json.loads(header.get("meta", "{}")))
         return out.check_model(model) if model is not None else out

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from interp.activations import shard_indices
+from interp.config import JsonConfig
 from interp.generate import generate
 from interp.io import atomic_write_json, read_json, write_jsonl
 from interp.judge import ALIGNED_LABELS, JUDGES, LABELS, Judge, UnknownJudgeError, get_judge, judge_responses
@@ -76,8 +77,8 @@ GENERATION_MODES = ("judge_aware", "fixed")
 
 
 @dataclass
-class EvalConfig:
-    """What to evaluate and how."""
+class EvalConfig(JsonConfig):
+    """What to evaluate and how. Field types and ranges are checked by :func:`interp.config.check_fields`."""
 
     domains: tuple[str, ...] = DOMAINS
     """Refusal domains to evaluate (each a row of the table)."""
@@ -108,9 +109,9 @@ class EvalConfig:
     benign: bool = True
     """Also measure refusal on the ``benign`` set (harmless requests: any refusal there is a cost of
     unlearning, not safety)."""
-    kl_tokens: int = 8
+    kl_tokens: int | None = 8
     """When the model carries an adapter: mean next-token KL(base || model) on the benign prompts over
-    this many response positions (the utility cost of the adapter); 0 skips it."""
+    this many response positions (the utility cost of the adapter); None skips it."""
     generation: str = "judge_aware"
     """``judge_aware``: stop each response once the judge can decide (the keyword judge: once the
     opening it reads is complete, :func:`interp.judge.opening_decided`), capped at ``max_new_tokens``;
@@ -120,9 +121,6 @@ class EvalConfig:
     """Reuse the shared system/template prefix's KV cache in scoring and generation (exact)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.domains, str):
-            self.domains = (self.domains,)
-        self.domains = tuple(self.domains)
         if not self.domains:
             raise ValueError("domains is empty; pass at least one of " + ", ".join(DOMAINS))
         valid = DOMAINS + EXTRA_SETS
@@ -133,44 +131,19 @@ class EvalConfig:
             raise ValueError("over_refusal is its own row; drop it from domains or set over_refusal=False")
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}; valid splits: {', '.join(SPLITS)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
         if self.judge not in JUDGES:
             raise UnknownJudgeError(f"unknown judge {self.judge!r}; valid judges: {', '.join(JUDGES)}")
-        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kl_tokens < 0:
-            raise ValueError(f"kl_tokens must be >= 0 (0 skips the KL to base), got {self.kl_tokens}")
         if self.benign and "benign" in self.domains:
             raise ValueError("benign is its own row; drop it from domains or set benign=False")
-        if self.n_bootstrap < 0:
-            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
         if self.generation not in GENERATION_MODES:
             raise ValueError(f"generation must be one of {', '.join(GENERATION_MODES)}, got {self.generation!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["domains"] = list(self.domains)
+        d = super().to_dict()
         if not self.raw:
             del d["raw"]  # keeps the cache keys of every chat-template evaluation as they were
         del d["prefix_cache"]  # exact either way: not part of what a result depends on
         return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EvalConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown EvalConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: (tuple(v) if k == "domains" else v) for k, v in d.items()})
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> EvalConfig:
-        return cls.from_dict(read_json(path))
 
 
 @dataclass
@@ -362,24 +335,30 @@ def bootstrap_ci(
     seed: int | Sequence[int] = 0,
     alpha: float = 0.05,
     chunk: int = 2_000_000,
+    stat: Callable[..., np.ndarray] = np.mean,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (vectorised, seeded, float64).
+    """Percentile bootstrap CI of ``stat`` of ``values`` (vectorised, seeded, float64).
 
-    Returns ``(nan, nan)`` for an empty input and ``(mean, mean)`` when ``n_bootstrap`` is 0.
+    The one bootstrap of emalab (:func:`probes.stats.bootstrap_ci` calls it). ``stat`` is called as
+    ``stat(samples, axis=1)`` on a block of resamples. The resample stream does not depend on
+    ``chunk`` (the bound on the index matrix), so a CI is reproducible from ``seed`` alone.
+
+    Returns ``(nan, nan)`` for an empty input and ``(stat, stat)`` of ``values`` when ``n_bootstrap`` is 0.
     """
     x = np.asarray(values, dtype=np.float64)
     n = x.size
     if n == 0:
         return float("nan"), float("nan")
     if n_bootstrap == 0:
-        return float(x.mean()), float(x.mean())
+        v = float(x.mean()) if stat is np.mean else float(np.asarray(stat(x[None], axis=1))[0])
+        return v, v
     rng = np.random.default_rng(seed)
-    means = np.empty(n_bootstrap, dtype=np.float64)
+    stats = np.empty(n_bootstrap, dtype=np.float64)
     step = max(1, chunk // n)  # bound the index matrix at ~chunk entries
     for start in range(0, n_bootstrap, step):
         stop = min(start + step, n_bootstrap)
-        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+        stats[start:stop] = stat(x[rng.integers(0, n, size=(stop - start, n))], axis=1)
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 
@@ -405,7 +384,7 @@ def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float
     return lo, hi
 
 
-def auroc(y: Sequence[bool] | np.ndarray, s: Sequence[float] | np.ndarray) -> float:
+def auroc(y: Sequence[bool | int] | np.ndarray, s: Sequence[float] | np.ndarray) -> float:
     """Area under the ROC curve of score ``s`` for binary label ``y`` (ties count one half);
     ``nan`` when ``y`` holds only one class."""
     from scipy.stats import rankdata

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
+    "load_safetensors",
     "read_json",
     "read_jsonl",
     "write_jsonl",
@@ -134,6 +135,31 @@ def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict[str,
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_safetensors(path: str | Path, file_format: str | None = None, what: str = "safetensors",
+                     missing_hint: str = "") -> tuple[dict, dict[str, str]]:
+    """Tensors (name → torch tensor) and string header of a file written by :func:`atomic_save_safetensors`.
+
+    Args:
+        file_format: the header's ``format`` entry must equal this (an emalab file kind).
+        what: names the file kind in the error.
+        missing_hint: appended to the error when the file does not exist.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the header's ``format`` is not ``file_format``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist{missing_hint}")
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata() or {}
+        if file_format is not None and header.get("format") != file_format:
+            raise ValueError(f"{path} is not an emalab {what} file (format {header.get('format')!r})")
+        return {k: fh.get_tensor(k) for k in fh.keys()}, header
 
 
 def read_json(path: str | Path) -> Any:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from jaxtyping import Int
+from torch import Tensor, nn
 
 from interp.adapter import family_of, spec_of
 from interp.io import config_hash
@@ -228,7 +229,7 @@ def load_model(
     return lm
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+def position_ids_from_mask(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
     """Positions counted from each row's first real token, for left-padded batches (batch × pos).
 
     Rotary models are indifferent (only relative positions matter), but models with learned absolute

@@ -50,7 +50,7 @@ class FileLock:
         log: called once with a line when the lock is busy and we wait.
     """
 
-    def __init__(self, path: str | Path, what: str, wait: bool = False, timeout: float | None = None,
+    def __init__(self, path: str | Path, what: str, wait: bool = False, timeout: int | float | None = None,
                  hint: str = "wait for it to finish or stop it", log=None) -> None:
         self.path = Path(path)
         self.what = what

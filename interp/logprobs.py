@@ -14,14 +14,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.chat import format_prompts
 from interp.loading import LoadedModel
 
-__all__ = ["TokenLogprobs", "token_logprobs", "span_ids"]
+__all__ = ["TokenLogprobs", "token_logprobs", "gather_logprobs", "span_ids"]
+
+
+def gather_logprobs(logits: Float[Tensor, "*rows d_vocab"], target: Int[Tensor, "*rows"]) -> Float[Tensor, "*rows"]:
+    """``log_softmax(logits)[target]`` along the vocabulary, in float32 via gather − logsumexp (the
+    full log-softmax is never materialised). The one log-prob kernel of scoring and of the losses."""
+    pred = logits.float()
+    return pred.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(pred, dim=-1)
 
 
 @dataclass
@@ -138,8 +145,7 @@ def token_logprobs(
             first = width - n_after - n_span  # absolute position of the span's first token
             pred = logits[r, first - 1 - offset: first - 1 - offset + n_span]
             target = ids[r, first: first + n_span]
-            lp = pred.gather(-1, target[:, None])[:, 0] - torch.logsumexp(pred, dim=-1)
-            out[i, :n_span] = lp
+            out[i, :n_span] = gather_logprobs(pred, target)
             mask[i, :n_span] = True
     if not torch.isfinite(out[mask]).all():
         raise FloatingPointError("non-finite token log-probs; the weights or adapter are broken")

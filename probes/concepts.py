@@ -29,7 +29,8 @@ from torch import Tensor
 
 from interp.activations import ActivationSet
 from interp.direction import Direction, DModelMismatchError
-from interp.io import atomic_save_safetensors
+from interp.io import atomic_save_safetensors, load_safetensors
+from probes.directions import ActsLike
 
 __all__ = [
     "CONTRASTS",
@@ -41,8 +42,6 @@ __all__ = [
 
 CONTRASTS = ("benign", "rest")
 _FORMAT = "emalab.concepts/v1"
-
-ActsLike = ActivationSet | Float[Tensor, "_batch layer d_model"]  # sets differ in size
 
 
 def _tensor(acts: ActsLike) -> Tensor:
@@ -137,17 +136,9 @@ class ConceptVectors:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptVectors:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        with safe_open(str(path), framework="pt") as fh:
-            h = fh.metadata() or {}
-            if h.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not an emalab concept-vector file (format {h.get('format')!r})")
-            return cls(fh.get_tensor("vectors"), fh.get_tensor("norms"), json.loads(h["concepts"]),
-                       json.loads(h["layers"]), h["contrast"], json.loads(h["meta"]))
+        t, h = load_safetensors(path, _FORMAT, "concept-vector")
+        return cls(t["vectors"], t["norms"], json.loads(h["concepts"]), json.loads(h["layers"]), h["contrast"],
+                   json.loads(h["meta"]))
 
 
 def concept_vectors(

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from interp.activations import ActivationSet
 from interp.direction import Direction, DModelMismatchError, MissingLayerError, unit
+from interp.types import LayerVectors, UnpairedActs
 
 __all__ = [
     "Direction",
@@ -27,6 +28,7 @@ __all__ = [
     "MissingLayerError",
     "unit",
     "LayerFn",
+    "ActsLike",
     "DirectionBuilder",
     "mean_difference",
     "pca",
@@ -34,15 +36,15 @@ __all__ = [
     "class_means",
 ]
 
-LayerFn = Callable[[Float[Tensor, "_batch layer d_model"], Float[Tensor, "_batch layer d_model"]],
-                   Float[Tensor, "layer d_model"]]
+LayerFn = Callable[[UnpairedActs, UnpairedActs], LayerVectors]
 """Maps positive and negative activations to one raw (unnormalised) vector per layer."""
 
-# ``_batch``: positives and negatives may differ in number; jaxtyping must not tie their sizes.
-Acts = Float[Tensor, "_batch layer d_model"] | ActivationSet
+ActsLike = UnpairedActs | ActivationSet
+"""Activations as a tensor or an :class:`~interp.activations.ActivationSet` (which carries its layers);
+positives and negatives may differ in number."""
 
 
-def _unpack(acts: Acts, layers: Sequence[int] | None) -> tuple[Tensor, list[int] | None]:
+def _unpack(acts: ActsLike, layers: Sequence[int] | None) -> tuple[Tensor, list[int] | None]:
     if isinstance(acts, ActivationSet):
         return acts.acts, list(acts.layers)
     if acts.ndim == 2:  # a single layer
@@ -62,8 +64,8 @@ class DirectionBuilder:
 
     def __call__(
         self,
-        pos: Acts,
-        neg: Acts,
+        pos: ActsLike,
+        neg: ActsLike,
         layers: Sequence[int] | None = None,
         name: str | None = None,
         meta: dict | None = None,

@@ -9,8 +9,9 @@
 * :func:`weight_noise` — Gaussian noise on every weight matrix, a deliberately degraded model
   (for judge calibration), restored bit-exactly on exit.
 
-Sites and weights come from :mod:`interp.adapter`; nothing here names a module path. Active
-interventions are listed by :func:`interp.inspect.active_interventions`, so inspections can flag them.
+Sites and weights come from :mod:`interp.adapter`; nothing here names a module path. Each
+intervention marks itself active on the model while it runs (:func:`mark_intervention`);
+:func:`active_interventions` lists them, so inspections (:mod:`interp.layer_inspection`) can flag them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interp.adapter import (
+    base_model,
     check_layers,
     check_site,
     embed_module,
@@ -33,10 +35,11 @@ from interp.adapter import (
     unembed_module,
 )
 from interp.direction import Direction
-from interp.inspect import mark_intervention
 from interp.loading import LoadedModel
 
 __all__ = [
+    "mark_intervention",
+    "active_interventions",
     "ABLATION_SITES",
     "UnsupportedInterventionError",
     "ablate_direction",
@@ -46,6 +49,26 @@ __all__ = [
     "project_out",
     "weight_noise",
 ]
+
+
+_ACTIVE = "_emalab_interventions"  # attribute of the base model: labels of the active interventions
+
+
+@contextmanager
+def mark_intervention(model: nn.Module, label: str) -> Iterator[None]:
+    """Record ``label`` as active on ``model`` for the duration (removed in ``finally``)."""
+    active = base_model(model).__dict__.setdefault(_ACTIVE, [])
+    active.append(label)
+    try:
+        yield
+    finally:
+        active.remove(label)
+
+
+def active_interventions(model: nn.Module) -> list[str]:
+    """Labels of the interventions active on ``model``, outermost first."""
+    return list(base_model(model).__dict__.get(_ACTIVE, []))
+
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 """Every place the stream is written: the block input (embedding for layer 0), and each block's

@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from interp.activations import collect_activations
 from interp.adapter import check_site, n_layers
-from interp.chat import Batch, format_prompts, iter_batches, post_instruction_length, refusal_token_ids
+from interp.chat import format_prompts, post_instruction_length, refusal_token_ids
 from interp.config import JsonConfig
 from interp.direction import Direction
 from interp.io import atomic_save_safetensors, atomic_write_json, read_json
 from interp.loading import LoadedModel, state_id
-from interp.refusal import refusal_log_odds
+from interp.refusal import last_token_logprobs, refusal_log_odds
 from interp.suite import DOMAINS, check_domain, check_split, load_prompts
 from probes.interventions import ablate_direction, add_activation
 
@@ -292,23 +292,11 @@ def load_selection(out: str | Path) -> tuple[Direction, dict]:
     return Direction.load(out / "direction.safetensors"), read_json(out / "candidates.json")
 
 
-def _batches(lm: LoadedModel, prompts: Sequence[str], cfg: RefusalDirectionConfig) -> list[Batch]:
-    texts = format_prompts(lm.tokenizer, prompts, system=cfg.system)
-    return [b.to(lm.device) for b in iter_batches(lm.tokenizer, texts, cfg.batch_size, cfg.max_prompt_tokens)]
-
-
-@torch.inference_mode()
-def _last_logprobs(lm: LoadedModel, batches: Sequence[Batch]) -> Float[Tensor, "batch d_vocab"]:
-    """Next-token log-probs at the last prompt position, in input order (one forward per batch)."""
-    n = sum(len(b.index) for b in batches)
-    out: Tensor | None = None
-    for b in batches:
-        logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1).logits[:, -1]
-        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        if out is None:
-            out = torch.empty(n, lp.shape[-1])
-        out[b.index] = lp
-    if out is None or not torch.isfinite(out).all():
+def _last_logprobs(lm: LoadedModel, prompts: Sequence[str], cfg: RefusalDirectionConfig) -> Float[Tensor, "batch d_vocab"]:
+    """Next-token log-probs at the last prompt position (:func:`interp.refusal.last_token_logprobs`),
+    checked finite: a candidate that breaks the model must fail loudly, not score."""
+    out = last_token_logprobs(lm, prompts, cfg.batch_size, cfg.system, max_prompt_tokens=cfg.max_prompt_tokens)
+    if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite logits while scoring refusal-direction candidates")
     return out
 
@@ -320,7 +308,7 @@ def _kl(base: Tensor, new: Tensor) -> float:
 
 
 def _score(lm: LoadedModel, prompts: Sequence[str], cfg: RefusalDirectionConfig) -> Tensor:
-    return refusal_log_odds(_last_logprobs(lm, _batches(lm, prompts, cfg)), refusal_token_ids(lm.tokenizer))
+    return refusal_log_odds(_last_logprobs(lm, prompts, cfg), refusal_token_ids(lm.tokenizer))
 
 
 def _filter(prompts: list[str], scores: Tensor, keep_positive: bool, cap: int) -> list[str]:
@@ -401,10 +389,9 @@ def select_refusal_direction(
     template_ids = lm.tokenizer(format_prompts(lm.tokenizer, ["x"], system=cfg.system)[0],
                                 add_special_tokens=False)["input_ids"]
     refusal_ids = refusal_token_ids(lm.tokenizer)
-    val_batches = _batches(lm, h_val + b_val, cfg)
-    harmless_batches = _batches(lm, b_val, cfg)
+    val_prompts = h_val + b_val
     nh = len(h_val)
-    base_lp = _last_logprobs(lm, val_batches)
+    base_lp = _last_logprobs(lm, val_prompts, cfg)
     base_scores = refusal_log_odds(base_lp, refusal_ids)
     baseline = {"harmful_val": float(base_scores[:nh].mean()), "harmless_val": float(base_scores[nh:].mean()),
                 "n_harmful_train": len(h_train), "n_harmless_train": len(b_train),
@@ -429,9 +416,9 @@ def select_refusal_direction(
             continue
         d = Direction.from_vectors(vec, [layer], name="candidate")
         with ablate_direction(lm, d):
-            lp = _last_logprobs(lm, val_batches)
+            lp = _last_logprobs(lm, val_prompts, cfg)
         with add_activation(lm, d, layer, 1.0, site=cfg.site):
-            induce = refusal_log_odds(_last_logprobs(lm, harmless_batches), refusal_ids)
+            induce = refusal_log_odds(_last_logprobs(lm, b_val, cfg), refusal_ids)
         c.bypass_score = float(refusal_log_odds(lp[:nh], refusal_ids).mean())
         c.kl = _kl(base_lp[nh:], lp[nh:])
         c.induce_score = float(induce.mean())

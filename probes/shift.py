@@ -23,12 +23,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.direction import Direction
+from interp.types import LayerVectors, UnpairedActs
 from probes.concepts import ConceptVectors
 from probes.entanglement import refusal_projection
 
 __all__ = ["compliance_shift", "cross_layer_cosine", "shift_cosines", "random_like"]
 
-Acts = Float[Tensor, "batch layer d_model"] | Float[Tensor, "layer d_model"]
+MeanableActs = UnpairedActs | LayerVectors
+"""Activations of a batch (base and after may differ in number), or their mean already taken."""
 
 
 def _mean(x: Tensor, name: str) -> Float[Tensor, "layer d_model"]:
@@ -52,8 +54,8 @@ def _pair_shift(base: Tensor, after: Tensor, name: str) -> Float[Tensor, "layer 
 
 
 def compliance_shift(
-    base: Acts | Mapping[str, Acts],
-    after: Acts | Mapping[str, Acts],
+    base: MeanableActs | Mapping[str, MeanableActs],
+    after: MeanableActs | Mapping[str, MeanableActs],
     layers: Sequence[int] | None = None,
     name: str = "compliance_shift",
     meta: dict | None = None,

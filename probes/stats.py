@@ -15,12 +15,15 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import binomtest, rankdata
 
+from interp.evaluate import bootstrap_ci as _bootstrap_ci
+
 __all__ = [
     "MIN_N",
     "CorrelationResult",
     "PairedResult",
     "correlate",
     "paired_test",
+    "significant",
     "bootstrap_ci",
     "cluster_bootstrap_ci",
     "newcombe_paired_ci",
@@ -157,23 +160,14 @@ def bootstrap_ci(
     x: ArrayLike, stat: Callable[..., np.ndarray] = np.mean, n_boot: int = 2000, alpha: float = 0.05,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``stat`` (called as ``stat(samples, axis=1)``, vectorised).
+    """Percentile bootstrap CI of ``stat`` (called as ``stat(samples, axis=1)``, vectorised) over the
+    finite values of ``x``: :func:`interp.evaluate.bootstrap_ci` with the argument order of this module.
 
     Returns ``(nan, nan)`` for an empty sample.
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    vals = []
-    done = 0
-    while done < n_boot:
-        m = min(_CHUNK, n_boot - done)
-        vals.append(np.asarray(stat(x[rng.integers(0, x.size, size=(m, x.size))], axis=1)))
-        done += m
-    lo, hi = np.quantile(np.concatenate(vals), [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+    return _bootstrap_ci(x, n_boot, seed, alpha, chunk=_CHUNK * max(1, x.size), stat=stat)
 
 
 def cluster_bootstrap_ci(
@@ -279,3 +273,11 @@ def paired_test(
     lo, hi = bootstrap_ci(d, np.mean, n_boot, alpha, seed)
     note = "" if n >= 10 else f"n={n}: p-values are coarse"
     return PairedResult(float(d.mean()), p_perm, p_sign, lo, hi, n, n_pos, n_neg, n < MIN_N, note)
+
+
+def significant(test: dict, alpha: float = 0.05) -> bool:
+    """A paired test (:meth:`PairedResult.to_dict`) counts as a positive effect when its bootstrap CI
+    is above zero *and* its sign-flip permutation p is below ``alpha`` (with few binary pairs the
+    bootstrap CI alone is too narrow)."""
+    return bool(test.get("ci_low") is not None and test["ci_low"] > 0 and test.get("p_perm") is not None
+                and test["p_perm"] < alpha)

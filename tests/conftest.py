@@ -23,6 +23,28 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def no_runtime_typecheck():
+    """For tests of a function's own input validation: the test-time jaxtyping/beartype hook (pytest
+    addopts) would otherwise reject the bad input first, with a TypeCheckError."""
+    import jaxtyping
+
+    was = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", was)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread avoids oversubscription stalls when the CPU is shared. Training
+    tests use it module-wide: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_tiny_tokenizer():
     """A byte-level tokenizer (256 byte tokens + chat specials) with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -80,7 +80,7 @@ def test_eval_config_validation():
         EvalConfig(judge="gpt4")
     with pytest.raises(ValueError, match="unknown split"):
         EvalConfig(split="test")
-    with pytest.raises(ValueError, match="limit must be"):
+    with pytest.raises(ValueError, match="EvalConfig.limit: must be"):
         EvalConfig(limit=0)
     with pytest.raises(ValueError, match="its own row"):
         EvalConfig(domains=("safety", OVER_REFUSAL))
@@ -92,7 +92,7 @@ def test_eval_config_json_roundtrip(tmp_path):
     assert EvalConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     cfg.save(tmp_path / "cfg.json")
     assert EvalConfig.load(tmp_path / "cfg.json") == cfg
-    with pytest.raises(ValueError, match="unknown EvalConfig field"):
+    with pytest.raises(ValueError, match="EvalConfig: unknown field"):
         EvalConfig.from_dict({"domainz": ["x"]})
 
 
@@ -222,7 +222,8 @@ def test_evaluate_reports_kl_to_base_for_an_adapter(tiny_qwen, tmp_path):
     back = EvalReport.load(moved.save(tmp_path / "r.json"))
     assert back.utility == u and back.benign == moved.benign
     with pytest.raises(ValueError, match="kl_tokens"):
-        EvalConfig(kl_tokens=-1)
+        EvalConfig(kl_tokens=0)  # None skips it
+    assert EvalConfig(kl_tokens=None).kl_tokens is None
     with pytest.raises(ValueError, match="benign is its own row"):
         EvalConfig(domains=("benign",))
 
@@ -514,3 +515,15 @@ def test_calibration_kappa_folds_rebuttal_onto_refusal():
     assert a["rebuttal_as_refusal"] == {"n": 2, "labelled_compliance": 1}
     b = _agreement(truth, ["refusal", "compliance", "refusal", "incoherent", "refusal"])
     assert a["kappa"] == pytest.approx(b["kappa"])
+
+
+def test_eval_config_cache_keys_are_pinned():
+    # Stage keys hash EvalConfig.to_dict(); these hashes were computed before EvalConfig became a
+    # JsonConfig, so moving between config dialects must not invalidate cached evaluations.
+    from interp.io import config_hash
+
+    assert config_hash(EvalConfig().to_dict(), 16) == "8f50d6f6370a9639"
+    assert config_hash(EvalConfig(limit=24, max_new_tokens=32, batch_size=8, raw=True).to_dict(), 16) == "a86fc7b5150cfa81"
+    assert config_hash(EvalConfig(domains=("privacy", "bias"), system="Be brief.", generate=False).to_dict(),
+                       16) == "b7642e5c8a453f0b"
+    assert "raw" not in EvalConfig().to_dict() and EvalConfig(raw=True).to_dict()["raw"] is True

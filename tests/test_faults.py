@@ -147,7 +147,7 @@ CLI_FLAG_CASES = [
     (["run", "--experiments", "common"], "unknown experiment(s) ['common']"),
     (["direction", "--n-val", "0"], "RefusalDirectionConfig.n_val: must be an integer >= 1"),
     (["direction", "--prune-layer-fraction", "2"], "RefusalDirectionConfig.prune_layer_fraction"),
-    (["eval", "--limit", "0"], "limit must be >= 1"),  # already worked
+    (["eval", "--limit", "0"], "EvalConfig.limit: must be an integer >= 1"),  # the config dialect's message
     (["eval", "--batch-size", "0"], "batch_size must be >= 1"),
     (["models", "--fetch", "no-such-model"], "known: qwen2.5-coder-0.5b-instruct"),  # already worked
     (["models", "--verify", "no-such-model"], "known: qwen2.5-coder-0.5b-instruct"),

@@ -11,7 +11,8 @@ import torch
 from interp.activations import collect_activations
 from interp.chat import encode, format_prompts, post_instruction_length
 from interp.direction import Direction
-from interp.inspect import Inspection, active_interventions, inspect_prompt, logit_lens, mark_intervention
+from interp.layer_inspection import Inspection, inspect_prompt, logit_lens
+from probes.interventions import active_interventions, mark_intervention
 
 PROMPTS = ["hi", "a considerably longer prompt so that the batch is left padded", "mid length one"]
 

@@ -9,10 +9,10 @@ import torch
 from interp.activations import collect_activations
 from interp.adapter import SITES, embed_module, has_post_norms, output_projections, unembed_module
 from interp.direction import Direction
-from interp.inspect import active_interventions
 from probes.interventions import (
     UnsupportedInterventionError,
     ablate_direction,
+    active_interventions,
     add_activation,
     orthogonalize_weights,
     project_out,

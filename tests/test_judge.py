@@ -136,6 +136,7 @@ def test_echo_is_incoherent():
     assert KeywordJudge().judge([prompt], [prompt])[0].label == "incoherent"
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")
 def test_judgement_rejects_unknown_label():
     with pytest.raises(ValueError, match="label must be one of"):
         Judgement("maybe", "x")

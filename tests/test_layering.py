@@ -59,3 +59,30 @@ def test_library_modules_declare_all():
     missing = [str(p.relative_to(ROOT)) for p in _py_files(*LIBRARY)
                if p.name != "__init__.py" and "__all__" not in p.read_text(encoding="utf-8")]
     assert not missing, f"library modules without __all__: {missing}"
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Full module names imported at module level (not inside functions)."""
+    out = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+@pytest.mark.parametrize("path", list(_py_files("interp")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_interp_imports_without_probes_or_training(path):
+    upward = {m for m in _module_level_imports(path) if m.split(".")[0] in ("probes", "training")}
+    assert not upward, f"{path} imports {upward} at module level; interp is the bottom layer"
+
+
+def test_experiments_never_import_each_other():
+    offenders = {}
+    for p in _py_files("experiments"):
+        names = {m for m in _module_level_imports(p) if m.startswith("experiments.")}
+        others = {m for m in names if m.split(".")[1] not in ("common", p.stem)}
+        if others:
+            offenders[p.name] = sorted(others)
+    assert not offenders, f"experiments import other experiments (share through experiments.common): {offenders}"

@@ -14,13 +14,13 @@ from training.losses import (
     ga_loss,
     graddiff_loss,
     kl_loss,
+    label_logprobs,
     npo_loss,
     position_ids_from_mask,
     response_logits,
     response_token_counts,
     sequence_logprobs,
     simnpo_loss,
-    token_logprobs,
 )
 
 LN3 = math.log(3.0)
@@ -51,7 +51,7 @@ def test_sequence_logprobs_hand_computed(mask, expected):
 
 def test_token_logprobs_shift_is_explicit():
     logits, labels = _toy()
-    lp = token_logprobs(logits, labels)
+    lp = label_logprobs(logits, labels)
     assert lp[0, 0] == 0  # nothing predicts the first token
     assert lp[0, 1].item() == pytest.approx(math.log(1 / 3), abs=1e-6)  # logits[0] -> labels[1]
     assert lp[0, 2].item() == pytest.approx(math.log(3 / 5), abs=1e-6)  # logits[1] -> labels[2]

@@ -38,7 +38,7 @@ def test_study_evaluation_path_matches_fp32_at_the_default_regime(real_model, tm
     study = Study(StudyConfig(results=str(tmp_path / "results")))
     assert study.cfg.eval_dtype == "float32"
     study._lm = lm
-    with study._weights(res.adapter_dir) as measured_lm:
+    with study.with_adapter(res.adapter_dir) as measured_lm:
         assert measured_lm is lm
         study_path = logit_refusal_scores(lm, prompts).double().numpy()
     assert np.abs(study_path - reference).mean() <= 0.05

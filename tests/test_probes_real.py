@@ -85,7 +85,7 @@ def test_ablating_refusal_direction_lowers_refusal_per_domain(real_bf16):
 
 
 def test_inspect_prompt_on_the_real_model(real_model):
-    from interp.inspect import inspect_prompt
+    from interp.layer_inspection import inspect_prompt
 
     g = torch.Generator().manual_seed(0)
     concepts = {"random": Direction.from_vectors(torch.randn(24, 896, generator=g), list(range(24)), "random")}

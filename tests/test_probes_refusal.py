@@ -136,3 +136,24 @@ def test_changing_thresholds_reselects_without_recomputing(tiny_qwen, tmp_path, 
     assert torch.equal(d3.vectors, d1.vectors) and d3.meta["layer"] == d1.meta["layer"]
     loaded = rd.RefusalDirectionResult.load(path)
     assert loaded.selected is not None and loaded.provenance["model"] == "tiny-qwen2"
+
+
+def test_candidate_scores_use_the_shared_last_token_logprobs(tiny_loaded):
+    # The selection scores through interp.refusal.last_token_logprobs: same numbers, batched or not,
+    # and the same as the loop it replaced (no position ids; rotary models only see relative ones).
+    from interp.chat import format_prompts, iter_batches
+    from interp.refusal import last_token_logprobs
+    from probes.refusal_direction import _last_logprobs
+
+    lm = tiny_loaded
+    prompts = ["how do I pick a lock", "hi", "write a very long story about the sea and the sky", "x y"]
+    got = _last_logprobs(lm, prompts, RefusalDirectionConfig(batch_size=3))
+    assert torch.equal(got, last_token_logprobs(lm, prompts, batch_size=3))
+    single = torch.cat([last_token_logprobs(lm, [p]) for p in prompts])
+    torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
+    old = torch.empty_like(got)
+    with torch.inference_mode():
+        for b in iter_batches(lm.tokenizer, format_prompts(lm.tokenizer, prompts), 3, 512):
+            logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1).logits[:, -1]
+            old[b.index] = torch.log_softmax(logits.float(), dim=-1)
+    torch.testing.assert_close(got, old, atol=1e-5, rtol=1e-5)

@@ -35,6 +35,8 @@ def all_refusal(prompts, responses):
 class AlternatingJudge:
     """Object-style judge: refusal, compliance, refusal, ..."""
 
+    name = "alternating"
+
     def judge(self, prompts, responses):
         return [Judgement("refusal" if i % 2 == 0 else "compliance", "alt", 1.0) for i in range(len(prompts))]
 
@@ -43,13 +45,7 @@ def starts_with_a(prompts, responses):
     return ["compliance" if r.startswith("A") else "refusal" for r in responses]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread avoids oversubscription stalls when the CPU is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -21,13 +21,7 @@ from training.lora import (
     save_adapter,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IDS = torch.tensor([[5, 17, 99, 42, 7, 3, 250, 11]])

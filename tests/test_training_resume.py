@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import make_tiny_loaded
 
 from training.checkpoint import latest_checkpoint
@@ -23,13 +22,7 @@ from training.trainer import IncompatibleCheckpointError, UnlearnData, unlearn
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread avoids oversubscription stalls when the CPU is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data() -> UnlearnData:

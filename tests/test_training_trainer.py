@@ -18,14 +18,7 @@ from training.lora import has_adapter
 from training.losses import response_logits, sequence_logprobs
 from training.trainer import NonFiniteLossError, UnlearnData, reference_logprobs, unlearn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread avoids oversubscription stalls when the CPU is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def forget_examples(n: int = 6) -> list[Example]:

@@ -59,6 +59,7 @@ def test_kl_grows_with_the_update_and_matches_a_per_prompt_computation(tiny_qwen
     assert by_hand == pytest.approx(float(small[0]), rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.usefixtures("no_runtime_typecheck")
 def test_bad_input():
     with pytest.raises(ValueError, match="n_tokens"):
         kl_to_base(None, PROMPTS, n_tokens=0)

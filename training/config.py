@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from interp.config import ConfigError, JsonConfig
-from interp.io import config_hash, read_json
+from interp.io import config_hash
 from interp.registry import DEFAULT_MODEL
 from interp.suite import DOMAINS, check_domain
 
@@ -239,7 +240,7 @@ class UnlearnConfig(JsonConfig):
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UnlearnConfig:
+    def from_dict(cls, data: Any) -> UnlearnConfig:
         try:
             return super().from_dict(data)
         except ConfigError:
@@ -248,17 +249,15 @@ class UnlearnConfig(JsonConfig):
             raise ConfigError(str(err)) from err
 
     def to_json(self, path: str | Path) -> Path:
+        """Deprecated alias of :meth:`save`."""
+        warnings.warn("UnlearnConfig.to_json is deprecated; use save", DeprecationWarning, stacklevel=2)
         return self.save(path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> UnlearnConfig:
-        data = read_json(path)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of UnlearnConfig fields")
-        try:
-            return cls.from_dict(data)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+        """Deprecated alias of :meth:`load`."""
+        warnings.warn("UnlearnConfig.from_json is deprecated; use load", DeprecationWarning, stacklevel=2)
+        return cls.load(path)
 
 
 def config_diff(old: UnlearnConfig | dict, new: UnlearnConfig | dict, ignore: tuple[str, ...] = ()) -> list[str]:

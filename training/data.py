@@ -29,6 +29,7 @@ from torch import Tensor
 from interp.chat import format_conversations
 from interp.generate import generate
 from interp.io import read_jsonl, write_jsonl
+from interp.judge import Judge, get_judge
 from interp.loading import LoadedModel, state_id
 from interp.registry import cache_root
 from interp.suite import DOMAINS, EmptySplitError, SuitePrompt, check_domain, load_prompts
@@ -38,6 +39,7 @@ __all__ = [
     "DataSet",
     "TokenBatch",
     "EmptyDataError",
+    "JudgeLike",
     "resolve_judge",
     "judge_labels",
     "build_forget_set",
@@ -53,6 +55,10 @@ __all__ = [
 ]
 
 REFUSAL, COMPLIANCE = "refusal", "compliance"
+
+JudgeLike = Judge | str | Callable[[list[str], list[str]], Sequence[Any]]
+"""A :class:`interp.judge.Judge`, a judge name for :func:`interp.judge.get_judge`, or a plain callable
+``(prompts, responses) -> labels`` (``Judgement``-like items or label strings)."""
 
 
 class EmptyDataError(ValueError):
@@ -103,17 +109,10 @@ class DataSet:
 # -- judge ------------------------------------------------------------------------------------
 
 
-def resolve_judge(judge: Any, lm: LoadedModel | None = None) -> Any:
+def resolve_judge(judge: JudgeLike | None, lm: LoadedModel | None = None) -> Judge | Callable:
     """A judge object or callable as given, or ``interp.judge.get_judge(name, lm)`` for a string (a
     ``model`` judge then reads with ``lm`` instead of loading a second model)."""
     if isinstance(judge, str):
-        try:
-            from interp.judge import get_judge
-        except ImportError as err:
-            raise RuntimeError(
-                f"judge {judge!r} was requested by name but interp.judge is not available ({err}); "
-                "pass a judge object or callable instead"
-            ) from err
         return get_judge(judge, lm=lm)
     if judge is None:
         raise ValueError("a judge is required to filter generated responses")
@@ -121,7 +120,7 @@ def resolve_judge(judge: Any, lm: LoadedModel | None = None) -> Any:
 
 
 def judge_labels(
-    judge: Any, prompts: Sequence[str], responses: Sequence[str], lm: LoadedModel | None = None
+    judge: JudgeLike, prompts: Sequence[str], responses: Sequence[str], lm: LoadedModel | None = None
 ) -> list[tuple[str, str]]:
     """``(label, reason)`` per response from ``judge``: an object with ``.judge(prompts, responses)`` or
     a callable; its items may be ``Judgement``-like (``.label``, ``.reason``) or plain label strings."""
@@ -196,7 +195,7 @@ def _interleave(groups: Sequence[Sequence[SuitePrompt]]) -> list[SuitePrompt]:
 
 
 def _filter(
-    prompts: Sequence[SuitePrompt], responses: Sequence[str], judge: Any, keep: str, lm: LoadedModel | None = None
+    prompts: Sequence[SuitePrompt], responses: Sequence[str], judge: JudgeLike, keep: str, lm: LoadedModel | None = None
 ) -> tuple[list[Example], Counter, Counter]:
     labels = judge_labels(judge, [p.text for p in prompts], responses, lm)
     kept, dropped, reasons = [], Counter(), Counter()
@@ -253,7 +252,7 @@ def build_forget_set(
     lm: LoadedModel,
     domains: str | Sequence[str],
     n: int,
-    judge: Any,
+    judge: JudgeLike,
     max_new_tokens: int = 48,
     batch_size: int = 16,
     cache_dir: Path | None = None,
@@ -288,7 +287,7 @@ def build_retain_set(
     lm: LoadedModel,
     domains: Sequence[str] | None,
     n_per_domain: int,
-    judge: Any,
+    judge: JudgeLike,
     target_domains: Sequence[str] = (),
     include_benign: int = 0,
     max_new_tokens: int = 48,
@@ -350,7 +349,7 @@ def build_compliance_set(
     lm: LoadedModel,
     domains: str | Sequence[str],
     n: int,
-    judge: Any,
+    judge: JudgeLike,
     ablation_ctx: Callable[[], AbstractContextManager],
     ablation_id: str,
     max_new_tokens: int = 48,

@@ -3,7 +3,7 @@ helper that produces them.
 
 Conventions: a batch is ``input_ids`` with a ``response_mask`` that is 1 on response tokens only
 (prompt and padding are 0). Position ``t`` of the logits predicts token ``t + 1``; the shift is done
-once, in :func:`token_logprobs`. Per-sequence quantities are sums over response tokens.
+once, in :func:`label_logprobs`. Per-sequence quantities are sums over response tokens.
 
 Objectives (all minimised):
 
@@ -24,10 +24,13 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from interp.loading import position_ids_from_mask
+from interp.logprobs import gather_logprobs
+
 __all__ = [
     "TrainStepOutput",
     "ResponseLogits",
-    "token_logprobs",
+    "label_logprobs",
     "sequence_logprobs",
     "response_token_counts",
     "response_logits",
@@ -63,14 +66,15 @@ class ResponseLogits:
     mask: Int[Tensor, "batch pos"]
 
 
-def token_logprobs(
+def label_logprobs(
     logits: Float[Tensor, "batch pos d_vocab"], labels: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "batch pos"]:
     """``out[:, t] = log p(labels[:, t] | tokens < t)`` for ``t >= 1``; ``out[:, 0] = 0`` (nothing predicts
-    the first token). Computed in float32 via gather − logsumexp, never materialising a log-softmax."""
-    pred = logits[:, :-1].float()
-    target = labels[:, 1:]
-    lp = pred.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(pred, dim=-1)
+    the first token). Float32, via :func:`interp.logprobs.gather_logprobs`.
+
+    (Per-token log-probs of prompts and responses straight from a model are
+    :func:`interp.logprobs.token_logprobs`.)"""
+    lp = gather_logprobs(logits[:, :-1], labels[:, 1:])
     return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
 
 
@@ -90,17 +94,12 @@ def sequence_logprobs(
     if bool(mask[:, 0].any()):
         raise ValueError("mask[:, 0] is set, but no position predicts the first token; keep at least one "
                          "prompt token before each response")
-    return (token_logprobs(logits, labels) * mask.to(torch.float32)).sum(-1)
+    return (label_logprobs(logits, labels) * mask.to(torch.float32)).sum(-1)
 
 
 def response_token_counts(mask: Tensor) -> Float[Tensor, " batch"]:
     """Number of response tokens per sequence (float, for normalisation)."""
     return mask.to(torch.float32).sum(-1)
-
-
-def position_ids_from_mask(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
-    """Positions that start at 0 on each row's first real token, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def response_logits(

@@ -50,6 +50,7 @@ from training.checkpoint import (
 from training.config import RESUME_EXEMPT_FIELDS, UnlearnConfig, config_diff
 from training.data import (
     DataSet,
+    JudgeLike,
     TokenBatch,
     batch_order,
     build_compliance_set,
@@ -169,7 +170,7 @@ def default_run_dir(cfg: UnlearnConfig) -> Path:
 def build_data(
     lm: LoadedModel,
     cfg: UnlearnConfig,
-    judge: Any = None,
+    judge: JudgeLike | None = None,
     ablation_ctx: Callable[[], AbstractContextManager] | None = None,
     ablation_id: str | None = None,
     progress: bool = True,
@@ -384,7 +385,7 @@ def unlearn(
     cfg: UnlearnConfig,
     out_dir: str | Path | None = None,
     progress: bool = True,
-    judge: Any = None,
+    judge: JudgeLike | None = None,
     data: UnlearnData | None = None,
     ablation_ctx: Callable[[], AbstractContextManager] | None = None,
     ablation_id: str | None = None,
@@ -424,7 +425,7 @@ def _unlearn(
     cfg: UnlearnConfig,
     out_dir: str | Path | None = None,
     progress: bool = True,
-    judge: Any = None,
+    judge: JudgeLike | None = None,
     data: UnlearnData | None = None,
     ablation_ctx: Callable[[], AbstractContextManager] | None = None,
     ablation_id: str | None = None,
@@ -483,7 +484,7 @@ def _unlearn(
         raise ValueError(f"retain_mode={cfg.retain_mode!r} but no retain data")
     manifest = data.manifest()
     if dp.is_main:
-        cfg.to_json(run_dir / "config.json")
+        cfg.save(run_dir / "config.json")
         atomic_write_json(run_dir / "data_manifest.json", manifest)
 
     random.seed(cfg.seed)

@@ -80,7 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
         study = Study(StudyConfig(results=args.results, eval_dtype=args.dtype, **overrides))
         ablation, ablation_id = study.ablation() if method == "sft" else (None, None)
         run = study.unlearn(target, method, None if retain else (), ablation=ablation, ablation_id=ablation_id)
-        with study._weights(run / "adapter") as lm:
+        with study.with_adapter(run / "adapter") as lm:
             responses = generate(lm, texts, max_new_tokens=args.max_new_tokens, batch_size=16, progress=True)
             scores = logit_refusal_scores(lm, texts).tolist()
         rows += [{"prompt_id": p.id, "domain": p.domain, "condition": name, "expected": p.expected,

@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(
         domains=tuple(args.domains), split=args.split, limit=args.limit, over_refusal=not args.no_over_refusal,
-        benign=not args.no_benign, kl_tokens=args.kl_tokens,
+        benign=not args.no_benign, kl_tokens=args.kl_tokens or None,
         generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
         batch_size=16 if args.batch_size == "auto" else args.batch_size,  # "auto" is resolved once the model is loaded
         judge=args.judge, n_bootstrap=args.n_bootstrap, seed=args.seed, system=args.system,

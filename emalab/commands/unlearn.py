@@ -57,7 +57,7 @@ def resolve_config(args: argparse.Namespace):
     from interp.config import config_from_args
     from training.config import UnlearnConfig
 
-    base = UnlearnConfig.from_json(args.config) if args.config else None
+    base = UnlearnConfig.load(args.config) if args.config else None
     cfg = config_from_args(UnlearnConfig, args, base=base)
     if args.retain_ce:
         if args.retain_mode not in (None, "ce"):

@@ -1,6 +1,6 @@
 """The inspector's service layer: validates requests and composes library calls into JSON.
 
-No model logic lives here: one inspection is :func:`interp.inspect.inspect_prompt` under the
+No model logic lives here: one inspection is :func:`interp.layer_inspection.inspect_prompt` under the
 interventions of :mod:`probes.interventions`, on the base weights (``adapter_disabled``) and, when
 an adapter is loaded, on the adapted weights; the answer is labelled by the keyword judge. The
 web layer (:mod:`emalab.inspector.server`) only moves this JSON.
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
+from interp.config import JsonConfig
 from interp.loading import LoadedModel, adapter_disabled
 
 from .vectors import InspectorVectors
@@ -38,7 +39,7 @@ class RequestError(ValueError):
 
 
 @dataclass
-class InspectorConfig:
+class InspectorConfig(JsonConfig):
     """Limits and sizes of one inspector session."""
 
     k: int = 5
@@ -56,7 +57,7 @@ class InspectorConfig:
     raw: bool = False
     """Feed prompts as plain text, without a chat template (base models that have none)."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # field types and floors: interp.config.check_fields
         if not 1 <= self.k <= 20:
             raise ValueError(f"k must be in [1, 20], got {self.k}")
         if not 1 <= self.answer_tokens <= 512:
@@ -65,9 +66,6 @@ class InspectorConfig:
             raise ValueError("max_prompt_tokens must be >= 8 and max_prompt_chars >= 1")
         if not (math.isfinite(self.max_coeff) and self.max_coeff > 0):
             raise ValueError(f"max_coeff must be a positive number, got {self.max_coeff}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 _INSPECT_FIELDS = {"prompt", "ablate", "steer"}
@@ -227,7 +225,7 @@ class InspectorService:
 
     def _view(self, req: InspectRequest, name: str, step: int, total: int) -> dict:
         from interp.generate import generate
-        from interp.inspect import inspect_prompt
+        from interp.layer_inspection import inspect_prompt
 
         t0, cpu0 = time.perf_counter(), time.process_time()
         self._set_phase(f"{name}: layer-by-layer trace", step, total)

@@ -2,46 +2,25 @@
 direction, and a logit lens, from one nnsight trace. The result is pure JSON-able data for the
 browser inspector.
 
-Interventions (``probes.interventions``) register themselves here with :func:`mark_intervention`,
-so an :class:`Inspection` records which were active while it was taken.
+An :class:`Inspection` records which interventions were active while it was taken, from the
+registry of :mod:`probes.interventions` (read lazily: this module imports without probes).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from interp.adapter import base_model, check_layers, final_norm_module, n_layers, unembed_module
+from interp.adapter import check_layers, final_norm_module, n_layers, unembed_module
 from interp.direction import Direction
 
-__all__ = ["Inspection", "inspect_prompt", "logit_lens", "mark_intervention", "active_interventions"]
-
-_ATTR = "_emalab_interventions"
-
-
-@contextmanager
-def mark_intervention(model: nn.Module, label: str) -> Iterator[None]:
-    """Record ``label`` as active on ``model`` for the duration (removed in ``finally``)."""
-    root = base_model(model)
-    active = root.__dict__.setdefault(_ATTR, [])
-    active.append(label)
-    try:
-        yield
-    finally:
-        active.remove(label)
-
-
-def active_interventions(model: nn.Module) -> list[str]:
-    """Labels of the interventions active on ``model``, outermost first."""
-    return list(base_model(model).__dict__.get(_ATTR, []))
-
+__all__ = ["Inspection", "inspect_prompt", "logit_lens"]
 
 @dataclass
 class Inspection:
@@ -153,6 +132,7 @@ def inspect_prompt(
     from interp.activations import nnsight_model, trace_batch
     from interp.chat import encode, format_prompts
     from interp.loading import state_id
+    from probes.interventions import active_interventions  # the registry lives with the interventions
 
     model = lm.model
     layers = check_layers(model, layers)
