@@ -122,8 +122,8 @@ class PrefixedBatch:
     """A batch's suffixes (left-padded) to run after the prefix cache, in :class:`Batch`'s row order."""
 
     input_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    """Over prefix + suffix: ``[1]·P`` then the suffix mask."""
+    attention_mask: Int[Tensor, "batch prefix_and_pos"]
+    """Over prefix + suffix: ``[1]·P`` then the suffix mask (so ``P`` wider than ``input_ids``)."""
     position_ids: Int[Tensor, "batch pos"]
     """Of the suffix tokens, counted from ``P`` at each row's first real suffix token."""
     index: list[int]
