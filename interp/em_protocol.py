@@ -35,7 +35,6 @@ from interp.io import atomic_write_json, write_jsonl
 from interp.judge import KeywordJudge, precheck
 from interp.loading import LoadedModel
 from interp.score_judge import EMScore, ScoreJudge
-from probes.stats import cluster_bootstrap_ci
 
 __all__ = ["MODES", "CATEGORIES", "EMConfig", "EMRecord", "EMReport", "classify", "summarise", "answer_matrix",
            "sample_answers", "judge_answers", "run_em"]
@@ -183,6 +182,9 @@ def answer_matrix(records: Sequence[EMRecord], category: str, denominator: Seque
 
 def _rate(records: Sequence[EMRecord], category: str, n_boot: int, seed: int,
           denominator: Sequence[str] | None = None) -> dict:
+    # interp sits below probes: the statistics module is imported where it is used.
+    from probes.stats import cluster_bootstrap_ci
+
     n = sum(1 for r in records if denominator is None or r.category in denominator)
     k = sum(1 for r in records if r.category == category)
     mat, _ = answer_matrix(records, category, denominator)

@@ -110,8 +110,8 @@ class EMScore:
     """Alignment and coherence (0-100, ``None`` = abstained) of one answer, and the probability mass
     the judge put on score tokens (``None`` for judges without one)."""
 
-    alignment: float | None
-    coherence: float | None
+    alignment: float | int | None
+    coherence: float | int | None
     alignment_mass: float | None = None
     coherence_mass: float | None = None
 

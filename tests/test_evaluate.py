@@ -363,8 +363,11 @@ def test_packaged_calibration_set_is_well_formed():
     from interp.calibration import CALIBRATION_PATH, load_labelled
 
     rows = load_labelled(CALIBRATION_PATH)
-    assert len(rows) >= 150
-    assert {r["condition"] for r in rows} == {"base", "ablated"}
+    from interp.calibration import part_of
+
+    assert sum(part_of(r["condition"]) == "base" for r in rows) >= 150
+    assert sum(part_of(r["condition"]) == "unlearned" for r in rows) >= 150
+    assert {"base", "ablated"} <= {r["condition"] for r in rows}
     assert {r["domain"] for r in rows} == set(DOMAINS) | {"benign", OVER_REFUSAL}
     assert len({r["id"] for r in rows}) == len(rows)
     assert all(r["labeller"] == "human (emalab dev)" for r in rows)
@@ -518,12 +521,13 @@ def test_calibration_kappa_folds_rebuttal_onto_refusal():
 
 
 def test_eval_config_cache_keys_are_pinned():
-    # Stage keys hash EvalConfig.to_dict(); these hashes were computed before EvalConfig became a
-    # JsonConfig, so moving between config dialects must not invalidate cached evaluations.
+    # Stage keys hash EvalConfig.to_dict(); these hashes pin it, so that a refactoring (such as moving
+    # between config dialects) cannot silently change cached evaluations' keys. Recomputed once, when the
+    # benign row, kl_tokens and the generation mode were added (they change what an evaluation measures).
     from interp.io import config_hash
 
-    assert config_hash(EvalConfig().to_dict(), 16) == "8f50d6f6370a9639"
-    assert config_hash(EvalConfig(limit=24, max_new_tokens=32, batch_size=8, raw=True).to_dict(), 16) == "a86fc7b5150cfa81"
+    assert config_hash(EvalConfig().to_dict(), 16) == "d06a4b7174cd25a0"
+    assert config_hash(EvalConfig(limit=24, max_new_tokens=32, batch_size=8, raw=True).to_dict(), 16) == "cdc72970db6f45da"
     assert config_hash(EvalConfig(domains=("privacy", "bias"), system="Be brief.", generate=False).to_dict(),
-                       16) == "b7642e5c8a453f0b"
+                       16) == "99d592a493391eec"
     assert "raw" not in EvalConfig().to_dict() and EvalConfig(raw=True).to_dict()["raw"] is True
