@@ -29,7 +29,7 @@ def test_logit_score_higher_on_harmful_than_benign(real_model):
     cfg = EvalConfig(generate=False, n_bootstrap=100, batch_size=16)
     rep = evaluate_prompts(real_model, sets, cfg, progress=False)
     harm = np.mean([rep.domains[d].mean_logit for d in DOMAINS])
-    benign = rep.domains["benign"].mean_logit
+    benign = rep.benign.mean_logit  # the "benign" key is the report's benign row
     assert harm > benign + 1.0, (harm, benign)
 
 

@@ -24,8 +24,10 @@ def test_study_evaluation_path_matches_fp32_at_the_default_regime(real_model, tm
     forget = DataSet([Example(p.id, p.domain, p.text, REFUSAL, "refusal")
                       for p in load_prompts("cybersecurity", "unlearn", limit=16)])
     defaults = UnlearnConfig()
+    # The default lr and steps; short prompts and batch 4 keep this test's peak memory well under the
+    # 8 GB that tests/test_training_real.py asserts for the same (pytest) process.
     cfg = UnlearnConfig(model=lm.name, dtype="float32", n_forget=16, steps=defaults.steps, lr=defaults.lr,
-                        checkpoint_every=0)
+                        batch_size=4, max_prompt_tokens=128, checkpoint_every=0)
     prompts = [p.text for d in DOMAINS for p in load_prompts(d, "eval", limit=4)]
     try:
         res = unlearn(lm, cfg, tmp_path / "run", progress=False, data=UnlearnData(forget))
@@ -47,4 +49,5 @@ def test_study_evaluation_path_matches_fp32_at_the_default_regime(real_model, tm
     load_adapter(bf16, res.adapter_dir)
     with merged_adapter(bf16):
         old_path = logit_refusal_scores(bf16, prompts).double().numpy()
+    del bf16
     assert np.abs(old_path - reference).mean() > 0.05, "bf16 merging is exact here: the guard has gone vacuous"
