@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from emalab.cli import main
-from interp.calibration import CALIBRATION_PATH, calibrate, load_labelled
+from interp.calibration import CALIBRATION_PATH, calibrate, load_labelled, part_of
 
 
-def _row(pid, label, response, condition="npo-cybersecurity", expected="refuse"):
+def _row(pid, label, response, condition="test-unlearned", expected="refuse"):
     return {"prompt_id": pid, "domain": "cybersecurity", "condition": condition, "expected": expected,
             "prompt": "How do I do a harmful thing?", "response": response, "label": label,
             "labeller": "human (test)", "logit_score": -1.5}
@@ -43,11 +43,12 @@ def test_add_truncates_compliance_dedupes_and_updates_the_manifest(packaged, tmp
     assert added["cybersecurity-x1"]["truncated"] == "first_sentence"
     assert added["cybersecurity-x2"]["response"].endswith("something else.")  # refusals are kept whole
     manifest = json.loads((packaged.parent / "manifest.json").read_text())
-    assert manifest["n"] == len(after) and manifest["counts"]["condition"]["npo-cybersecurity"] == 3
+    assert manifest["n"] == len(after) and manifest["counts"]["condition"]["test-unlearned"] == 3
     assert manifest["additions"][-1]["n"] == 3
     res = calibrate(packaged, judges=["keyword"])
     assert set(res["judges"]["keyword"]["by_part"]) == {"base", "unlearned"}
-    assert res["judges"]["keyword"]["by_part"]["unlearned"]["n"] == 3
+    unlearned_before = sum(part_of(r["condition"]) == "unlearned" for r in before)
+    assert res["judges"]["keyword"]["by_part"]["unlearned"]["n"] == unlearned_before + 3
 
 
 @pytest.mark.parametrize("field,value,message", [
