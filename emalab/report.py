@@ -115,11 +115,24 @@ def _utility_table(results: Path) -> list[str]:
     """What each evaluated condition cost beside refusal, read from the cached evaluation stages."""
     from interp.suite import DOMAINS
 
+    # An evaluation's condition name says method and target only; the unlearning stage that made its
+    # adapter says whether a retain term (and which weight) was on, so rows are named from it.
+    runs: dict[str, str] = {}
+    for done in (results / "stages" / "unlearn").glob("*/DONE.json"):
+        d = read_json(done)
+        u = d.get("key", {}).get("unlearn", {})
+        if d.get("adapter_id") and u:
+            retain = f"+retain-{u['retain_mode']} α={u['alpha']:g}" if u.get("retain_mode", "none") != "none" else ""
+            runs[d["adapter_id"]] = (f"{u['method']}{retain}-{'+'.join(u['target_domains'])}"
+                                     + (f" (lr {u['lr']:g}, {u['steps']} steps)" if d.get("key", {}).get("ablation")
+                                        is None and u.get("method") != "sft" else ""))
     rows: dict[str, list[dict]] = {}
     for done in sorted((results / "stages" / "eval").glob("*/DONE.json")):
         report = done.with_name("report.json")
         if report.exists():
-            rows.setdefault(read_json(done).get("condition", "?"), []).append(read_json(report))
+            info = read_json(done)
+            name = runs.get(info.get("key", {}).get("adapter"), info.get("condition", "?"))
+            rows.setdefault(name, []).append(read_json(report))
     if not rows:
         return []
 
