@@ -21,8 +21,11 @@ gpucheck:
 reproduce: install
 	emalab run --preset quick
 
+# The real-model tier runs in a process of its own: its memory bars (peak RSS of an NPO run) would
+# otherwise carry the high-water mark of the whole unit tier.
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m slow
 
 # The inspector's browser test drives Debian's headless Chromium through chromedriver.
 browser:
