@@ -136,3 +136,13 @@ def pytest_collection_modifyitems(config, items):
         reason = KNOWN_FAILURES.get(item.nodeid)
         if reason:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny random Qwen2 model and its tokenizer saved as a model directory (for CLI tests)."""
+    model, tok = make_tiny_model("qwen2")
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -271,17 +271,6 @@ def test_judge_metrics_abstain_blocks_trust():
 # -- CLI ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    from tests.conftest import make_tiny_model
-
-    model, tok = make_tiny_model("qwen2")
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _em_args(tiny_dir, *extra):
     return ["eval", "--protocol", "em", "--model", str(tiny_dir), "--dtype", "float32", "--limit", "3",
             "--n-samples", "2", "--max-new-tokens", "3", "--quiet", *extra]

@@ -231,17 +231,6 @@ def test_evaluate_reports_kl_to_base_for_an_adapter(tiny_qwen, tmp_path):
 # ---------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    from tests.conftest import make_tiny_model
-
-    model, tok = make_tiny_model("qwen2")
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _eval_args(tiny_dir, *extra):
     return ["eval", "--model", str(tiny_dir), "--dtype", "float32", "--limit", "2", "--max-new-tokens", "2",
             "--n-bootstrap", "50", "--quiet", *extra]
