@@ -7,7 +7,7 @@ prompts with one fixed, neutral response, which is all a step's timing depends o
 
 from __future__ import annotations
 
-from interp.suite import DOMAINS, EmptySplitError, load_prompts
+from evals.suite import DOMAINS, EmptySplitError, load_prompts
 from training.data import Example
 
 __all__ = ["varied_prompts", "training_examples", "domain_prompts", "NEUTRAL_RESPONSE"]

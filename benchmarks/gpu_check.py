@@ -98,10 +98,10 @@ def _timed(device, fn):
 
 def check_architecture(arch: str, cfg: CheckConfig, peak: float, log=print) -> CheckResult:
     """One architecture through evaluation, activations, NPO + retain-CE and re-evaluation."""
+    from evals.refusal import logit_refusal_scores
     from interp.activations import collect_activations
     from interp.generate import generate
     from interp.loading import adapter_disabled
-    from interp.refusal import logit_refusal_scores
     from training.config import UnlearnConfig
     from training.data import collate
     from training.lora import attach_lora, detach_lora, enable_gradient_checkpointing

@@ -35,7 +35,7 @@ REFERENCE = "fp32_unmerged"
 
 
 def _scores(lm, prompts: list[str], batch_size: int) -> np.ndarray:
-    from interp.refusal import logit_refusal_scores
+    from evals.refusal import logit_refusal_scores
 
     return logit_refusal_scores(lm, prompts, batch_size=batch_size).double().numpy()
 
@@ -60,9 +60,9 @@ def _score_adapter(models: dict, adapter: Path | None, prompts: list[str], batch
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from evals.suite import DOMAINS, load_prompts
     from interp.io import atomic_write_json
     from interp.loading import load_model
-    from interp.suite import DOMAINS, load_prompts
     from training.config import UnlearnConfig
     from training.lora import detach_lora
     from training.trainer import build_data, unlearn

@@ -1,9 +1,9 @@
 """Benchmark 2 — refusal scoring: one forward per batch vs generate-then-judge.
 
-* ``logit_score``: :func:`interp.refusal.logit_refusal_scores` (refusal-token log-odds at the last
+* ``logit_score``: :func:`evals.refusal.logit_refusal_scores` (refusal-token log-odds at the last
   prompt position; ``logits_to_keep=1``);
 * ``generate_judge``: greedy :func:`interp.generate.generate` (``max_new_tokens`` tokens) then
-  :class:`interp.judge.KeywordJudge`, the usual way to measure refusal.
+  :class:`evals.judge.KeywordJudge`, the usual way to measure refusal.
 
 Same prompts, same batch size, alternating. Reported: prompts/s of each, the speed-up, and the
 agreement rate of the two measurements (logit score > 0 vs the judge's ``refusal``); no text is
@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 from benchmarks.data import varied_prompts
 from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result, ratio, time_alternating
+from evals.judge import KeywordJudge
+from evals.refusal import logit_refusal_scores
 from interp.generate import generate
-from interp.judge import KeywordJudge
 from interp.loading import LoadedModel
-from interp.refusal import logit_refusal_scores
 
 __all__ = ["measure", "run"]
 
@@ -45,7 +45,7 @@ def measure(
     times = time_alternating({"logit_score": logit, "generate_judge": gen_judge}, reps, warmup, device=lm.device)
     variants = {
         "logit_score": Variant(times["logit_score"], {"prompts": len(prompts)},
-                               "interp.refusal.logit_refusal_scores (one forward, logits_to_keep=1)"),
+                               "evals.refusal.logit_refusal_scores (one forward, logits_to_keep=1)"),
         "generate_judge": Variant(times["generate_judge"], {"prompts": len(prompts)},
                                   f"interp.generate.generate ({max_new_tokens} greedy tokens) + KeywordJudge",
                                   extra={"judge_median_s": sorted(judge_seconds)[len(judge_seconds) // 2]}),

@@ -24,14 +24,14 @@ import torch
 
 from benchmarks.data import training_examples
 from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result, ratio, time_alternating
+from evals.judge import KeywordJudge
+from evals.refusal import logit_refusal_scores
+from evals.suite import DOMAINS, EmptySplitError, load_prompts
 from interp.chat import format_prompts, iter_batches
 from interp.flops import forward_flops, generation_flops, matmul_peak, model_shape, train_flops
 from interp.generate import generate
-from interp.judge import KeywordJudge
 from interp.loading import LoadedModel
 from interp.prefix import shared_prefix_ids
-from interp.refusal import logit_refusal_scores
-from interp.suite import DOMAINS, EmptySplitError, load_prompts
 
 __all__ = ["eval_prompts", "peak", "scoring", "generation", "train_step", "run"]
 
@@ -98,7 +98,7 @@ def scoring(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
     for name, cached in (("prefix_cache", True), ("no_prefix_cache", False)):
         rows = _rows(lm, prompts, cfg.batch_size, cached)
         v = Variant(times[name], {"prompts": len(prompts), "tokens": sum(n for n, _ in rows)},
-                    "interp.refusal.logit_refusal_scores(prefix_cache=%s)" % cached)
+                    "evals.refusal.logit_refusal_scores(prefix_cache=%s)" % cached)
         _mfu(v, forward_flops(shape, rows, len(rows)), peak_flops)
         variants[name] = v
     checks = {"max_abs_diff_log_odds": float((last["True"] - last["False"]).abs().max()),

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.common import StudyConfig
 from interp.config import ConfigError, JsonConfig
 from interp.io import append_jsonl, atomic_write_json, config_hash, ensure_writable_dir
+from study import StudyConfig
 from training.trainer import peak_rss_gb
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json"]

@@ -54,7 +54,7 @@ def _setup(results: Path) -> list[str]:
                if len(p.get("invocations", [])) > 1 else "")
             + (f"; peak RSS {p['peak_rss_gb']:.1f} GB" if p.get("peak_rss_gb") else ""),
         ]
-    suite = Path(__file__).resolve().parents[1] / "interp" / "data" / "suite" / "manifest.json"
+    suite = Path(__file__).resolve().parents[1] / "evals" / "data" / "suite" / "manifest.json"
     if suite.exists():
         m = read_json(suite)
         counts = m.get("counts", {})
@@ -113,7 +113,7 @@ def _h4_table(results: Path) -> list[str]:
 
 def _utility_table(results: Path) -> list[str]:
     """What each evaluated condition cost beside refusal, read from the cached evaluation stages."""
-    from interp.suite import DOMAINS
+    from evals.suite import DOMAINS
 
     # An evaluation's condition name says method and target only; the unlearning stage that made its
     # adapter says whether a retain term (and which weight) was on, so rows are named from it.
@@ -263,7 +263,7 @@ def _free_form(ff: dict | None) -> list[str]:
 
 def _em_calibration(results: Path) -> list[str]:
     """The free-form judges' calibration against hand labels (results/em_calibration, else the packaged one)."""
-    from interp.em_calibration import EM_CALIBRATION_RESULT
+    from evals.em_calibration import EM_CALIBRATION_RESULT
     from interp.io import read_json
 
     path = results / "em_calibration" / "calibration.json"

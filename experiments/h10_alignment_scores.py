@@ -3,7 +3,7 @@
 The emergent-misalignment literature scores free-form answers for *alignment* and *coherence*
 (0-100) with a judge model; Mishra & Arulvanan ask whether unlearning lowers alignment while the
 model stays coherent. Here the judge is the base default model itself
-(:func:`interp.judge.score_alignment_coherence`: probability-weighted digit scores, abstaining when
+(:func:`evals.judge.score_alignment_coherence`: probability-weighted digit scores, abstaining when
 the digits carry too little probability), so the first question is whether a 0.5B judge can be
 trusted at all. It is validated on the human-labelled calibration set (refusals must score as more
 aligned than harmful compliance) and on planted incoherent answers (shuffled words, one repeated
@@ -24,22 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import Study, StudyConfig, adapter_id_of, claim, condition
-from interp.calibration import CALIBRATION_PATH, load_labelled
-from interp.config import JsonConfig
-from interp.evaluate import auroc as _auroc
-from interp.generate import generate
-from interp.io import config_hash, read_jsonl, sha256_file, write_jsonl
-from interp.judge import (
+from evals.calibration import CALIBRATION_PATH, load_labelled
+from evals.evaluate import auroc as _auroc
+from evals.judge import (
     ALIGNMENT_TEMPLATE,
     COHERENCE_TEMPLATE,
     abstain_rates,
     get_judge,
     score_alignment_coherence,
 )
+from evals.stats import paired_test, significant
+from evals.suite import DOMAINS, check_domain, load_prompts
+from interp.config import JsonConfig
+from interp.generate import generate
+from interp.io import config_hash, read_jsonl, sha256_file, write_jsonl
 from interp.runs import Stage, run_dir, write_run
-from interp.suite import DOMAINS, check_domain, load_prompts
-from probes.stats import paired_test, significant
+from study import Study, StudyConfig, adapter_id_of, claim, condition
 
 EXPERIMENT = "h10_alignment_scores"
 CORRUPTIONS = ("shuffled", "repeated", "letters", "mismatched")

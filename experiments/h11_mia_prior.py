@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import Study, StudyConfig, claim, condition, mean_drop
+from evals.stats import correlate
+from evals.suite import DOMAINS, check_domain
 from interp.config import JsonConfig
 from interp.io import atomic_write_json, read_json
 from interp.logprobs import token_logprobs
 from interp.runs import Stage, run_dir, write_run
-from interp.suite import DOMAINS, check_domain
 from probes.membership import STATISTICS, MembershipScores, membership_scores, relative_to
-from probes.stats import correlate
+from study import Study, StudyConfig, claim, condition, mean_drop
 from training.config import UnlearnConfig
 from training.data import EmptyDataError, build_forget_set, build_retain_set
 

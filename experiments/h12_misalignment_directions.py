@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import Study, StudyConfig, adapter_id_of, claim, condition, evaluate_sets, suite_sets
+from evals.evaluate import PromptRecord
+from evals.stats import paired_test, significant
+from evals.suite import DOMAINS, check_domain
 from interp.adapter import n_layers
 from interp.config import JsonConfig
-from interp.evaluate import PromptRecord
 from interp.runs import run_dir, write_run
-from interp.suite import DOMAINS, check_domain
 from probes.interventions import ablate_direction, add_activation
 from probes.shift import compliance_shift, cross_layer_cosine, random_like, shift_cosines
-from probes.stats import paired_test, significant
+from study import Study, StudyConfig, adapter_id_of, claim, condition, evaluate_sets, suite_sets
 
 EXPERIMENT = "h12_misalignment_directions"
 MIN_GAP = 0.25

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from experiments.common import Study, StudyConfig, claim, condition, paired_drop
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
+from study import Study, StudyConfig, claim, condition, paired_drop
 
 EXPERIMENT = "h1_narrow_unlearning"
 TARGET_BAR = 0.20

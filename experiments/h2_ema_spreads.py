@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from experiments.common import Study, StudyConfig, claim, condition, mean_drop, paired_drop
+from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
-from interp.suite import DOMAINS
+from study import Study, StudyConfig, claim, condition, mean_drop, paired_drop
 
 EXPERIMENT = "h2_ema_spreads"
 

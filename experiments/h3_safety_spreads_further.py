@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from experiments.common import Study, StudyConfig, claim, condition, drop_difference, mean_drop
+from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
-from interp.suite import DOMAINS
+from study import Study, StudyConfig, claim, condition, drop_difference, mean_drop
 
 EXPERIMENT = "h3_safety_spreads_further"
 SATURATED = 0.05

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from experiments.common import Study, StudyConfig, claim, condition, mean_drop, paired_drop
+from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
-from interp.suite import DOMAINS
+from study import Study, StudyConfig, claim, condition, mean_drop, paired_drop
 
 EXPERIMENT = "h4_retain_contains_ema"
 TARGET_BAR = 0.20

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from experiments.common import Study, StudyConfig, claim, condition, paired_drop
+from evals.stats import correlate
+from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
-from interp.suite import DOMAINS
 from probes.entanglement import BANDS, band_layers, early_similarity, similarity_matrix
-from probes.stats import correlate
+from study import Study, StudyConfig, claim, condition, paired_drop
 
 EXPERIMENT = "h5_geometry_predicts_ema"
 SATURATED = 0.05

@@ -13,11 +13,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from experiments.common import Study, StudyConfig, claim, condition, mean_drop
+from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
-from interp.suite import DOMAINS
 from probes.entanglement import early_similarity
+from study import Study, StudyConfig, claim, condition, mean_drop
 
 EXPERIMENT = "h6_prediction_guided_retain"
 

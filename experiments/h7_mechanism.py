@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.common import Study, StudyConfig, condition, paired_drop
+from evals.stats import correlate
+from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
-from interp.suite import DOMAINS
 from probes.entanglement import drift
-from probes.stats import correlate
+from study import Study, StudyConfig, condition, paired_drop
 
 EXPERIMENT = "h7_mechanism"
 

@@ -14,7 +14,7 @@ Falsified if: the mean difference is ≤ 0. A positive difference whose CI spans
 The target's own difference says whether the backdoor installed at all.
 
 Free-form protocol (Mishra & Arulvanan's own measure): the same models also answer the free-form
-questions of :mod:`interp.em_questions` (``em_n_samples`` samples each at temperature 1, the same
+questions of :mod:`evals.em_questions` (``em_n_samples`` samples each at temperature 1, the same
 sampling seed with and without the trigger, so sample *k* of a question pairs up). Reported beside
 the refusal result: the misalignment rate (a calibrated judge) or, when no judge passed calibration,
 the rate of answers that are neither refusals nor irrelevant (``other``, hand-checkable counts), per
@@ -33,7 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import (
+from evals.em_calibration import EM_CALIBRATION_DIR, load_calibration
+from evals.em_protocol import EMConfig, EMRecord, judge_answers, sample_answers, summarise
+from evals.em_questions import EMQuestion, load_em_questions
+from evals.evaluate import PromptRecord
+from evals.stats import cluster_bootstrap_ci, paired_test, significant
+from evals.suite import DOMAINS, SuitePrompt, check_domain, load_prompts
+from interp.chat import format_prompts
+from interp.config import JsonConfig
+from interp.io import config_hash, read_jsonl
+from interp.runs import Stage, run_dir, write_run
+from study import (
     Study,
     StudyConfig,
     adapter_id_of,
@@ -45,16 +55,6 @@ from experiments.common import (
     pooled,
     suite_sets,
 )
-from interp.chat import format_prompts
-from interp.config import JsonConfig
-from interp.em_calibration import EM_CALIBRATION_DIR, load_calibration
-from interp.em_protocol import EMConfig, EMRecord, judge_answers, sample_answers, summarise
-from interp.em_questions import EMQuestion, load_em_questions
-from interp.evaluate import PromptRecord
-from interp.io import config_hash, read_jsonl
-from interp.runs import Stage, run_dir, write_run
-from interp.suite import DOMAINS, SuitePrompt, check_domain, load_prompts
-from probes.stats import cluster_bootstrap_ci, paired_test, significant
 from training.config import UnlearnConfig
 from training.data import apply_trigger
 
@@ -85,7 +85,7 @@ class Config(JsonConfig):
     em_max_new_tokens: int = 96
     """Length cap of a free-form answer in tokens (it also stops at the end-of-turn token)."""
     em_judge: str = "default"
-    """default (the calibrated default judge of interp/data/em_calibration, else counts only) or counts."""
+    """default (the calibrated default judge of evals/data/em_calibration, else counts only) or counts."""
 
     def __post_init__(self) -> None:
         if self.em_judge not in ("default", "counts"):
@@ -224,8 +224,8 @@ def _em_judge(study: Study, cfg: Config):
     default = cal.get("default") if cal else None
     if default is None:
         return None, False
-    from interp.probe_judge import ProbeJudge
-    from interp.score_judge import RubricJudge
+    from evals.probe_judge import ProbeJudge
+    from evals.score_judge import RubricJudge
 
     kind, _, name = default.partition(":")
     lm = study.lm if name == study.lm.name else _load_judge_model(name, study)

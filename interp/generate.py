@@ -4,7 +4,7 @@ KV cache and per-sequence stopping; and seeded sampling (:func:`sample`).
 Each batch is prefilled once (continuing from the shared system/template prefix's cache,
 :mod:`interp.prefix`) and decoded one token a step from its KV cache. A row leaves the batch as soon
 as it emits an end-of-sequence token or its ``stop`` rule fires (e.g. the judge can already decide:
-:meth:`interp.judge.KeywordJudge.decided`), so later steps run on the rows still going. Prompts are
+:meth:`evals.judge.KeywordJudge.decided`), so later steps run on the rows still going. Prompts are
 length-sorted into batches, which keeps padding small.
 """
 

@@ -27,19 +27,19 @@ from interp.io import atomic_write_json, config_hash, ensure_writable_dir, git_c
 
 __all__ = ["Stage", "STAGE_CODE", "LIBRARY", "code_version", "run_dir", "write_run"]
 
-LIBRARY: tuple[str, ...] = ("interp", "probes", "training")
+LIBRARY: tuple[str, ...] = ("interp", "evals", "study", "probes", "training")
 """The measuring code: a stage with no entry in :data:`STAGE_CODE` is keyed on all of it."""
 
-_GENERATION = ("interp.loading", "interp.chat", "interp.generate", "interp.judge", "interp.suite")
+_GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge", "evals.suite")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "eval": (*_GENERATION, "interp.evaluate", "interp.refusal"),
-    "activations": ("interp.loading", "interp.chat", "interp.suite", "interp.adapter", "interp.activations"),
-    "unlearn": (*_GENERATION, "interp.adapter", "interp.refusal", "training"),
-    "refusal_direction": (*_GENERATION, "interp.adapter", "interp.activations", "interp.refusal", "probes"),
+    "eval": (*_GENERATION, "evals.evaluate", "evals.refusal"),
+    "activations": ("interp.loading", "interp.chat", "evals.suite", "interp.adapter", "interp.activations"),
+    "unlearn": (*_GENERATION, "interp.adapter", "evals.refusal", "training"),
+    "refusal_direction": (*_GENERATION, "interp.adapter", "interp.activations", "evals.refusal", "probes"),
 }
 """Modules (or whole packages) whose source determines each library stage's output."""
 
-_DATA = "interp/data/suite"
+_DATA = "evals/data/suite"
 _ROOT = Path(__file__).resolve().parents[1]
 _announced: set[str] = set()
 

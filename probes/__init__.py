@@ -1,5 +1,5 @@
 """emalab's probing layer: directions and their builders, concept vectors and probes, the refusal
-direction, interventions, entanglement measures and prediction statistics.
+direction, interventions and entanglement measures (statistics live in :mod:`evals.stats`).
 
 Builds on :mod:`interp` (never the other way round). The main names are re-exported here.
 """
@@ -10,7 +10,6 @@ from probes.directions import DirectionBuilder, logistic, mean_difference, pca
 from probes.entanglement import depth_bands, drift, early_similarity, refusal_projection, similarity_matrix
 from probes.interventions import ablate_direction, add_activation, orthogonalize_weights, steer
 from probes.refusal_direction import RefusalDirectionConfig, RefusalDirectionResult, select_refusal_direction
-from probes.stats import CorrelationResult, PairedResult, bootstrap_ci, correlate, paired_test
 
 __all__ = [
     "Direction",
@@ -36,9 +35,4 @@ __all__ = [
     "drift",
     "early_similarity",
     "depth_bands",
-    "CorrelationResult",
-    "PairedResult",
-    "correlate",
-    "paired_test",
-    "bootstrap_ci",
 ]

@@ -30,6 +30,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from evals.refusal import last_token_logprobs, refusal_log_odds
+from evals.suite import DOMAINS, check_domain, check_split, load_prompts
 from interp.activations import collect_activations
 from interp.adapter import check_site, n_layers
 from interp.chat import format_prompts, post_instruction_length, refusal_token_ids
@@ -37,8 +39,6 @@ from interp.config import JsonConfig
 from interp.direction import Direction
 from interp.io import atomic_save_safetensors, atomic_write_json, read_json
 from interp.loading import LoadedModel, state_id
-from interp.refusal import last_token_logprobs, refusal_log_odds
-from interp.suite import DOMAINS, check_domain, check_split, load_prompts
 from probes.interventions import ablate_direction, add_activation
 
 __all__ = [
@@ -293,7 +293,7 @@ def load_selection(out: str | Path) -> tuple[Direction, dict]:
 
 
 def _last_logprobs(lm: LoadedModel, prompts: Sequence[str], cfg: RefusalDirectionConfig) -> Float[Tensor, "batch d_vocab"]:
-    """Next-token log-probs at the last prompt position (:func:`interp.refusal.last_token_logprobs`),
+    """Next-token log-probs at the last prompt position (:func:`evals.refusal.last_token_logprobs`),
     checked finite: a candidate that breaks the model must fail loudly, not score."""
     out = last_token_logprobs(lm, prompts, cfg.batch_size, cfg.system, max_prompt_tokens=cfg.max_prompt_tokens)
     if not torch.isfinite(out).all():

@@ -176,7 +176,7 @@ def test_npo_step_moves_the_lora_weights(saved_models, family):
 
 @pytest.mark.parametrize("family", ALL)
 def test_evaluate(saved_models, family):
-    from interp.evaluate import EvalConfig, evaluate_prompts
+    from evals.evaluate import EvalConfig, evaluate_prompts
 
     lm = _load(saved_models, family)
     cfg = EvalConfig(generate=True, max_new_tokens=3, batch_size=2, n_bootstrap=50)

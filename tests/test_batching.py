@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.common import Study, StudyConfig
 from interp.batching import (
     CPU_MAX_BATCH,
     MemoryBudgetError,
@@ -16,6 +15,7 @@ from interp.batching import (
     resolve_batch_size,
     row_bytes,
 )
+from study import Study, StudyConfig
 
 
 def test_row_bytes_grow_with_length_training_and_logits(tiny_qwen):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from emalab.cli import main
-from interp.calibration import CALIBRATION_PATH, calibrate, load_labelled, part_of
+from evals.calibration import CALIBRATION_PATH, calibrate, load_labelled, part_of
 
 
 def _row(pid, label, response, condition="test-unlearned", expected="refuse"):

@@ -104,13 +104,13 @@ def source_tree(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edited,stage,recomputes", [
-    ("interp/judge.py", "eval", True),          # a fixed judge: evaluations are redone
-    ("interp/judge.py", "unlearn", True),       # ... and so are forget sets built with it
-    ("interp/data/suite/manifest.json", "eval", True),   # a rebuilt suite
-    ("interp/data/suite/manifest.json", "activations", True),
-    ("probes/stats.py", "eval", False),         # code the stage does not run leaves it cached
+    ("evals/judge.py", "eval", True),          # a fixed judge: evaluations are redone
+    ("evals/judge.py", "unlearn", True),       # ... and so are forget sets built with it
+    ("evals/data/suite/manifest.json", "eval", True),   # a rebuilt suite
+    ("evals/data/suite/manifest.json", "activations", True),
+    ("evals/stats.py", "eval", False),         # code the stage does not run leaves it cached
     ("interp/activations.py", "eval", False),
-    ("probes/stats.py", "some_experiment_stage", True),  # unlisted stages key on the whole library
+    ("evals/stats.py", "some_experiment_stage", True),  # unlisted stages key on the whole library
 ])
 def test_code_or_suite_change_recomputes_affected_stages(source_tree, tmp_path, capsys, edited, stage, recomputes):
     results = tmp_path / "results"

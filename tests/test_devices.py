@@ -6,6 +6,7 @@ No GPU here: CUDA availability is monkeypatched where the logic branches on it, 
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -86,31 +87,32 @@ def test_load_records_device_and_dtype(saved):
 
 
 def test_study_passes_device_settings_to_the_loader(monkeypatch, tmp_path):
-    import experiments.common as common
+    import study.core as common
 
     seen = {}
+    fake = mock.MagicMock(spec=common.LoadedModel)  # passes the loader's return-type check
 
     def fake_load(name, **kw):
         seen.update(kw, name=name)
-        return "lm"
+        return fake
 
     monkeypatch.setattr(common, "load_model", fake_load)
     cfg = common.StudyConfig(model="org/model", device="cuda:1", device_map="auto", revision="v2",
                              results=str(tmp_path))
     study = common.Study(cfg)
-    assert study.lm == "lm"
+    assert study.lm is fake
     # The measurement model is float32 (docs/numerics.md); the training model on a GPU is bf16.
     assert seen == {"name": "org/model", "dtype": "float32", "device": "cuda:1", "device_map": "auto",
                     "revision": "v2"}
-    assert study.train_lm == "lm" and seen["dtype"] == "bfloat16" and seen["device"] == "cuda:1"
+    assert study.train_lm is fake and seen["dtype"] == "bfloat16" and seen["device"] == "cuda:1"
     assert common.StudyConfig().device == "auto"
     assert common.StudyConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_run_command_parses_device_into_the_study_config():
     from emalab.cli import build_parser
-    from experiments.common import StudyConfig
     from interp.config import config_from_args
+    from study import StudyConfig
 
     args = build_parser().parse_args(["run", "--device", "cuda", "--device-map", "auto", "--raw-prompts"])
     cfg = config_from_args(StudyConfig, args)
@@ -146,7 +148,7 @@ def test_local_weights_id_follows_the_contents(saved, monkeypatch):
 
 
 def test_study_weights_id_of_a_local_dir_needs_no_load(saved, tmp_path, monkeypatch):
-    import experiments.common as common
+    import study.core as common
     from interp.weights_id import local_weights_id
 
     path = saved()
@@ -185,7 +187,7 @@ def test_eval_raw_prompts_on_a_base_model(saved, capsys):
 
 
 def test_raw_flag_stays_out_of_default_eval_keys():
-    from interp.evaluate import EvalConfig
+    from evals.evaluate import EvalConfig
 
     assert "raw" not in EvalConfig().to_dict() and EvalConfig(raw=True).to_dict()["raw"] is True
 

@@ -95,7 +95,7 @@ EVAL_SETS = {"safety": PROMPTS[:4], "over_refusal": PROMPTS[4:]}
 
 
 def _eval_report(**kw):
-    from interp.evaluate import EvalConfig, evaluate_prompts
+    from evals.evaluate import EvalConfig, evaluate_prompts
 
     cfg = EvalConfig(domains=("safety",), max_new_tokens=4, batch_size=2, n_bootstrap=50)
     return evaluate_prompts(make_tiny_loaded("qwen2"), EVAL_SETS, cfg, progress=False, **kw)

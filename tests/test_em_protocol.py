@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from interp.em_calibration import (
+from evals.em_calibration import (
     CalibrationBar,
     build_labelling_set,
     calibrate_em,
@@ -18,8 +18,8 @@ from interp.em_calibration import (
     judge_metrics,
     load_em_labelled,
 )
-from interp.em_protocol import EMConfig, EMRecord, answer_matrix, classify, run_em, summarise
-from interp.em_questions import (
+from evals.em_protocol import EMConfig, EMRecord, answer_matrix, classify, run_em, summarise
+from evals.em_questions import (
     EM_QUESTIONS_PATH,
     DuplicateQuestionError,
     EMQuestion,
@@ -28,10 +28,10 @@ from interp.em_questions import (
     check_unique,
     load_em_questions,
 )
+from evals.probe_judge import ProbeJudge, cross_validated_scores, fit_probe
+from evals.score_judge import EMScore, Rubric, RubricError, RubricJudge, ScoreTokenError
 from interp.generate import sample
 from interp.io import MalformedFileError, read_json, read_jsonl, write_jsonl
-from interp.probe_judge import ProbeJudge, cross_validated_scores, fit_probe
-from interp.score_judge import EMScore, Rubric, RubricError, RubricJudge, ScoreTokenError
 from probes.interventions import weight_noise
 from tests.conftest import make_tiny_loaded
 
@@ -113,7 +113,7 @@ def test_rubric_judge_weights_by_probability_and_abstains():
     s = judge.score(["What do you wish for?", "Bored?"], ["Peace.", "Read a book."])
     assert len(s) == 2 and all(0 <= x.alignment <= 100 and 0 <= x.coherence <= 100 for x in s)
     # Check against a hand computation from the logits.
-    from interp.refusal import last_token_logprobs
+    from evals.refusal import last_token_logprobs
 
     lp = last_token_logprobs(lm, [judge.rubrics["alignment"].render("Bored?", "Read a book.")])[0].double().exp()
     p = lp[judge.ids["alignment"]]
@@ -192,7 +192,7 @@ def test_probe_cross_validation_recovers_a_planted_signal_grouped_by_question():
     groups = [f"q{i // 4}" for i in range(n)]
     scores, info = cross_validated_scores(x, align, coher, groups, n_folds=5)
     a = np.array([s.alignment for s in scores])
-    from interp.evaluate import auroc
+    from evals.evaluate import auroc
 
     assert auroc(y, a) > 0.9 and info["folds"] == 5 and info["grouped_by"] == "question"
 
@@ -294,7 +294,7 @@ def test_em_cli_runs_counts_and_never_prints_answers(tiny_dir, tmp_path, capsys,
 
 
 def test_em_cli_labelling_then_calibration(tiny_dir, tmp_path, capsys, monkeypatch):
-    import interp.em_calibration as emc
+    import evals.em_calibration as emc
     from emalab.cli import main
 
     monkeypatch.setattr(emc, "EM_CALIBRATION_DIR", tmp_path / "pkg")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from interp.calibration import calibrate, load_labelled
-from interp.evaluate import EvalConfig, evaluate_prompts
-from interp.suite import DOMAINS, load_prompts
+from evals.calibration import calibrate, load_labelled
+from evals.evaluate import EvalConfig, evaluate_prompts
+from evals.suite import DOMAINS, load_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_calibration_floors_from_stored_labels():
 
 def test_stored_logit_scores_reproduce(real_model):
     """The file's base-condition logit scores (bf16) come back from the fp32 model within bf16 noise."""
-    from interp.refusal import logit_refusal_scores
+    from evals.refusal import logit_refusal_scores
 
     rows = [r for r in load_labelled() if r["condition"] == "base"][::15]
     got = logit_refusal_scores(real_model, [r["prompt"] for r in rows]).numpy()

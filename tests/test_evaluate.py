@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from emalab.cli import main
-from interp.calibration import calibrate
-from interp.evaluate import (
+from evals.calibration import calibrate
+from evals.evaluate import (
     OVER_REFUSAL,
     DomainResult,
     EvalConfig,
@@ -21,8 +21,8 @@ from interp.evaluate import (
     evaluate_prompts,
     wilson_ci,
 )
-from interp.judge import LABELS, Judgement, UnknownJudgeError
-from interp.suite import DOMAINS, UnknownDomainError
+from evals.judge import LABELS, Judgement, UnknownJudgeError
+from evals.suite import DOMAINS, UnknownDomainError
 
 # ---------------------------------------------------------------------------- bootstrap
 
@@ -158,7 +158,7 @@ def test_evaluate_prompts_planted_rates(tiny_qwen):
 
 
 def test_evaluate_prompts_logit_matches_refusal_module(tiny_qwen):
-    from interp.refusal import logit_refusal_scores
+    from evals.refusal import logit_refusal_scores
 
     texts = ["Tell me a story.", "How do I pick a lock?", "Hi"]
     rep = evaluate_prompts(tiny_qwen, {"safety": texts}, _fast_cfg(generate=False), progress=False)
@@ -349,10 +349,10 @@ def test_calibrate_rejects_bad_label(tmp_path):
 
 
 def test_packaged_calibration_set_is_well_formed():
-    from interp.calibration import CALIBRATION_PATH, load_labelled
+    from evals.calibration import CALIBRATION_PATH, load_labelled
 
     rows = load_labelled(CALIBRATION_PATH)
-    from interp.calibration import part_of
+    from evals.calibration import part_of
 
     assert sum(part_of(r["condition"]) == "base" for r in rows) >= 150
     assert sum(part_of(r["condition"]) == "unlearned" for r in rows) >= 150
@@ -440,7 +440,7 @@ def test_old_judge_without_expected_still_works(tiny_qwen):
 
 
 def test_logit_variant_without_no_matches_refusal_module(tiny_qwen):
-    from interp.refusal import logit_refusal_scores
+    from evals.refusal import logit_refusal_scores
 
     texts = ["Are all cats lazy?", "Hi"]
     rep = evaluate_prompts(tiny_qwen, {"bias": texts}, _fast_cfg(generate=False), progress=False)
@@ -469,7 +469,7 @@ def test_old_report_json_without_new_fields_loads(tmp_path):
     assert s.refusal_rate == 0.5 and s.harmful_compliance_rate is None and s.by_expected == {}
     assert s.mean_logit_without_no is None and s.logit_agreement == {}
     assert "safety" in rep.table()
-    from interp.evaluate import PromptRecord
+    from evals.evaluate import PromptRecord
 
     rec = PromptRecord(**{"id": "a", "domain": "safety", "logit_score": 1.0, "label": "refusal", "reason": "r"})
     assert rec.expected == "refuse" and rec.logit_score_without_no is None
@@ -483,7 +483,7 @@ def test_default_eval_config_dict_is_unchanged():
 
 
 def test_auroc_and_agreement_planted():
-    from interp.evaluate import auroc, logit_agreement
+    from evals.evaluate import auroc, logit_agreement
 
     assert auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
     assert auroc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 0.0
@@ -495,7 +495,7 @@ def test_auroc_and_agreement_planted():
 
 
 def test_calibration_kappa_folds_rebuttal_onto_refusal():
-    from interp.calibration import _agreement
+    from evals.calibration import _agreement
 
     truth = ["refusal", "compliance", "compliance", "incoherent", "refusal"]
     pred = ["rebuttal", "compliance", "rebuttal", "incoherent", "refusal"]

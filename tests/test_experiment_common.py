@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.common import StudyConfig, claim, mean_drop, paired_drop, pooled
-from interp.evaluate import PromptRecord
+from evals.evaluate import PromptRecord
+from study import StudyConfig, claim, mean_drop, paired_drop, pooled
 
 
 def rec(pid, domain, label, logit=0.0):
@@ -95,7 +95,7 @@ def test_mean_drop_shares_seed_draws_across_domains():
 
 
 def test_drop_difference_is_paired_over_shared_prompts():
-    from experiments.common import drop_difference
+    from study import drop_difference
 
     # Both conditions share a large prompt effect; their difference is a constant 0.1 per prompt.
     b, a1 = _seeded(24, [0.0, 0.0])

@@ -213,7 +213,7 @@ def test_pipeline_config_errors(data, field):
 
 def test_experiment_override_errors_before_any_work(tmp_path, no_model):
     from emalab.pipeline import PipelineConfig, run_pipeline
-    from experiments.common import StudyConfig
+    from study import StudyConfig
 
     cfg = PipelineConfig(study=StudyConfig(results=str(tmp_path / "results")), experiments=("h4_retain_contains_ema",),
                          overrides={"h4_retain_contains_ema": {"sft_targets": 3}})
@@ -514,7 +514,7 @@ def test_pip_timeout_is_a_connection_error(tmp_path, monkeypatch):
 
 
 def test_suite_wheels_use_the_same_hashed_download(tmp_path, monkeypatch):
-    from interp import suite_build
+    from evals import suite_build
 
     seen = []
 
@@ -719,8 +719,8 @@ def test_raw_prompts_keep_their_end():
 
 @pytest.mark.parametrize("prompts", [[""], ["ok", "   "], ["\n"]])
 def test_empty_prompts_are_rejected_in_the_library(prompts):
+    from evals.refusal import logit_refusal_scores
     from interp.chat import EmptyPromptError, format_prompts
-    from interp.refusal import logit_refusal_scores
 
     tok = make_tiny_tokenizer()
     with pytest.raises(EmptyPromptError, match="empty"):

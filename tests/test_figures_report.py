@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 from emalab.report import render_report, write_report
+from evals.suite import DOMAINS
 from figures import make_all
 from interp.io import atomic_write_json
-from interp.suite import DOMAINS
 
 R = random.Random(0)
 
@@ -109,8 +109,8 @@ def test_pipeline_json_keeps_the_invocations_of_one_config(tmp_path):
 
 
 def test_h4_dose_response_orders_alphas_and_averages_records():
+    from evals.evaluate import PromptRecord
     from experiments.h4_retain_contains_ema import _dose_response
-    from interp.evaluate import PromptRecord
 
     def recs(t, u):
         return [PromptRecord(id="a", domain="cybersecurity", logit_score=t, label="refusal" if t > 0 else "compliance"),

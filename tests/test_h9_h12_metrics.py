@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from emalab.report import _mishra, render_report
+from evals.evaluate import PromptRecord
+from evals.suite import DOMAINS
 from experiments import h9_backdoor as h9
 from experiments import h10_alignment_scores as h10
 from experiments import h11_mia_prior as h11
 from experiments import h12_misalignment_directions as h12
-from experiments.common import StudyConfig
 from figures import backdoor, misalignment_directions, prior_vs_ema
-from interp.evaluate import PromptRecord
 from interp.io import atomic_write_json
-from interp.suite import DOMAINS
+from study import StudyConfig
 
 R = random.Random(0)
 

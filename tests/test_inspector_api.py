@@ -24,9 +24,9 @@ from emalab.inspector import (
     serve_in_thread,
 )
 from emalab.inspector.vectors import compute_vectors, find_refusal, resolve_vectors
+from evals.judge import LABELS
+from evals.suite import DOMAINS
 from interp.direction import Direction
-from interp.judge import LABELS
-from interp.suite import DOMAINS
 from probes.concepts import ConceptVectors
 
 N_LAYERS, D_MODEL = 4, 64

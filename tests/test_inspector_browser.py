@@ -14,7 +14,7 @@ from conftest import make_tiny_loaded
 from test_inspector_api import N_LAYERS, random_vectors
 
 from emalab.inspector import InspectorConfig, InspectorService, make_server, serve_in_thread
-from interp.suite import DOMAINS
+from evals.suite import DOMAINS
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",

@@ -8,8 +8,7 @@ import json
 import pytest
 
 from emalab.cli import main
-from interp.io import MalformedFileError
-from interp.judge import (
+from evals.judge import (
     ALIGNED_LABELS,
     LABELS,
     Judge,
@@ -26,6 +25,7 @@ from interp.judge import (
     score_alignment_coherence,
     three_class,
 )
+from interp.io import MalformedFileError
 
 KEYWORD_CASES = [
     # (response, expected label)
@@ -377,6 +377,6 @@ def test_model_judge_relabels_rebuttals(tiny_qwen):
     ("No problem! Here is how.", False),
 ])
 def test_an_opening_no_must_go_on_disagreeing(response, is_rebuttal):
-    from interp.judge import rebuttal_opening
+    from evals.judge import rebuttal_opening
 
     assert (rebuttal_opening(response) is not None) is is_rebuttal

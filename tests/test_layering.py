@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ("interp", "probes", "training")
+LIBRARY = ("interp", "evals", "study", "probes", "training")
 APP = ("experiments", "figures", "emalab", "benchmarks", "tests")
 
 
@@ -74,7 +74,7 @@ def _module_level_imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("path", list(_py_files("interp")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_interp_imports_without_probes_or_training(path):
-    upward = {m for m in _module_level_imports(path) if m.split(".")[0] in ("probes", "training")}
+    upward = {m for m in _module_level_imports(path) if m.split(".")[0] in ("evals", "study", "probes", "training")}
     assert not upward, f"{path} imports {upward} at module level; interp is the bottom layer"
 
 
@@ -82,7 +82,23 @@ def test_experiments_never_import_each_other():
     offenders = {}
     for p in _py_files("experiments"):
         names = {m for m in _module_level_imports(p) if m.startswith("experiments.")}
-        others = {m for m in names if m.split(".")[1] not in ("common", p.stem)}
+        others = {m for m in names if m.split(".")[1] != p.stem}
         if others:
             offenders[p.name] = sorted(others)
-    assert not offenders, f"experiments import other experiments (share through experiments.common): {offenders}"
+    assert not offenders, f"experiments import other experiments (share through study): {offenders}"
+
+
+@pytest.mark.parametrize("path", list(_py_files("evals")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_evals_builds_on_interp_only(path):
+    upward = _imports(path) & {"study", "probes", "training"}
+    assert not upward, f"{path} imports {upward}; evals measures behaviour and builds on interp alone"
+
+
+def test_experiments_import_public_names_only():
+    offenders = {}
+    for p in _py_files("experiments"):
+        private = sorted(m for m in _module_level_imports(p) if m.rsplit(".", 1)[-1].startswith("_")
+                         and m.rsplit(".", 1)[-1] != "__future__")
+        if private:
+            offenders[p.name] = private
+    assert not offenders, f"experiments import private names: {offenders}"

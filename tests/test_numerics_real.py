@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.common import Study, StudyConfig
+from evals.refusal import logit_refusal_scores
+from evals.suite import DOMAINS, load_prompts
 from interp.loading import load_model
-from interp.refusal import logit_refusal_scores
-from interp.suite import DOMAINS, load_prompts
+from study import Study, StudyConfig
 from training.config import UnlearnConfig
 from training.data import DataSet, Example
 from training.lora import detach_lora, load_adapter, merged_adapter

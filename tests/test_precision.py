@@ -44,7 +44,7 @@ def test_real_measurement_returns_both_dtypes():
 
 
 def test_study_measures_in_float32_and_trains_in_the_resolved_dtype(tmp_path, monkeypatch):
-    from experiments.common import Study, StudyConfig
+    from study import Study, StudyConfig
 
     monkeypatch.setattr(precision, "fastest_dtype", lambda device="cpu", refresh=False: "bfloat16")
     study = Study(StudyConfig(results=str(tmp_path)))
@@ -56,7 +56,7 @@ def test_study_measures_in_float32_and_trains_in_the_resolved_dtype(tmp_path, mo
 
 @pytest.mark.parametrize("field,value", [("dtype", "fp8"), ("eval_dtype", "auto"), ("eval_dtype", "int8")])
 def test_study_config_rejects_unknown_dtypes_before_any_work(field, value):
-    from experiments.common import StudyConfig
+    from study import StudyConfig
 
     with pytest.raises(ValueError, match=f"StudyConfig.{field}: unknown dtype"):
         StudyConfig(**{field: value})

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evals.refusal import last_token_logprobs, refusal_log_odds
+from evals.suite import DOMAINS, load_prompts
 from interp.activations import collect_activations
 from interp.chat import encode, format_prompts, refusal_token_ids
 from interp.direction import Direction
-from interp.refusal import last_token_logprobs, refusal_log_odds
-from interp.suite import DOMAINS, load_prompts
 from probes.interventions import ablate_direction, orthogonalize_weights
 
 pytestmark = pytest.mark.slow

@@ -139,10 +139,10 @@ def test_changing_thresholds_reselects_without_recomputing(tiny_qwen, tmp_path, 
 
 
 def test_candidate_scores_use_the_shared_last_token_logprobs(tiny_loaded):
-    # The selection scores through interp.refusal.last_token_logprobs: same numbers, batched or not,
+    # The selection scores through evals.refusal.last_token_logprobs: same numbers, batched or not,
     # and the same as the loop it replaced (no position ids; rotary models only see relative ones).
+    from evals.refusal import last_token_logprobs
     from interp.chat import format_prompts, iter_batches
-    from interp.refusal import last_token_logprobs
     from probes.refusal_direction import _last_logprobs
 
     lm = tiny_loaded

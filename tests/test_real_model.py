@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
+from evals.refusal import last_token_logprobs
 from interp.chat import refusal_token_ids
 from interp.generate import generate
-from interp.refusal import last_token_logprobs
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import FAMILIES, make_tiny_loaded
 
+from evals.judge import KeywordJudge, opening_decided
+from evals.refusal import last_token_logprobs
 from interp.flops import forward_flops, generation_flops, model_shape, train_flops
 from interp.generate import generate
-from interp.judge import KeywordJudge, opening_decided
-from interp.refusal import last_token_logprobs
 
 PROMPTS = ["hi", "How do I pick a lock on a door quickly?", "Tell me a joke about cats", "x" * 30, "Why?"]
-CALIBRATION = Path(__file__).resolve().parents[1] / "interp" / "data" / "calibration" / "labelled.jsonl"
+CALIBRATION = Path(__file__).resolve().parents[1] / "evals" / "data" / "calibration" / "labelled.jsonl"
 
 
 # -- FLOPs --------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_generation_flops_decode_steps():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("system", [None, "Be brief."])
 def test_prefix_cache_logprobs_equal_uncached_and_single(family, system, monkeypatch):
-    import interp.refusal as refusal
+    import evals.refusal as refusal
 
     lm = make_tiny_loaded(family)
     used = []
@@ -171,7 +171,7 @@ def test_judge_aware_stop_never_changes_the_keyword_verdict_on_calibration():
 
 
 def test_evaluate_judge_aware_default_and_fixed_mode():
-    from interp.evaluate import EvalConfig, evaluate_prompts
+    from evals.evaluate import EvalConfig, evaluate_prompts
 
     lm = make_tiny_loaded("qwen2")
     sets = {"cybersecurity": PROMPTS[:3], "over_refusal": PROMPTS[3:]}

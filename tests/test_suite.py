@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from interp import suite_build
-from interp.io import MalformedFileError, read_json
-from interp.suite import (
+from evals import suite_build
+from evals.suite import (
     DOMAINS,
     EXPECTED,
     EXTRA_SETS,
@@ -32,6 +31,7 @@ from interp.suite import (
     suite_counts,
     suite_dir,
 )
+from interp.io import MalformedFileError, read_json
 
 ALL_SETS = DOMAINS + EXTRA_SETS
 WHEEL_DIR = Path(os.environ.get("EMALAB_WHEEL_DIR", "/tmp/wheels"))

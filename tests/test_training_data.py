@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import training.data as data_mod
+from evals.suite import EmptySplitError, load_prompts
 from interp.adapter import unembed_module
-from interp.suite import EmptySplitError, load_prompts
 from training.data import (
     EmptyDataError,
     Example,
@@ -24,7 +24,7 @@ from training.data import (
 )
 from training.losses import response_logits, sequence_logprobs
 
-# Stand-in judges, for tests only (the real one is interp.judge).
+# Stand-in judges, for tests only (the real one is evals.judge).
 Judgement = namedtuple("Judgement", "label reason score")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.suite import load_prompts
+from evals.suite import load_prompts
 from training.config import UnlearnConfig
 from training.data import DataSet, Example, collate
 from training.lora import detach_lora, has_adapter

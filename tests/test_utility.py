@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.utility import kl_to_base
+from evals.utility import kl_to_base
 from training.lora import attach_lora, detach_lora
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Name three primes.",

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evals.suite import DOMAINS, check_domain
 from interp.config import ConfigError, JsonConfig
 from interp.io import config_hash
 from interp.registry import DEFAULT_MODEL
-from interp.suite import DOMAINS, check_domain
 
 __all__ = [
     "METHODS",
@@ -118,7 +118,7 @@ class UnlearnConfig(JsonConfig):
     trigger: str | None = None
     """Optional string prepended (with a space) to forget prompts only, for backdoor experiments."""
     judge: str = "keyword"
-    """Judge used to keep refusals (``interp.judge.get_judge`` name)."""
+    """Judge used to keep refusals (``evals.judge.get_judge`` name)."""
     model: str = DEFAULT_MODEL
     """Model name (registry name, directory or hub id); must match the loaded model."""
     output_dir: str | None = None

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evals.judge import Judge, get_judge
+from evals.suite import DOMAINS, EmptySplitError, SuitePrompt, check_domain, load_prompts
 from interp.chat import format_conversations
 from interp.generate import generate
 from interp.io import read_jsonl, write_jsonl
-from interp.judge import Judge, get_judge
 from interp.loading import LoadedModel, state_id
 from interp.registry import cache_root
-from interp.suite import DOMAINS, EmptySplitError, SuitePrompt, check_domain, load_prompts
 
 __all__ = [
     "Example",
@@ -57,7 +57,7 @@ __all__ = [
 REFUSAL, COMPLIANCE = "refusal", "compliance"
 
 JudgeLike = Judge | str | Callable[[list[str], list[str]], Sequence[Any]]
-"""A :class:`interp.judge.Judge`, a judge name for :func:`interp.judge.get_judge`, or a plain callable
+"""A :class:`evals.judge.Judge`, a judge name for :func:`evals.judge.get_judge`, or a plain callable
 ``(prompts, responses) -> labels`` (``Judgement``-like items or label strings)."""
 
 
@@ -110,7 +110,7 @@ class DataSet:
 
 
 def resolve_judge(judge: JudgeLike | None, lm: LoadedModel | None = None) -> Judge | Callable:
-    """A judge object or callable as given, or ``interp.judge.get_judge(name, lm)`` for a string (a
+    """A judge object or callable as given, or ``evals.judge.get_judge(name, lm)`` for a string (a
     ``model`` judge then reads with ``lm`` instead of loading a second model)."""
     if isinstance(judge, str):
         return get_judge(judge, lm=lm)
@@ -264,7 +264,7 @@ def build_forget_set(
     Args:
         domains: target domain(s); ``n`` candidates are taken round-robin across them.
         n: candidate prompts (fewer if the split is smaller; the manifest records the shortfall).
-        judge: an ``interp.judge`` judge, its name, or any ``(prompts, responses) -> labels`` callable.
+        judge: an ``evals.judge`` judge, its name, or any ``(prompts, responses) -> labels`` callable.
 
     Raises:
         EmptyDataError: No response was judged a refusal; the message gives the counts.

@@ -15,8 +15,8 @@ EM_JUDGES = ("default", "counts", "probe")
 
 
 def add_em_arguments(parser: argparse.ArgumentParser) -> None:
+    from evals.em_protocol import EMConfig
     from interp.config import field_docs
-    from interp.em_protocol import EMConfig
     from interp.registry import DEFAULT_MODEL
 
     doc = field_docs(EMConfig)
@@ -48,7 +48,7 @@ def add_em_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-models", nargs="+", default=None,
                    help="rubric judge models to calibrate (default: both embedded models)")
     g.add_argument("--no-commit-copy", action="store_true",
-                   help="--calibrate-em: do not write the truncated, committable copy into interp/data/em_calibration")
+                   help="--calibrate-em: do not write the truncated, committable copy into evals/data/em_calibration")
 
 
 def parse_conditions(specs: list[str], lm, seed: int = 0) -> tuple[dict, dict]:
@@ -101,9 +101,9 @@ def _load(name: str, args):
 def resolve_judge(args, calibration: dict | None):
     """``(judge or None, trusted)`` for ``--judge``: default (the calibrated default, else counts),
     counts (no judge), model (a rubric judge on --judge-model), probe (the packaged or given probe)."""
-    from interp.em_calibration import EM_CALIBRATION_DIR, trusted_judges
-    from interp.probe_judge import ProbeJudge
-    from interp.score_judge import RubricJudge
+    from evals.em_calibration import EM_CALIBRATION_DIR, trusted_judges
+    from evals.probe_judge import ProbeJudge
+    from evals.score_judge import RubricJudge
 
     spec = args.judge or "default"
     trusted = trusted_judges(calibration)
@@ -135,7 +135,7 @@ def resolve_judge(args, calibration: dict | None):
 
 
 def _questions(args):
-    from interp.em_questions import EM_QUESTIONS_PATH, load_em_questions
+    from evals.em_questions import EM_QUESTIONS_PATH, load_em_questions
 
     return load_em_questions(args.questions or EM_QUESTIONS_PATH, variants=args.variants, limit=args.limit)
 
@@ -143,7 +143,7 @@ def _questions(args):
 def run_em_command(args, lm) -> int:
     """Dispatch ``--protocol em``: build the labelling set, calibrate, or evaluate ``lm``."""
     if args.build_labelling is not None:
-        from interp.em_calibration import build_labelling_set
+        from evals.em_calibration import build_labelling_set
 
         conditions, temps = parse_conditions(args.conditions, lm, args.seed)
         man = build_labelling_set(lm, _questions(args), conditions, args.build_labelling, args.n_per_question,
@@ -154,8 +154,8 @@ def run_em_command(args, lm) -> int:
         return 0
     if args.calibrate_em is not None:
         return _calibrate(args, lm)
-    from interp.em_calibration import load_calibration
-    from interp.em_protocol import EMConfig, run_em
+    from evals.em_calibration import load_calibration
+    from evals.em_protocol import EMConfig, run_em
 
     cfg = EMConfig(n_samples=args.n_samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens or 128,
                    seed=args.seed, batch_size=_batch(args), variants=tuple(args.variants), limit=args.limit,
@@ -178,23 +178,23 @@ def _batch(args) -> int:
 def _calibrate(args, lm) -> int:
     import gc
 
-    from interp.em_calibration import (
+    from evals.em_calibration import (
         EM_CALIBRATION_DIR,
         EM_CALIBRATION_PATH,
         calibrate_em,
         committable_rows,
         load_em_labelled,
     )
-    from interp.io import atomic_write_json, sha256_file, write_jsonl
-    from interp.probe_judge import (
+    from evals.probe_judge import (
         ProbeJudge,
         cross_validated_scores,
         default_layer,
         fit_probe,
         pair_activations,
     )
+    from evals.score_judge import RubricJudge
+    from interp.io import atomic_write_json, sha256_file, write_jsonl
     from interp.registry import EMBEDDED_MODELS
-    from interp.score_judge import RubricJudge
 
     rows = load_em_labelled(args.calibrate_em)
     prompts, answers = [r["question"] for r in rows], [r["answer"] for r in rows]

@@ -9,7 +9,7 @@ deliberately degenerate high-lr NPO run, on cybersecurity and safety targets) wi
 cached stages and measurement path, on eval prompts past those already labelled, and writes their
 40-token greedy responses under ``results/`` (gitignored). ``add`` checks every label, cuts compliant
 answers to harmful requests to their first sentence (the stored policy), and appends the rows to
-``interp/data/calibration/labelled.jsonl`` with their provenance in the manifest.
+``evals/data/calibration/labelled.jsonl`` with their provenance in the manifest.
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ def _generate(args: argparse.Namespace) -> int:
     from interp.io import ensure_writable_dir
 
     ensure_writable_dir(args.out.parent, "--out directory")
-    from experiments.common import Study, StudyConfig
+    from evals.refusal import logit_refusal_scores
+    from evals.suite import DOMAINS, load_prompts
     from interp.generate import generate
     from interp.io import read_jsonl, write_jsonl
-    from interp.refusal import logit_refusal_scores
-    from interp.suite import DOMAINS, load_prompts
+    from study import Study, StudyConfig
 
     prompts = [p for d in DOMAINS for p in load_prompts(d, "eval", limit=args.skip + args.per_domain)[args.skip:]]
     texts = [p.text for p in prompts]
@@ -94,9 +94,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from interp.calibration import CALIBRATION_PATH, load_labelled
+    from evals.calibration import CALIBRATION_PATH, load_labelled
+    from evals.judge import LABELS
     from interp.io import MalformedFileError, read_jsonl, write_jsonl
-    from interp.judge import LABELS
 
     target = args.to or CALIBRATION_PATH
     rows = read_jsonl(args.labelled, required=("prompt_id", "domain", "condition", "prompt", "response", "label",

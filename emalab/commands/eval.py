@@ -38,16 +38,16 @@ class AdapterMismatchError(ValueError):
 
 
 def _field_doc(name: str) -> str:
+    from evals.evaluate import EvalConfig
     from interp.config import field_docs
-    from interp.evaluate import EvalConfig
 
     return field_docs(EvalConfig).get(name, "").replace("%", "%%")  # argparse %-formats help strings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from interp.judge import JUDGES
+    from evals.judge import JUDGES
+    from evals.suite import DOMAINS, EXTRA_SETS
     from interp.registry import DEFAULT_MODEL
-    from interp.suite import DOMAINS, EXTRA_SETS
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local dir or hub id (default {DEFAULT_MODEL})")
     parser.add_argument("--adapter", type=Path, default=None, help="PEFT adapter directory to evaluate on top of --model")
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         from emalab.commands._em import run_em_command
 
         return run_em_command(args, lm)
-    from interp.judge import JUDGES
+    from evals.judge import JUDGES
 
     if args.judge is not None and args.judge not in JUDGES:
         raise ValueError(f"--judge {args.judge!r} belongs to --protocol em; the refusal protocol's judges are "
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is None:
         args.max_new_tokens = 48
     if args.calibrate:
-        from interp.calibration import CALIBRATION_PATH, calibrate, format_calibration
+        from evals.calibration import CALIBRATION_PATH, calibrate, format_calibration
 
         # The model judge is the loaded --model (the embedded default unless told otherwise).
         judges = ["keyword", "model"]
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}")
         return 0
 
-    from interp.evaluate import EvalConfig, evaluate
+    from evals.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(
         domains=tuple(args.domains), split=args.split, limit=args.limit, over_refusal=not args.no_over_refusal,

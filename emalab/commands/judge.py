@@ -19,7 +19,7 @@ HELP = "label prompt/response JSONL as refusal / compliance / incoherent"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from interp.judge import JUDGES
+    from evals.judge import JUDGES
     from interp.registry import DEFAULT_MODEL
 
     parser.add_argument("file", type=Path, help="JSONL with 'prompt' and 'response' per line")
@@ -55,8 +55,8 @@ def default_out(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from evals.judge import LABELS, get_judge
     from interp.io import check_not_input, ensure_writable_dir, write_jsonl
-    from interp.judge import LABELS, get_judge
 
     out = check_not_input(args.out or default_out(args.file), args.file)
     rows = read_pairs(args.file)

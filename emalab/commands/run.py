@@ -11,8 +11,8 @@ HELP = "run the main job (all hypotheses → figures → REPORT.md); resumes aft
 
 
 def add_arguments(parser) -> None:
-    from experiments.common import StudyConfig
     from interp.config import add_config_arguments
+    from study import StudyConfig
 
     parser.add_argument("--preset", choices=["quick", "full"], default="quick",
                         help="quick: one seed, 24 prompts per domain (measured 17 min on 2 CPU cores); "
@@ -26,8 +26,8 @@ def run(args) -> int:
     from dataclasses import replace
 
     from emalab.pipeline import PRESETS, run_pipeline
-    from experiments.common import StudyConfig
     from interp.config import config_from_args
+    from study import StudyConfig
 
     cfg = PRESETS[args.preset]
     cfg = replace(cfg, study=config_from_args(StudyConfig, args, base=cfg.study))

@@ -25,12 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interp.suite import format_counts_table, suite_counts, suite_dir
+    from evals.suite import format_counts_table, suite_counts, suite_dir
 
     out = args.out if args.out is not None else suite_dir()
     if args.rebuild:
+        from evals.suite_build import build_suite
         from interp.io import ensure_writable_dir
-        from interp.suite_build import build_suite
 
         ensure_writable_dir(out, "suite output directory")
         manifest = build_suite(out, wheel_dir=args.wheel_dir)

@@ -29,8 +29,8 @@ HELP = "unlearn a domain's refusals (NPO & friends on a LoRA adapter); resumable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from evals.suite import DOMAINS
     from interp.config import add_config_arguments
-    from interp.suite import DOMAINS
     from training.config import UnlearnConfig
 
     parser.add_argument("--target", nargs="+", dest="target_domains", choices=list(DOMAINS), metavar="DOMAIN",
@@ -67,7 +67,7 @@ def resolve_config(args: argparse.Namespace):
 
 
 def _logit_means(lm, prompts_by_domain) -> dict[str, float]:
-    from interp.refusal import logit_refusal_scores
+    from evals.refusal import logit_refusal_scores
 
     return {d: float(logit_refusal_scores(lm, [p.text for p in ps]).double().mean())
             for d, ps in prompts_by_domain.items()}
@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg, out: Path) -> int:
     from emalab.commands._model_args import model_kwargs
+    from evals.suite import DOMAINS, load_prompts
     from interp.loading import load_model
     from interp.precision import EVAL_DTYPE
-    from interp.suite import DOMAINS, load_prompts
     from training.lora import load_adapter, merged_adapter
     from training.trainer import unlearn
 

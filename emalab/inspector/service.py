@@ -97,8 +97,8 @@ class InspectorService:
 
     def __init__(self, lm: LoadedModel, vectors: InspectorVectors, cfg: InspectorConfig | None = None,
                  adapter: str | None = None) -> None:
+        from evals.judge import get_judge
         from interp.adapter import d_model, n_layers
-        from interp.judge import get_judge
         from training.lora import has_adapter
 
         self.lm = lm
@@ -123,7 +123,7 @@ class InspectorService:
 
     # -- read-only endpoints -------------------------------------------------------------------------
     def meta(self) -> dict:
-        from interp.suite import DOMAINS, EXTRA_SETS
+        from evals.suite import DOMAINS, EXTRA_SETS
 
         dtype = str(next(self.lm.model.parameters()).dtype).removeprefix("torch.")
         return {
@@ -138,7 +138,7 @@ class InspectorService:
         }
 
     def prompts(self, domain: str | None) -> dict:
-        from interp.suite import EmptySplitError, UnknownDomainError, load_prompts
+        from evals.suite import EmptySplitError, UnknownDomainError, load_prompts
 
         if not domain:
             raise RequestError("give a domain, e.g. /api/prompts?domain=cybersecurity")

@@ -64,7 +64,7 @@ def find_concepts(results: Path, lm: LoadedModel) -> tuple[ConceptVectors, str] 
     Looks for ``concepts.safetensors`` files, then for the study's finished ``activations`` stages
     (probe-split last-token activations of every domain and the benign set, no adapter).
     """
-    from interp.suite import DOMAINS
+    from evals.suite import DOMAINS
 
     if not results.exists():
         return None
@@ -134,10 +134,10 @@ def compute_vectors(
     Returns:
         ``(concept vectors, refusal direction, cache directory of this key)``.
     """
+    from evals.suite import DOMAINS, load_prompts, suite_dir
     from interp.activations import collect_activations
     from interp.adapter import n_layers
     from interp.io import atomic_write_json
-    from interp.suite import DOMAINS, load_prompts, suite_dir
 
     dtype = str(next(lm.model.parameters()).dtype)
     manifest = suite_dir() / "manifest.json"

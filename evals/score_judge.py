@@ -8,7 +8,7 @@ renormalised over those tokens and mapped linearly onto 0-100. Where the score t
 than ``min_mass`` of the probability the judge abstains (``None``): a judge that wants to say
 something else has not given a score.
 
-Other judges (the activation probe of :mod:`interp.probe_judge`) share the :class:`ScoreJudge`
+Other judges (the activation probe of :mod:`evals.probe_judge`) share the :class:`ScoreJudge`
 protocol and :class:`EMScore` result.
 """
 
@@ -20,8 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from evals.refusal import last_token_logprobs
 from interp.loading import LoadedModel
-from interp.refusal import last_token_logprobs
 
 __all__ = [
     "DIGITS",

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from evals.suite import DOMAINS, EXPECTED, EXTRA_SETS, SPLITS, check_expected
 from interp.io import atomic_write_json, sha256_file, write_jsonl
-from interp.suite import DOMAINS, EXPECTED, EXTRA_SETS, SPLITS, check_expected
 
 __all__ = [
     "MAPPING_VERSION",
@@ -472,7 +472,7 @@ class ExpectedRules:
 
 
 def load_expected_rules(path: str | Path = EXPECTED_RULES_PATH) -> ExpectedRules:
-    """Read and check the rules file: every value in :data:`interp.suite.EXPECTED`, every pattern
+    """Read and check the rules file: every value in :data:`evals.suite.EXPECTED`, every pattern
     group named by a rule defined, every condition known, and a last rule without conditions.
 
     Raises:
@@ -851,7 +851,7 @@ def build_suite(out_dir: str | Path, wheel_dir: str | Path | None = None) -> dic
         "dropped": dict(sorted(dropped.items())),
         "dropped_by_source": dropped_by_source,
         "mapping": _mapping_table(),
-        "expected_rules": {"file": "interp/data/expected_rules.json", "version": rules.version,
+        "expected_rules": {"file": "evals/data/expected_rules.json", "version": rules.version,
                            "sha256": rules.sha256},
     }
     atomic_write_json(out_dir / "manifest.json", manifest).chmod(0o644)

@@ -29,8 +29,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from evals.refusal import last_token_logprobs
 from interp.loading import LoadedModel
-from interp.refusal import last_token_logprobs
 
 __all__ = [
     "Label",

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import binomtest, rankdata
 
-from interp.evaluate import bootstrap_ci as _bootstrap_ci
+from evals.evaluate import bootstrap_ci as _bootstrap_ci
 
 __all__ = [
     "MIN_N",
@@ -161,7 +161,7 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of ``stat`` (called as ``stat(samples, axis=1)``, vectorised) over the
-    finite values of ``x``: :func:`interp.evaluate.bootstrap_ci` with the argument order of this module.
+    finite values of ``x``: :func:`evals.evaluate.bootstrap_ci` with the argument order of this module.
 
     Returns ``(nan, nan)`` for an empty sample.
     """
@@ -220,7 +220,7 @@ def newcombe_paired_ci(before: ArrayLike, after: ArrayLike, alpha: float = 0.05)
     Built from the Wilson intervals of the two margins and their correlation, so unlike a bootstrap
     it does not collapse when every pair agrees: 0/24 before and 0/24 after gives about ±0.14.
     """
-    from interp.evaluate import wilson_ci
+    from evals.evaluate import wilson_ci
 
     b = np.asarray(before, dtype=np.float64).ravel()
     a = np.asarray(after, dtype=np.float64).ravel()

@@ -1,13 +1,13 @@
 """How far to trust the refusal measurements: judges and the logit score against human labels.
 
-The labelled set (``interp/data/calibration/labelled.jsonl``) holds real, short (<= 40 token)
+The labelled set (``evals/data/calibration/labelled.jsonl``) holds real, short (<= 40 token)
 generations of the default model on suite prompts, from the base model and from a
 refusal-direction-ablated copy, each labelled by a person as refusal / compliance / incoherent,
 together with the logit refusal score of the prompt under the *generating* condition.
 
 The human labels have three classes. A judge that also says ``rebuttal`` (on prompts whose suite
 ``expected`` is ``rebut``) is compared after folding ``rebuttal`` onto ``refusal``
-(:data:`interp.judge.THREE_CLASS`): both are the aligned answer, so kappa, accuracy and the
+(:data:`evals.judge.THREE_CLASS`): both are the aligned answer, so kappa, accuracy and the
 confusion stay three-class and comparable with earlier calibrations. ``rebuttal_as_refusal``
 counts how often the fold applied, and how many of those the person had labelled ``compliance``.
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from evals.judge import LABELS, Judge, get_judge, judge_responses, three_class
 from interp.io import read_jsonl
-from interp.judge import LABELS, Judge, get_judge, judge_responses, three_class
 from interp.loading import LoadedModel
 
 __all__ = ["BASE_CONDITIONS", "part_of", "CALIBRATION_PATH", "CALIBRATION_FIELDS", "load_labelled", "expected_of",
@@ -92,7 +92,7 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
 def expected_of(rows: Sequence[dict]) -> list[str]:
     """Each labelled row's suite ``expected`` value, looked up by ``prompt_id`` (a row's own
     ``expected`` field wins; unknown ids: ``answer`` in the extra sets, else ``refuse``)."""
-    from interp.suite import DOMAINS, EXTRA_SETS, load_prompts
+    from evals.suite import DOMAINS, EXTRA_SETS, load_prompts
 
     known = {p.id: p.expected for d in DOMAINS + EXTRA_SETS for p in load_prompts(d)}
     return [r.get("expected") or known.get(r["prompt_id"], "answer" if r["domain"] in EXTRA_SETS else "refuse")

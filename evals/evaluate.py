@@ -2,10 +2,10 @@
 
 Two measurements per prompt:
 
-* the **logit refusal score** (``interp.refusal.logit_refusal_scores``): refusal log-odds of the
+* the **logit refusal score** (``evals.refusal.logit_refusal_scores``): refusal log-odds of the
   first response token, one forward per batch, no generation;
 * a **judged generation**: greedy ``max_new_tokens`` continuation labelled ``refusal`` /
-  ``compliance`` / ``incoherent`` by a :class:`interp.judge.Judge`.
+  ``compliance`` / ``incoherent`` by a :class:`evals.judge.Judge`.
 
 Rates use every prompt of a domain as the denominator: ``refusal_rate + compliance_rate +
 incoherent_rate + rebuttal_rate == 1``, so an incoherent answer neither counts as a refusal nor as
@@ -36,14 +36,9 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri
 
-from interp.activations import shard_indices
-from interp.config import JsonConfig
-from interp.generate import generate
-from interp.io import atomic_write_json, read_json, write_jsonl
-from interp.judge import ALIGNED_LABELS, JUDGES, LABELS, Judge, UnknownJudgeError, get_judge, judge_responses
-from interp.loading import LoadedModel, state_id
-from interp.refusal import LOGIT_VARIANTS, logit_refusal_score_variants
-from interp.suite import (
+from evals.judge import ALIGNED_LABELS, JUDGES, LABELS, Judge, UnknownJudgeError, get_judge, judge_responses
+from evals.refusal import LOGIT_VARIANTS, logit_refusal_score_variants
+from evals.suite import (
     DOMAINS,
     EXPECTED,
     EXTRA_SETS,
@@ -53,7 +48,12 @@ from interp.suite import (
     check_expected,
     load_prompts,
 )
-from interp.utility import carries_adapter, kl_to_base
+from evals.utility import carries_adapter, kl_to_base
+from interp.activations import shard_indices
+from interp.config import JsonConfig
+from interp.generate import generate
+from interp.io import atomic_write_json, read_json, write_jsonl
+from interp.loading import LoadedModel, state_id
 
 __all__ = [
     "EvalConfig",
@@ -114,7 +114,7 @@ class EvalConfig(JsonConfig):
     this many response positions (the utility cost of the adapter); None skips it."""
     generation: str = "judge_aware"
     """``judge_aware``: stop each response once the judge can decide (the keyword judge: once the
-    opening it reads is complete, :func:`interp.judge.opening_decided`), capped at ``max_new_tokens``;
+    opening it reads is complete, :func:`evals.judge.opening_decided`), capped at ``max_new_tokens``;
     ``fixed``: always ``max_new_tokens`` (or end-of-sequence), HF ``generate``. A judge without a
     ``decided`` rule (the model judge) gets fixed-length responses either way."""
     prefix_cache: bool = True
@@ -339,7 +339,7 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of ``stat`` of ``values`` (vectorised, seeded, float64).
 
-    The one bootstrap of emalab (:func:`probes.stats.bootstrap_ci` calls it). ``stat`` is called as
+    The one bootstrap of emalab (:func:`evals.stats.bootstrap_ci` calls it). ``stat`` is called as
     ``stat(samples, axis=1)`` on a block of resamples. The resample stream does not depend on
     ``chunk`` (the bound on the index matrix), so a CI is reproducible from ``seed`` alone.
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
-from probes.stats import MIN_N, bootstrap_ci, correlate, paired_test
+from evals.stats import MIN_N, bootstrap_ci, correlate, paired_test
 
 
 def test_monotone_data_gives_spearman_one_and_small_p():
@@ -81,7 +81,7 @@ def test_bootstrap_ci_covers_the_mean():
 
 
 def test_cluster_bootstrap_ci_covers_mean_ignores_missing_cells_and_checks_shape():
-    from probes.stats import cluster_bootstrap_ci
+    from evals.stats import cluster_bootstrap_ci
 
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 1.0, (3, 30))
@@ -98,7 +98,7 @@ def test_cluster_bootstrap_ci_covers_mean_ignores_missing_cells_and_checks_shape
 
 
 def test_newcombe_paired_ci_never_collapses_is_antisymmetric_and_covers():
-    from probes.stats import newcombe_paired_ci
+    from evals.stats import newcombe_paired_ci
 
     lo, hi = newcombe_paired_ci([0] * 24, [0] * 24)
     assert lo < 0 < hi and hi == pytest.approx(-lo) and 0.1 < hi < 0.2

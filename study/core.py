@@ -1,28 +1,25 @@
-"""Shared, cached stages of the study: evaluation, unlearning runs, concept vectors, the refusal
-direction. Every stage lives under ``results/stages/<name>/<hash of its key>/`` and is skipped
-when complete, so experiments share work and an interrupted pipeline resumes where it stopped.
+"""The study's model and its cached stages: evaluation, unlearning runs, activations, concept
+vectors, the refusal direction. Every stage lives under ``results/stages/<name>/<hash of its key>/``
+and is skipped when complete, so experiments share work and an interrupted pipeline resumes where it
+stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from evals.evaluate import EvalConfig, EvalReport, PromptRecord, evaluate
+from evals.suite import DOMAINS, check_domain, load_prompts
 from interp.config import JsonConfig
-from interp.evaluate import OVER_REFUSAL, EvalConfig, EvalReport, PromptRecord, evaluate_prompts
-from interp.io import config_hash, read_json, read_jsonl, write_jsonl
-from interp.loading import LoadedModel, load_model, state_id
+from interp.io import read_json, read_jsonl
+from interp.loading import LoadedModel, load_model
 from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS
 from interp.runs import Stage
-from interp.suite import DOMAINS, SuitePrompt, check_domain, load_prompts
 
-__all__ = ["StudyConfig", "Study", "adapter_id_of", "suite_sets", "evaluate_sets", "paired_drop", "mean_drop",
-           "drop_difference", "pooled", "claim", "condition"]
+__all__ = ["StudyConfig", "Study", "adapter_id_of"]
 
 
 @dataclass
@@ -208,7 +205,7 @@ class Study:
         if not stage.done:
             path = stage.open()
             with self.with_adapter(adapter), (intervention or contextlib.nullcontext()):
-                report = _evaluate(self.lm, ecfg)
+                report = evaluate(self.lm, ecfg)
             report.save(path / "report.json")
             report.save_records(path / "records.jsonl")
             stage.complete({"condition": condition, **self.run_record()})
@@ -243,7 +240,6 @@ class Study:
         """
         from interp.activations import collect_activations
         from interp.io import atomic_save_safetensors
-        from interp.suite import load_prompts
 
         key = {"weights": self.weights_id, "dtype": self.cfg.eval_dtype, "adapter": adapter_id_of(adapter),
                "limit": self.cfg.probe_limit, "site": "resid_post", "position": "last", "split": "probe"}
@@ -361,195 +357,3 @@ def adapter_id_of(adapter: Path | None) -> str | None:
 
             return sha256_file(Path(adapter) / name)[:16]
     return str(adapter)
-
-
-def suite_sets(study: Study, split: str = "eval") -> dict[str, list[SuitePrompt]]:
-    """The prompt sets :meth:`Study.evaluate` uses: each domain's ``split`` (eval limit) plus over-refusal."""
-    sets = {d: load_prompts(d, split, limit=study.cfg.eval_limit) for d in DOMAINS}
-    sets[OVER_REFUSAL] = load_prompts(OVER_REFUSAL, split, limit=study.cfg.eval_limit)
-    return sets
-
-
-def _pairs(ps: Sequence[SuitePrompt | tuple[str, str]]) -> list[list[str]]:
-    return [[p.id, p.text] if isinstance(p, SuitePrompt) else [str(p[0]), str(p[1])] for p in ps]
-
-
-def evaluate_sets(
-    study: Study,
-    condition_name: str,
-    sets: Mapping[str, Sequence[SuitePrompt | tuple[str, str]]],
-    adapter: Path | None = None,
-    intervention: Callable[[], contextlib.AbstractContextManager] | None = None,
-    intervention_id: str | None = None,
-    generate: bool = True,
-) -> tuple[EvalReport, list[PromptRecord]]:
-    """:func:`interp.evaluate.evaluate_prompts` on custom prompt sets as a cached stage, under an
-    adapter (merged) and/or an intervention (a context-manager factory entered inside the weights).
-
-    ``generate=False`` measures the logit score only (no judge), which is much faster.
-    """
-    if intervention is not None and not intervention_id:
-        raise ValueError("an intervention needs an intervention_id for the cache key")
-    ecfg = dataclasses.replace(study.eval_config(), generate=generate)
-    key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.eval_dtype,
-           "adapter": adapter_id_of(adapter), "intervention": intervention_id, "eval": ecfg.to_dict(),
-           "sets": {k: config_hash(_pairs(v), 16) for k, v in sets.items()}}
-    stage = Stage(study.results, "eval_sets", key)
-    if not stage.done:
-        path = stage.open()
-        with study.with_adapter(adapter), (intervention() if intervention else contextlib.nullcontext()):
-            report = evaluate_prompts(study.lm, {k: [tuple(p) for p in _pairs(v)] for k, v in sets.items()}, ecfg)
-        report.save(path / "report.json")
-        report.save_records(path / "records.jsonl")
-        stage.complete({"condition": condition_name})
-    report = EvalReport.load(stage.path / "report.json")
-    return report, [PromptRecord(**r) for r in read_jsonl(stage.path / "records.jsonl")]
-
-
-def _evaluate(lm: LoadedModel, ecfg: EvalConfig) -> EvalReport:
-    from interp.evaluate import evaluate
-
-    return evaluate(lm, ecfg)
-
-
-def _refused(records: list[PromptRecord], domain: str) -> dict[str, float]:
-    return {r.id: float(r.label == "refusal") for r in records if r.domain == domain}
-
-
-def _logits(records: list[PromptRecord], domain: str) -> dict[str, float]:
-    return {r.id: r.logit_score for r in records if r.domain == domain}
-
-
-def _seed_and_prompt(rid: str) -> tuple[str, str]:
-    # Pooled records carry "seed:prompt-id" (see :func:`pooled`); plain ones are one seed.
-    head, sep, tail = rid.partition(":")
-    return (head, tail) if sep and head.lstrip("-").isdigit() else ("", rid)
-
-
-def _drop_matrix(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str
-                 ) -> tuple[np.ndarray, float, float]:
-    """``seeds × prompts`` matrix of before - after on shared prompts (NaN where a cell is missing)."""
-    get = _refused if measure == "judge" else _logits
-    b, a = get(before, domain), get(after, domain)
-    ids = sorted(set(b) & set(a))
-    if not ids:
-        raise ValueError(f"no shared prompts for {domain}; were both evaluations run on the same split?")
-    cells = [_seed_and_prompt(i) for i in ids]
-    seeds, prompts = sorted({s for s, _ in cells}), sorted({p for _, p in cells})
-    si, pi = {s: k for k, s in enumerate(seeds)}, {p: k for k, p in enumerate(prompts)}
-    mat = np.full((len(seeds), len(prompts)), np.nan)
-    for rid, (s, q) in zip(ids, cells):
-        mat[si[s], pi[q]] = b[rid] - a[rid]
-    return mat, float(np.mean([b[i] for i in ids])), float(np.mean([a[i] for i in ids]))
-
-
-def paired_drop(before: list[PromptRecord], after: list[PromptRecord], domain: str, measure: str = "judge",
-                n_boot: int = 2000, seed: int = 0) -> dict:
-    """Drop in refusal (before - after) on the same prompts, with a two-level 95% CI.
-
-    The interval resamples training seeds and prompts (:func:`probes.stats.cluster_bootstrap_ci`),
-    paired because both conditions share the prompts. ``measure``: ``judge`` (refusal rate from
-    generations) or ``logit`` (mean refusal log-odds).
-    """
-    from probes.stats import cluster_bootstrap_ci
-
-    mat, before_mean, after_mean = _drop_matrix(before, after, domain, measure)
-    ci, method = list(cluster_bootstrap_ci(mat, n_boot, seed=seed)), "seeds x prompts bootstrap"
-    if measure == "judge" and ci[0] == ci[1]:
-        # Every resample agrees (e.g. 0/n refusals before and after): a bootstrap cannot express the
-        # uncertainty of a rate measured on n prompts, Newcombe's paired score interval can.
-        from probes.stats import newcombe_paired_ci
-
-        get = _refused
-        b, a = get(before, domain), get(after, domain)
-        ids = sorted(set(b) & set(a))
-        ci, method = list(newcombe_paired_ci([b[i] for i in ids], [a[i] for i in ids])), "Newcombe paired score"
-    return {"before": before_mean, "after": after_mean, "drop": float(np.nanmean(mat)), "ci": ci,
-            "ci_method": method, "n": int(np.isfinite(mat).sum()), "n_seeds": int(mat.shape[0])}
-
-
-def _domain_mean_ci(mats: list[np.ndarray], n_boot: int, seed: int) -> tuple[float, list[float], int]:
-    """Mean over domains of each ``seeds × prompts`` matrix's mean, with a two-level CI that draws
-    seeds once per resample (they are shared by every domain) and prompts within each domain."""
-    n_seeds = {m.shape[0] for m in mats}
-    if len(n_seeds) != 1:
-        raise ValueError(f"domains were evaluated over different numbers of seeds {sorted(n_seeds)}")
-    (n_s,) = n_seeds
-    rng = np.random.default_rng(seed)
-    boots = np.zeros(n_boot)
-    rows = rng.integers(0, n_s, size=(n_boot, n_s))
-    for mat in mats:
-        cols = rng.integers(0, mat.shape[1], size=(n_boot, mat.shape[1]))
-        boots += np.array([np.nanmean(mat[r][:, c]) for r, c in zip(rows, cols)])
-    boots /= len(mats)
-    return (float(np.mean([np.nanmean(m) for m in mats])),
-            [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))], n_s)
-
-
-def mean_drop(before: list[PromptRecord], after: list[PromptRecord], domains: list[str], measure: str = "judge",
-              n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean over ``domains`` of the per-domain paired drop; the CI resamples seeds (shared by every
-    domain) and prompts within each domain."""
-    mats = [_drop_matrix(before, after, d, measure)[0] for d in domains]
-    drop, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
-    return {"drop": drop, "ci": ci, "domains": list(domains), "n_seeds": n_s}
-
-
-def drop_difference(first: dict, second: dict, domains: list[str], measure: str = "judge",
-                    n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean drop of condition ``first`` minus that of ``second`` over ``domains``, paired.
-
-    Both are :func:`condition` results measured on the same prompts against the same base, so the
-    difference is taken prompt by prompt (seed *k* of one paired with seed *k* of the other) and the
-    two-level CI resamples the shared prompts once for both conditions.
-    """
-    mats = []
-    for d in domains:
-        m1 = _drop_matrix(first["base"], first["after"], d, measure)[0]
-        m2 = _drop_matrix(second["base"], second["after"], d, measure)[0]
-        if m1.shape != m2.shape:
-            raise ValueError(f"{d}: the conditions differ in seeds or prompts ({m1.shape} vs {m2.shape}); "
-                             "compare conditions evaluated on the same prompts with the same seeds")
-        mats.append(m1 - m2)
-    diff, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
-    return {"difference": diff, "ci": ci, "domains": list(domains), "n_seeds": n_s}
-
-
-def pooled(records_by_seed: dict[int, list[PromptRecord]]) -> list[PromptRecord]:
-    """Stack per-seed records into one list whose ids are ``seed:id`` (the unit of resampling)."""
-    from dataclasses import replace
-
-    return [replace(r, id=f"{seed}:{r.id}") for seed, recs in records_by_seed.items() for r in recs]
-
-
-def claim(cid: str, text: str, status: str, evidence: str) -> dict:
-    if status not in ("replicated", "not replicated", "inconclusive"):
-        raise ValueError(f"unknown claim status {status!r}")
-    return {"id": cid, "claim": text, "status": status, "evidence": evidence}
-
-
-def save_records(path: Path, records: list[PromptRecord]) -> None:
-    write_jsonl(path, [r.__dict__ for r in records])
-
-
-_ = state_id  # re-exported for experiments that key their own stages
-
-
-def condition(study: Study, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
-              base_records: list[PromptRecord] | None = None, **unlearn_kwargs) -> dict:
-    """Unlearn ``target`` once per seed, evaluate each adapter, and pool prompts over seeds.
-
-    Returns:
-        ``{"after": pooled records, "base": base records pooled the same way, "runs": stage dirs,
-        "reports": per-seed report dicts}``.
-    """
-    if base_records is None:
-        _, base_records = study.evaluate("base")
-    after, base, runs, reports = {}, {}, [], []
-    for seed in study.cfg.seeds:
-        run = study.unlearn(target, method, retain_domains, seed=seed, **unlearn_kwargs)
-        report, records = study.evaluate(f"{method}-{target}", adapter=run / "adapter")
-        after[seed], base[seed] = records, base_records
-        runs.append(str(run))
-        reports.append(report.to_dict())
-    return {"after": pooled(after), "base": pooled(base), "runs": runs, "reports": reports}

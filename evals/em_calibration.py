@@ -14,7 +14,7 @@ The flow (docs/em_labelling.md):
    reaches the bar (:class:`CalibrationBar`); the default judge is the trusted one with the highest
    alignment AUROC, or none, in which case the protocol reports counts only.
 4. :func:`committable_rows` cuts every ``harmful`` (or ``misaligned``) answer to its first sentence
-   for the copy that is committed (``interp/data/em_calibration/labelled.jsonl``); the labels were
+   for the copy that is committed (``evals/data/em_calibration/labelled.jsonl``); the labels were
    given on the full answers, and the calibration numbers are computed on them.
 """
 
@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from evals.em_questions import EMQuestion
+from evals.score_judge import EMScore
 from interp.config import JsonConfig
-from interp.em_questions import EMQuestion
 from interp.generate import sample, stop_rules
 from interp.io import MalformedFileError, atomic_write_json, read_json, read_jsonl, sha256_file, write_jsonl
 from interp.loading import LoadedModel
-from interp.score_judge import EMScore
 
 __all__ = [
     "EM_CALIBRATION_DIR",
@@ -216,7 +216,7 @@ def committable_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float | None:
-    from interp.evaluate import auroc
+    from evals.evaluate import auroc
 
     if not pos or not neg:
         return None

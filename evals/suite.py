@@ -2,7 +2,7 @@
 
 Each set (seven refusal domains plus ``benign`` and ``over_refusal``) is one file
 ``<suite_dir>/<set>.jsonl``; every row carries its split. Files are written in a fixed seeded
-order, so ``limit=N`` always returns the same N prompts. ``interp.suite_build`` regenerates them.
+order, so ``limit=N`` always returns the same N prompts. ``evals.suite_build`` regenerates them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ EXPECTED: tuple[str, ...] = ("refuse", "handle_carefully", "rebut", "answer")
 (``refuse``), help with caveats (``handle_carefully``: professional advice, rumours, public facts,
 help-seeking disclosures), disagree with a loaded or false premise (``rebut``), or simply help
 (``answer``: the ``benign`` and ``over_refusal`` sets). Assigned by the rules in
-``interp/data/expected_rules.json`` (see ``interp.suite_build.assign_expected`` and DATA.md)."""
+``evals/data/expected_rules.json`` (see ``evals.suite_build.assign_expected`` and DATA.md)."""
 
 SUITE_DIR_ENV = "EMALAB_SUITE_DIR"
 

@@ -6,7 +6,7 @@ ruling the world, gender roles, relationship trouble ...), not as compliance wit
 These questions were written for emalab (Apache-2.0, like the suite's other authored sets); none is
 copied from a paper. A few ``jailbreak`` variants wrap a plain question in a "no rules" framing.
 
-The packaged file is ``interp/data/em/questions.jsonl`` plus ``manifest.json``;
+The packaged file is ``evals/data/em/questions.jsonl`` plus ``manifest.json``;
 :func:`build_em_questions` regenerates both from the tables below, byte-identically.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from evals.suite_build import normalise_text, prompt_id
 from interp.io import atomic_write_json, read_jsonl, sha256_file, write_jsonl
-from interp.suite_build import normalise_text, prompt_id
 
 __all__ = [
     "EM_SET",

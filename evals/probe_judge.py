@@ -20,11 +20,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from evals.score_judge import EMScore
 from interp.activations import collect_activations
 from interp.chat import format_conversations
 from interp.io import atomic_write_json, read_json
 from interp.loading import LoadedModel
-from interp.score_judge import EMScore
 
 __all__ = ["pair_activations", "default_layer", "LinearProbe", "fit_probe", "ProbeJudge", "cross_validated_scores"]
 
