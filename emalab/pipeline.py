@@ -21,17 +21,19 @@ from training.trainer import peak_rss_gb
 
 __all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json"]
 
-QUICK = ("h1_narrow_unlearning", "h2_ema_spreads", "h3_safety_spreads_further", "h5_geometry_predicts_ema",
-         "h4_retain_contains_ema", "h7_mechanism")
-FULL = (*QUICK, "h6_prediction_guided_retain", "h8_transfer_matrix")
+QUICK = ("h1_narrow_unlearning", "h2_ema_spreads", "h13_selectivity_frontier", "h5_geometry_predicts_ema",
+         "h7_mechanism")
+FULL = (*QUICK, "h3_safety_spreads_further", "h4_retain_contains_ema", "h6_prediction_guided_retain",
+        "h8_transfer_matrix")
 
 
 @dataclass
 class PipelineConfig(JsonConfig):
     """What the main job runs."""
 
-    study: StudyConfig = field(default_factory=StudyConfig)
-    """Model, evaluation and training settings shared by all experiments."""
+    study: StudyConfig = field(default_factory=lambda: StudyConfig(seeds=(0, 1, 2), judged_seeds=1))
+    """Model, evaluation and training settings shared by all experiments (quick: three training seeds
+    for every trajectory and logit score, the first of them judged)."""
     experiments: tuple[str, ...] = QUICK
     """Experiment modules to run, in order."""
     figures: bool = True
@@ -77,9 +79,10 @@ PRESETS: dict[str, PipelineConfig] = {
     "quick": PipelineConfig(),
     "full": PipelineConfig(
         study=StudyConfig(eval_limit=None, probe_limit=None, seeds=(0, 1, 2), max_new_tokens=48,
-                          direction_layer_step=1, direction_positions=None),
+                          direction_layer_step=1, direction_positions=None, trajectory_every=2),
         experiments=FULL,
-        overrides={"h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]}},
+        overrides={"h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]},
+                   "h13_selectivity_frontier": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]}},
     ),
 }
 

@@ -63,6 +63,6 @@ def main(cfg: Config) -> dict:
                 + ("; both runs saturate (refusal ≤5%), so the comparison is uninformative" if saturated else ""))
     metrics = {"common_domains": common, "judge": drops, "logit": logit, "difference": diff, "ci": ci,
                "after_refusal_common": after_rates, "saturated": saturated,
-               "claim": claim("C3", f"Unlearning {cfg.first} spreads further than {cfg.second}", status, evidence)}
+               "claim": claim("C3 (fixed budget)", f"Unlearning {cfg.first} spreads further than {cfg.second}", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics

@@ -106,6 +106,6 @@ def main(cfg: Config) -> dict:
         + (f"; meets both bars: {', '.join(m['passing_conditions'])}" if m["passing_conditions"] else "")
         for t, m in targets.items())
     metrics = {"targets": targets, "verdicts": verdicts, "claim": claim(
-        "C4", "Retain-CE restores untouched-domain refusal while the target stays compliant", status, evidence)}
+        "C4 (fixed budget)", "Retain-CE restores untouched-domain refusal while the target stays compliant", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics

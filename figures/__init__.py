@@ -12,7 +12,7 @@ __all__ = ["FIGURES", "make_all", "latest_metrics"]
 
 FIGURES = ("refusal_heatmap", "ema_drops", "similarity_layers", "ema_vs_similarity", "transfer_matrix",
            "training_curves", "refusal_projection", "backdoor", "prior_vs_ema", "misalignment_directions",
-           "em_rates", "em_scatter")
+           "em_rates", "em_scatter", "frontier")
 
 
 def latest_metrics(results: Path, experiment: str) -> dict | None:

@@ -32,7 +32,11 @@ LIBRARY: tuple[str, ...] = ("interp", "evals", "study", "probes", "training")
 
 _GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge", "evals.suite")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "eval": (*_GENERATION, "evals.evaluate", "evals.refusal"),
+    "eval": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),
+    "eval_sets": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),
+    # The logit score alone (trajectories): no generation, no judge, so a judge fix keeps these.
+    "eval_sets_logit": ("interp.loading", "interp.chat", "interp.prefix", "interp.adapter", "evals.suite",
+                        "evals.evaluate", "evals.refusal", "evals.utility", "training.lora"),
     "activations": ("interp.loading", "interp.chat", "evals.suite", "interp.adapter", "interp.activations"),
     "unlearn": (*_GENERATION, "interp.adapter", "evals.refusal", "training"),
     "refusal_direction": (*_GENERATION, "interp.adapter", "interp.activations", "evals.refusal", "probes"),

@@ -14,7 +14,7 @@ from interp.io import config_hash, read_jsonl, write_jsonl
 from interp.runs import Stage
 from study.core import Study, adapter_id_of
 
-__all__ = ["suite_sets", "evaluate_sets", "pooled", "condition", "save_records"]
+__all__ = ["suite_sets", "evaluate_sets", "pooled", "condition", "operating_step", "save_records"]
 
 
 def suite_sets(study: Study, split: str = "eval") -> dict[str, list[SuitePrompt]]:
@@ -25,7 +25,8 @@ def suite_sets(study: Study, split: str = "eval") -> dict[str, list[SuitePrompt]
 
 
 def _pairs(ps: Sequence[SuitePrompt | tuple[str, str]]) -> list[list[str]]:
-    return [[p.id, p.text] if isinstance(p, SuitePrompt) else [str(p[0]), str(p[1])] for p in ps]
+    # Suite prompts keep their ``expected`` value (what an aligned answer is); pairs count as "refuse".
+    return [[p.id, p.text, p.expected] if isinstance(p, SuitePrompt) else [str(x) for x in p] for p in ps]
 
 
 def evaluate_sets(
@@ -48,7 +49,9 @@ def evaluate_sets(
     key = {"model": study.cfg.model, "weights": study.weights_id, "dtype": study.cfg.eval_dtype,
            "adapter": adapter_id_of(adapter), "intervention": intervention_id, "eval": ecfg.to_dict(),
            "sets": {k: config_hash(_pairs(v), 16) for k, v in sets.items()}}
-    stage = Stage(study.results, "eval_sets", key)
+    from interp.runs import STAGE_CODE
+
+    stage = Stage(study.results, "eval_sets", key, code=STAGE_CODE["eval_sets" if generate else "eval_sets_logit"])
     if not stage.done:
         path = stage.open()
         with study.with_adapter(adapter), (intervention() if intervention else contextlib.nullcontext()):
@@ -73,19 +76,52 @@ def save_records(path: Path, records: list[PromptRecord]) -> None:
 
 def condition(study: Study, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
               base_records: list[PromptRecord] | None = None, **unlearn_kwargs) -> dict:
-    """Unlearn ``target`` once per seed, evaluate each adapter, and pool prompts over seeds.
+    """Unlearn ``target`` once per seed, judge each adapter at the operating point, pool prompts over seeds.
+
+    Each run trains ``trajectory_steps`` steps with snapshots (unless ``steps`` is passed, or the
+    study has no trajectories), and the judged evaluation reads one snapshot, the run's operating
+    point: chosen on the dev split (:func:`operating_step`, with ``cfg.operating_level``) or else
+    ``cfg.steps``. A condition and its trajectory share one training run. Only the first
+    ``judged_seeds`` seeds are judged; every seed's run is in ``runs``.
 
     Returns:
-        ``{"after": pooled records, "base": base records pooled the same way, "runs": stage dirs,
-        "reports": per-seed report dicts}``.
+        ``{"after": pooled records, "base": base records pooled the same way, "runs": stage dirs of
+        every seed, "judged_runs": those judged, "reports": per-seed report dicts}``.
     """
+    from training.trainer import snapshot_dir
+
     if base_records is None:
         _, base_records = study.evaluate("base")
-    after, base, runs, reports = {}, {}, [], []
-    for seed in study.cfg.seeds:
+    cfg = study.cfg
+    trajectory = bool(cfg.trajectory_steps) and "steps" not in unlearn_kwargs
+    if trajectory:
+        unlearn_kwargs = {**unlearn_kwargs, "steps": cfg.trajectory_steps, "snapshot_every": study.snapshot_every}
+    after, base, runs, judged, reports, steps_used = {}, {}, [], [], [], []
+    for k, seed in enumerate(cfg.seeds):
         run = study.unlearn(target, method, retain_domains, seed=seed, **unlearn_kwargs)
-        report, records = study.evaluate(f"{method}-{target}", adapter=run / "adapter")
-        after[seed], base[seed] = records, base_records
         runs.append(str(run))
+        if cfg.judged_seeds is not None and k >= cfg.judged_seeds:
+            continue
+        step = (operating_step(study, run, target) if cfg.operating_level is not None else cfg.steps) \
+            if trajectory else None
+        adapter = snapshot_dir(run, step) if trajectory else run / "adapter"
+        report, records = study.evaluate(f"{method}-{target}", adapter=adapter)
+        after[seed], base[seed] = records, base_records
+        judged.append(str(run))
+        steps_used.append(step)
         reports.append(report.to_dict())
-    return {"after": pooled(after), "base": pooled(base), "runs": runs, "reports": reports}
+    return {"after": pooled(after), "base": pooled(base), "runs": runs, "judged_runs": judged, "reports": reports,
+            "operating_steps": steps_used}
+
+
+def operating_step(study: Study, run: Path, target: str) -> int:
+    """The run's operating point, chosen on the dev split: the first scored snapshot whose mean
+    refusal probability on the target's probe prompts is at or below ``cfg.operating_level`` (the
+    last step if none is). The eval prompts, which decide the claims, play no part in the choice."""
+    from study.trajectory import trajectory
+
+    sets = {target: load_prompts(target, "probe", limit=study.cfg.probe_limit)}
+    t = trajectory(study, run, sets, f"dev-{target}", every=study.cfg.trajectory_every)
+    curve = t.mean(target)
+    below = [s for s, v in zip(t.steps, curve) if s > 0 and v <= study.cfg.operating_level]
+    return below[0] if below else t.steps[-1]

@@ -47,7 +47,21 @@ class StudyConfig(JsonConfig):
     seeds: tuple[int, ...] = (0,)
     """Training seeds; metrics average over them."""
     steps: int = 10
-    """Unlearning steps per run."""
+    """The fixed operating point: conditions are judged at this step (the adapter snapshot of the
+    trajectory run, identical to a run of this many steps under the constant learning rate)."""
+    trajectory_steps: int = 16
+    """Steps of every unlearning run of a condition; the trajectory (:mod:`study.trajectory`) scores
+    its snapshots, and the selectivity frontier reads them at matched target refusal. 0: plain runs of
+    ``steps`` steps without snapshots."""
+    trajectory_every: int = 4
+    """Score every n-th step's snapshot along a trajectory (the logit score on every eval prompt)."""
+    operating_level: float | None = 0.10
+    """Choose each run's operating point on the dev split: the first scored snapshot at which the
+    target's mean refusal probability on its *probe* prompts (never the eval prompts that decide the
+    claims) is at or below this level; the last step if it never gets there. None: ``steps``."""
+    judged_seeds: int | None = None
+    """Judge generations for the first n seeds of a condition only (None: every seed). The logit
+    score and the trajectories cover every seed; judged generation is the study's costliest step."""
     lr: float = 3e-5
     """Unlearning learning rate (LoRA). Measured on the 0.5B default (NPO on cybersecurity, 16 eval
     prompts/domain): 2e-4 drives every domain's refusal log-odds below -4 within 10 steps; 3e-5 × 20
@@ -93,6 +107,15 @@ class StudyConfig(JsonConfig):
             raise ValueError("seeds must name at least one training seed")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 1 and lr > 0")
+        if self.trajectory_steps and self.trajectory_steps < self.steps:
+            raise ValueError(f"trajectory_steps ({self.trajectory_steps}) must be 0 or at least steps ({self.steps}): "
+                             "the operating point is a snapshot of the trajectory run")
+        if self.operating_level is not None and not 0 < self.operating_level < 1:
+            raise ValueError(f"operating_level must be in (0, 1) or None, got {self.operating_level}")
+        if self.trajectory_every < 1:
+            raise ValueError("trajectory_every must be >= 1")
+        if self.judged_seeds is not None and self.judged_seeds < 1:
+            raise ValueError("judged_seeds must be >= 1 (or None for every seed)")
         from interp.batching import check_batch_size
         from interp.precision import DTYPE_CHOICES
 
@@ -152,6 +175,13 @@ class Study:
             else:
                 self._train_lm = self._load(self.train_dtype)
         return self._train_lm
+
+    @property
+    def snapshot_every(self) -> int:
+        """Snapshot interval of trajectory runs: every scored step and the operating point are snapshots."""
+        import math
+
+        return math.gcd(self.cfg.trajectory_every, self.cfg.steps) if self.cfg.trajectory_steps else 0
 
     @property
     def weights_id(self) -> str:
@@ -305,7 +335,7 @@ class Study:
     def unlearn(self, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
                 seed: int = 0, trigger: str | None = None, ablation=None, ablation_id: str | None = None,
                 steps: int | None = None, n_retain_per_domain: int | None = None,
-                alpha: float | None = None) -> Path:
+                alpha: float | None = None, snapshot_every: int = 0, lr: float | None = None) -> Path:
         """Train (or reuse) an unlearning adapter; returns the stage directory (adapter under ``adapter/``).
 
         Args:
@@ -324,8 +354,9 @@ class Study:
             alpha=self.cfg.alpha if alpha is None else alpha,
             retain_mode="ce" if retain_domains else "none", retain_domains=tuple(retain_domains) or None,
             n_forget=self.cfg.n_forget, n_retain_per_domain=n_retain_per_domain or self.cfg.n_retain_per_domain,
-            steps=steps or self.cfg.steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+            steps=steps or self.cfg.steps, batch_size=self.cfg.batch_size, lr=lr or self.cfg.lr,
             dtype=self.train_dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
+            snapshot_every=snapshot_every,
         )
         key = {"weights": self.weights_id, "unlearn": ucfg.to_dict(), "ablation": ablation_id}
         stage = Stage(self.results, "unlearn", key)

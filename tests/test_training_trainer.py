@@ -229,3 +229,32 @@ def test_gradient_checkpointing_is_opt_in_and_changes_nothing_but_memory(tmp_pat
     assert [r["loss"] for r in ckpt.history] == pytest.approx([r["loss"] for r in plain.history], abs=1e-6)
     base = base_model(lm.model)
     assert not base.is_gradient_checkpointing and base.config.use_cache  # handed back as it came
+
+
+def test_snapshots_match_a_shorter_run_of_the_same_seed(tiny_qwen, tmp_path):
+    # A trajectory run's snapshot at step k is what a k-step run of the same config ends with, so the
+    # study judges its operating point on the trajectory run instead of training twice.
+    from safetensors.torch import load_file
+
+    from training.lora import detach_lora
+    from training.trainer import snapshots
+
+    long = unlearn(tiny_qwen, tiny_cfg(steps=6, snapshot_every=2), tmp_path / "long", progress=False, data=tiny_data())
+    detach_lora(tiny_qwen)
+    short = unlearn(tiny_qwen, tiny_cfg(steps=4), tmp_path / "short", progress=False, data=tiny_data())
+    snaps = snapshots(long.run_dir)
+    assert list(snaps) == [2, 4, 6]
+    a = load_file(str(snaps[4] / "adapter_model.safetensors"))
+    b = load_file(str(short.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    last = load_file(str(snaps[6] / "adapter_model.safetensors"))
+    final = load_file(str(long.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(last[k], final[k]) for k in last)
+    assert not all(torch.allclose(a[k], last[k]) for k in a)  # the snapshots differ along training
+
+
+def test_snapshots_keep_the_last_step_when_it_is_off_the_grid(tiny_qwen, tmp_path):
+    from training.trainer import snapshots
+
+    res = unlearn(tiny_qwen, tiny_cfg(steps=5, snapshot_every=2), tmp_path / "run", progress=False, data=tiny_data())
+    assert list(snapshots(res.run_dir)) == [2, 4, 5]

@@ -111,6 +111,10 @@ class UnlearnConfig(JsonConfig):
     """Seeds LoRA initialisation, data order and dropout."""
     checkpoint_every: int = 10
     """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    snapshot_every: int = 0
+    """Also keep the adapter every this many steps (and at the last step) under
+    ``snapshots/step-N/``, in PEFT format, for training trajectories (0: none). Unlike checkpoints,
+    snapshots are never pruned."""
     max_new_tokens: int = 48
     """Length of the model's own greedy responses generated for the forget/retain sets."""
     max_prompt_tokens: int = 256
@@ -199,7 +203,8 @@ class UnlearnConfig(JsonConfig):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 bad(name, f"must be an integer >= 1, got {v!r}")
-        for name in ("n_retain_per_domain", "include_benign", "warmup_steps", "checkpoint_every", "seed"):
+        for name in ("n_retain_per_domain", "include_benign", "warmup_steps", "checkpoint_every", "snapshot_every",
+                     "seed"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
                 bad(name, f"must be an integer >= 0, got {v!r}")

@@ -9,6 +9,7 @@ computed once for the whole forget set and cached in the run directory. A run di
     ref_logprobs.safetensors
     metrics.jsonl          one row per step: loss, its components, diagnostics
     checkpoints/step-N/    latest resumable checkpoints (atomic)
+    snapshots/step-N/      the adapter every ``snapshot_every`` steps and at the end (trajectories)
     adapter/               the finished adapter, standard PEFT format + emalab_adapter.json
     result.json            summary (steps, adapter id, seconds per step, peak RSS)
 
@@ -95,6 +96,8 @@ __all__ = [
     "train_step",
     "unlearn",
     "peak_rss_gb",
+    "snapshot_dir",
+    "snapshots",
 ]
 
 
@@ -620,6 +623,8 @@ def _train(
             history.append(row)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 last_good = checkpoint(step + 1)
+            if cfg.snapshot_every and ((step + 1) % cfg.snapshot_every == 0 or step + 1 == cfg.steps):
+                _snapshot(lm, cfg, run_dir, step + 1, dp)
             bar.update(1)
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **{k: f"{v:.4f}" for k, v in out.losses.items()}})
             if on_step is not None:
@@ -655,6 +660,27 @@ def _train(
                                         "git_commit": git_commit(), **record})
     dp.barrier()  # the run directory is complete before any rank returns
     return result
+
+
+def snapshot_dir(run_dir: Path, step: int) -> Path:
+    """Where :attr:`UnlearnConfig.snapshot_every` keeps the adapter of ``step``."""
+    return Path(run_dir) / "snapshots" / f"step-{step:06d}"
+
+
+def snapshots(run_dir: Path) -> dict[int, Path]:
+    """``{step: adapter directory}`` of a run's complete snapshots, in step order."""
+    found = {}
+    for d in sorted((Path(run_dir) / "snapshots").glob("step-*")):
+        if (d / "adapter_config.json").exists() and d.name[5:].isdigit():
+            found[int(d.name[5:])] = d
+    return found
+
+
+def _snapshot(lm: LoadedModel, cfg: UnlearnConfig, run_dir: Path, step: int, dp: DataParallel) -> None:
+    # Written atomically by rank 0; a resumed run rewrites the same step with the same weights.
+    if dp.is_main and has_adapter(lm):
+        save_adapter(lm, snapshot_dir(run_dir, step), {"config": cfg.to_dict(), "step": step})
+    dp.barrier()
 
 
 def _global_output(out: TrainStepOutput, cfg: UnlearnConfig, dp: DataParallel, fshare: float,

@@ -1,0 +1,186 @@
+"""H13 — the selectivity frontier: C3 and C4 re-tested at matched target forgetting.
+
+Hypotheses: (C3) unlearning Safety costs the untouched domains more refusal than unlearning
+Cybersecurity *at the same target forgetting*; (C4) adding retain-CE to NPO keeps most of the
+untouched refusal that NPO loses, compared where both have forgotten the target equally.
+Prediction: along training (every seed, every scored snapshot), the untouched domains' mean refusal
+probability at the target's first crossing of each level L (interpolated between snapshots) is
+(C3) lower for the safety target than for the cybersecurity target, over the five domains neither
+trains on, paired CI of the difference below zero; (C4) higher with retain-CE than without, by at
+least half of NPO's drop from base, CI of the difference above zero, at the primary level.
+Falsified if: the paired differences are reliably of the other sign. A condition whose target never
+reaches L is "not reached" at these budgets (no extrapolation); C4 is then not replicated at them.
+Every number is a refusal probability from the logit score on the eval split's prompts; the intervals
+resample training seeds and prompts and find the crossing again in each resample (study.frontier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from evals.suite import DOMAINS
+from interp.config import JsonConfig
+from interp.runs import run_dir, write_run
+from study import Study, StudyConfig, claim
+from study.frontier import Condition, at_level, matched_difference, spread_slope
+from study.trajectory import trajectory_runs, trajectory_sets
+
+EXPERIMENT = "h13_selectivity_frontier"
+RECOVERY_BAR = 0.5
+
+
+@dataclass
+class Config(JsonConfig):
+    """H13 settings."""
+
+    study: StudyConfig = field(default_factory=lambda: StudyConfig(seeds=(0, 1, 2)))
+    """Shared model, evaluation and training settings (at least three seeds for the bands)."""
+    targets: tuple[str, ...] = ("cybersecurity", "safety")
+    """Domains to unlearn; C3 compares the first two."""
+    alphas: tuple[float, ...] = (10.0,)
+    """Retain-CE weights, one NPO+retain-CE condition each (the full preset adds a grid)."""
+    lrs: tuple[float, ...] = ()
+    """Extra learning rates besides ``study.lr``: NPO and NPO+retain-CE (every α) at each."""
+    levels: tuple[float, ...] = (0.25, 0.10)
+    """Matched target refusal levels (refusal probability); the last is primary."""
+    n_boot: int = 1000
+    """Bootstrap resamples (seeds × prompts, the crossing refound in each)."""
+
+
+def _conditions(cfg: Config) -> list[tuple[str, dict]]:
+    """``(name, unlearn kwargs)`` for every trained condition of one target."""
+    out = []
+    for lr in (cfg.study.lr, *cfg.lrs):
+        tag = "" if lr == cfg.study.lr else f"@lr{lr:g}"
+        kw = {} if lr == cfg.study.lr else {"lr": lr}
+        out.append((f"npo{tag}", {"retain_domains": (), **kw}))
+        out += [(f"npo_retain_a{a:g}{tag}", {"retain_domains": None, "alpha": a, **kw})
+                for a in cfg.alphas]
+    return out
+
+
+def _curves(cond: Condition) -> dict:
+    """Per seed: steps, target / untouched / per-domain mean refusal, over-refusal, KL (for figures)."""
+    untouched = [d for d in DOMAINS if d != cond.target]
+    return {"target": cond.target, "seeds": [{
+        "steps": t.steps, "target": t.mean(cond.target).tolist(),
+        "untouched": sum(t.mean(d) for d in untouched).__truediv__(len(untouched)).tolist(),
+        "domains": {d: t.mean(d).tolist() for d in DOMAINS}, "over_refusal": t.mean("over_refusal").tolist(),
+        "benign": t.mean("benign").tolist(), "kl": t.kl, "run": t.run} for t in cond.runs]}
+
+
+def _c4(conds: dict, cfg: Config, target: str, level: float) -> dict:
+    untouched = [d for d in DOMAINS if d != target]
+    out = {}
+    for name in conds:
+        if conds[name].target != target or not name.startswith("npo_retain"):
+            continue
+        tag = name[name.index("@"):] if "@" in name else ""
+        npo = conds[f"npo{tag}"]
+        diff = matched_difference(conds[name], npo, untouched, level, cfg.n_boot)
+        npo_at = at_level(npo, untouched, level, n_boot=0)
+        drop = npo_at["drop"]
+        rec = diff["difference"] / drop if diff["difference"] is not None and drop and drop > 0 else None
+        passes = rec is not None and rec >= RECOVERY_BAR and diff["ci"][0] > 0
+        out[name] = {**diff, "npo_drop": drop, "recovery": rec, "passes": passes}
+    return out
+
+
+def main(cfg: Config) -> dict:
+    study = Study(cfg.study)
+    sets = trajectory_sets(study)
+    conds: dict[str, Condition] = {}
+    for target in cfg.targets:
+        for name, kw in _conditions(cfg):
+            runs = trajectory_runs(study, target, "npo", name=f"{name}-{target}", sets=sets, **kw)
+            conds[f"{name}|{target}"] = Condition(name, target, runs)
+    table = {}
+    for key, cond in conds.items():
+        untouched = [d for d in DOMAINS if d != cond.target]
+        table[key] = {"levels": {f"{lv:g}": {
+            "untouched": at_level(cond, untouched, lv, cfg.n_boot),
+            "over_refusal": at_level(cond, ["over_refusal"], lv, cfg.n_boot),
+            "benign": at_level(cond, ["benign"], lv, cfg.n_boot)} for lv in cfg.levels},
+            "slope": spread_slope(cond, untouched, cfg.n_boot), "curves": _curves(cond)}
+    primary = cfg.levels[-1]
+    by_target = {t: {k.split("|")[0]: c for k, c in conds.items() if c.target == t} for t in cfg.targets}
+    c4 = {t: {f"{lv:g}": _c4(by_target[t], cfg, t, lv) for lv in cfg.levels} for t in cfg.targets}
+    metrics = {"conditions": table, "c4": c4, "levels": list(cfg.levels), "primary_level": primary,
+               "n_seeds": len(cfg.study.seeds), "claims": [_c4_claim(c4, primary, cfg)]}
+    if len(cfg.targets) >= 2:
+        metrics["c3"] = _c3(by_target, cfg, primary)
+        metrics["claims"].insert(0, metrics["c3"]["claim"])
+    write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
+    return metrics
+
+
+def _c3(by_target: dict, cfg: Config, level: float) -> dict:
+    first, second = cfg.targets[1], cfg.targets[0]  # safety is predicted to spread further
+    common = [d for d in DOMAINS if d not in (first, second)]
+    res = {f"{lv:g}": matched_difference(by_target[first]["npo"], by_target[second]["npo"], common, lv, cfg.n_boot)
+           for lv in cfg.levels}
+    slopes = {t: spread_slope(by_target[t]["npo"], common, cfg.n_boot) for t in (first, second)}
+    d = res[f"{level:g}"]
+    # first keeps *less* untouched refusal when it spreads further: the difference is negative.
+    if d["ci"] is None:
+        status = "inconclusive"
+    else:
+        status = "replicated" if d["ci"][1] < 0 else "not replicated" if d["ci"][0] > 0 else "inconclusive"
+    ev = (f"untouched refusal on {len(common)} common domains at target refusal {level:g}: {first} "
+          + (f"{d['first']:.2f} vs {second} {d['second']:.2f}, difference {d['difference']:+.2f} "
+             f"(CI {d['ci'][0]:+.2f}..{d['ci'][1]:+.2f})" if d["ci"] else d.get("note", "n/a"))
+          + f"; slope of untouched vs target drop {first} {slopes[first]['slope']:.2f}, {second} "
+          f"{slopes[second]['slope']:.2f}; {cfg.study.seeds.__len__()} seeds")
+    return {"levels": res, "slopes": slopes, "claim": claim(
+        "C3", f"Unlearning {first} spreads further than {second} (at matched target forgetting)", status, ev)}
+
+
+def _c4_claim(c4: dict, level: float, cfg: Config) -> dict:
+    lv = f"{level:g}"
+    passing = {t: [n for n, r in c4[t][lv].items() if r["passes"]] for t in c4}
+    if all(passing.values()):
+        status = "replicated"
+    elif not any(r["difference"] is not None for t in c4 for r in c4[t][lv].values()):
+        status = "not replicated"
+    else:
+        status = "not replicated" if not any(passing.values()) else "inconclusive"
+    parts = []
+    for t, rows in c4.items():
+        for n, r in rows[lv].items():
+            parts.append(f"{t} {n}: " + (f"recovers {r['recovery']:.0%} of NPO's untouched drop "
+                                          f"(difference {r['difference']:+.2f}, CI {r['ci'][0]:+.2f}..{r['ci'][1]:+.2f})"
+                                          if r["recovery"] is not None else r.get("note", "no NPO drop")))
+    lrs = ", ".join(f"{x:g}" for x in (cfg.study.lr, *cfg.lrs))
+    ev = (f"at target refusal {level:g} (lr {lrs}, {cfg.study.trajectory_steps} steps, {len(cfg.study.seeds)} seeds): "
+          + "; ".join(parts) + ("" if status == "replicated" else "; at these budgets"))
+    return claim("C4", "Retain-CE restores untouched refusal at matched target forgetting", status, ev)
+
+
+def _cell(r: dict, key: str = "value") -> str:
+    if r.get(key) is None:
+        return f"not reached (closest {r['closest']:.2f})" if "closest" in r else "–"
+    ci = r.get("ci" if key == "value" else f"{key}_ci")
+    return f"{r[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md's frontier section: each condition at each matched level, and the C3/C4 comparisons."""
+    lines = ["## Selectivity at matched target forgetting (H13; figures: frontier, frontier_domains_*)", "",
+             "Refusal probability from the logit score (mean over the eval prompts) at the first point where the "
+             "target's refusal reaches each level, interpolated between scored snapshots; intervals resample "
+             f"seeds and prompts and refind the crossing ({m['n_seeds']} seeds). Drop = base − value. Over-refusal "
+             "and benign refusal at the same point; KL(base ‖ model) on benign prompts.", "",
+             "| condition | target | level | reached | untouched refusal | drop | over-refusal | benign | KL | slope |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, c in m["conditions"].items():
+        name, target = key.split("|")
+        for lv, r in c["levels"].items():
+            u = r["untouched"]
+            kl = "–" if u.get("kl") is None else f"{u['kl']:.4f}"
+            sl = c["slope"]
+            slope = f"{sl['slope']:.2f}" + (f" [{sl['ci'][0]:.2f}, {sl['ci'][1]:.2f}]" if sl["ci"] else "")
+            lines.append(f"| {name} | {target} | {lv} | {u['reached']}/{u['n_seeds']} | {_cell(u)} | "
+                         f"{_cell(u, 'drop')} | {_cell(r['over_refusal'])} | {_cell(r['benign'])} | {kl} | {slope} |")
+    lines += ["", "Slope: untouched drop per unit of target drop along training (all snapshots, through the origin).",
+              ""]
+    return lines

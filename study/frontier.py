@@ -1,0 +1,204 @@
+"""The selectivity frontier: collateral refusal loss per unit of target forgetting, at matched forgetting.
+
+A condition (method × α × lr × target) is a set of trajectories, one per training seed, measured on
+the same prompts (:class:`study.trajectory.Trajectory`). Along each trajectory the target's mean
+refusal falls; the *selectivity* of the condition at a level ``L`` is the untouched domains' mean
+refusal at the first point where the target's refusal reaches ``L``, linearly interpolated between
+the two snapshots that bracket the crossing. Comparing conditions at the same ``L`` removes the
+step budget from the comparison: a counter-term that slows forgetting is compared where it has
+forgotten as much, not after as many steps.
+
+Intervals come from a two-level bootstrap that redoes the whole computation per resample: training
+seeds are drawn with replacement, and prompts within each domain, the same draws for every condition
+that shares them (so differences between conditions are paired over seeds k and shared prompts),
+and the crossing is found again on the resampled target curve. A seed whose target never reaches
+``L`` is left out of the mean and counted; a condition none of whose seeds reach it reports "not
+reached" with the closest level it got to, never an extrapolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from study.trajectory import Trajectory
+
+__all__ = ["crossing", "Condition", "at_level", "matched_difference", "spread_slope"]
+
+
+def crossing(curve: np.ndarray, level: float) -> tuple[int, float] | None:
+    """First point where ``curve`` (one value per step) reaches ``level`` or below, as ``(i, w)``:
+    the value there is ``(1 - w)·x[i-1] + w·x[i]``; ``(0, 1.0)`` when it starts at or below the level;
+    ``None`` when it never gets there."""
+    curve = np.asarray(curve, dtype=np.float64)
+    below = np.nonzero(curve <= level)[0]
+    if below.size == 0:
+        return None
+    i = int(below[0])
+    if i == 0:
+        return 0, 1.0
+    hi, lo = curve[i - 1], curve[i]
+    w = 1.0 if hi == lo else float((hi - level) / (hi - lo))
+    return i, w
+
+
+def _interp(values: np.ndarray, cross: tuple[int, float]) -> float:
+    i, w = cross
+    return float(values[i]) if i == 0 else float((1 - w) * values[i - 1] + w * values[i])
+
+
+@dataclass
+class Condition:
+    """The trajectories of one condition (one per seed), on shared prompts."""
+
+    name: str
+    target: str
+    runs: list[Trajectory]
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError(f"condition {self.name!r} has no trajectories")
+        ids = self.runs[0].prompt_ids
+        for t in self.runs[1:]:
+            if t.prompt_ids != ids:
+                raise ValueError(f"condition {self.name!r}: seeds were measured on different prompts")
+
+    def stack(self, name: str) -> np.ndarray:
+        """``seeds × steps × prompts`` of set ``name`` (seeds must share their step grid)."""
+        grids = {tuple(t.steps) for t in self.runs}
+        if len(grids) != 1:
+            raise ValueError(f"condition {self.name!r}: seeds have different snapshot steps {sorted(grids)}")
+        return np.stack([t.p[name] for t in self.runs])
+
+    def kl(self) -> np.ndarray:
+        """``seeds × steps`` KL to base on benign prompts."""
+        return np.asarray([[np.nan if v is None else v for v in t.kl] for t in self.runs], dtype=np.float64)
+
+
+def _seed_values(target: np.ndarray, others: list[np.ndarray], level: float,
+                 extra: np.ndarray | None = None) -> tuple[list[float], list[float], float]:
+    """Per seed: the untouched mean (and ``extra``) at the target's crossing of ``level``.
+
+    ``target``: seeds × steps (mean over its prompts); ``others``: each seeds × steps."""
+    untouched = np.mean(others, axis=0)  # seeds × steps
+    vals, extras = [], []
+    for s in range(target.shape[0]):
+        c = crossing(target[s], level)
+        if c is None:
+            continue
+        vals.append(_interp(untouched[s], c))
+        if extra is not None:
+            extras.append(_interp(extra[s], c))
+    return vals, extras, float(target.min())
+
+
+def _resampled(cond: Condition, domains: Sequence[str], rows: np.ndarray, cols: dict[str, np.ndarray]):
+    target = cond.stack(cond.target)[rows][:, :, cols[cond.target]].mean(-1)
+    others = [cond.stack(d)[rows][:, :, cols[d]].mean(-1) for d in domains]
+    return target, others
+
+
+def at_level(cond: Condition, domains: Sequence[str], level: float, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Untouched refusal of ``cond`` (mean over ``domains``) at matched target refusal ``level``.
+
+    Returns ``value`` (mean over the seeds that reach the level), its CI, ``drop`` from the base
+    (step 0) with CI, the KL to base at the crossing, ``reached`` (seeds that got there of all), and
+    ``closest`` (the lowest target refusal seen) when none did.
+    """
+    domains = [d for d in domains if d != cond.target]
+    n_seeds = len(cond.runs)
+    full = {d: np.arange(cond.stack(d).shape[2]) for d in (*domains, cond.target)}
+    target, others = _resampled(cond, domains, np.arange(n_seeds), full)
+    base = float(np.mean([o[:, 0].mean() for o in others]))
+    vals, kls, closest = _seed_values(target, others, level, cond.kl())
+    out = {"level": level, "base_untouched": base, "reached": len(vals), "n_seeds": n_seeds,
+           "base_target": float(target[:, 0].mean())}
+    notes = []
+    if out["base_target"] <= level:
+        notes.append(f"the target starts at {out['base_target']:.2f}, at or below the level: nothing to forget")
+    if base < 0.02:
+        notes.append(f"{', '.join(domains)} refuse(s) with probability {base:.2f} at base: no refusal to lose")
+    if notes:
+        out["note"] = "; ".join(notes)
+    if not vals:
+        return {**out, "value": None, "ci": None, "drop": None, "drop_ci": None, "kl": None,
+                "closest": closest, "note": f"not reached: the target's refusal got to {closest:.2f} at best"}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, n_seeds, n_seeds)
+        cols = {d: rng.integers(0, len(ix), len(ix)) for d, ix in full.items()}
+        v, _, _ = _seed_values(*_resampled(cond, domains, rows, cols), level)
+        if v:
+            boots.append((float(np.mean(v)), float(np.mean([cond.stack(d)[rows][:, 0][:, cols[d]].mean()
+                                                             for d in domains]))))
+    b = np.asarray(boots).reshape(-1, 2)
+    value = float(np.mean(vals))
+    ci = [float(np.quantile(b[:, 0], 0.025)), float(np.quantile(b[:, 0], 0.975))] if len(b) else None
+    dci = [float(np.quantile(b[:, 1] - b[:, 0], 0.025)), float(np.quantile(b[:, 1] - b[:, 0], 0.975))] \
+        if len(b) else None
+    kl = [k for k in kls if np.isfinite(k)]
+    return {**out, "value": value, "ci": ci, "drop": base - value, "drop_ci": dci,
+            "kl": float(np.mean(kl)) if kl else None, "closest": closest,
+            "boot_reached_share": len(boots) / n_boot if n_boot else None}
+
+
+def matched_difference(first: Condition, second: Condition, domains: Sequence[str], level: float,
+                       n_boot: int = 2000, seed: int = 0) -> dict:
+    """Untouched refusal of ``first`` minus ``second`` at matched target refusal ``level``, over the
+    ``domains`` untouched by both, paired: seed k with seed k, the same prompt draws for both.
+
+    With different targets (C3) each condition's crossing is found on its own target's curve; the
+    untouched domains and their prompts are shared. Positive: ``first`` keeps more refusal.
+    """
+    domains = [d for d in domains if d not in (first.target, second.target)]
+    n = min(len(first.runs), len(second.runs))
+    if n < len(first.runs) or n < len(second.runs):
+        first, second = (Condition(c.name, c.target, c.runs[:n]) for c in (first, second))
+    names = {*domains, first.target, second.target}
+    sizes = {d: first.stack(d).shape[2] for d in names}
+    full = {d: np.arange(k) for d, k in sizes.items()}
+    va, _, _ = _seed_values(*_resampled(first, domains, np.arange(n), full), level)
+    vb, _, _ = _seed_values(*_resampled(second, domains, np.arange(n), full), level)
+    out = {"level": level, "domains": domains, "n_seeds": n, "reached": [len(va), len(vb)]}
+    if not va or not vb:
+        return {**out, "difference": None, "ci": None,
+                "note": "not reached by " + " and ".join(c.name for c, v in ((first, va), (second, vb)) if not v)}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, n, n)
+        cols = {d: rng.integers(0, k, k) for d, k in sizes.items()}
+        a, _, _ = _seed_values(*_resampled(first, domains, rows, cols), level)
+        b, _, _ = _seed_values(*_resampled(second, domains, rows, cols), level)
+        if a and b:
+            boots.append(np.mean(a) - np.mean(b))
+    diff = float(np.mean(va) - np.mean(vb))
+    ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots else None
+    return {**out, "difference": diff, "ci": ci, "first": float(np.mean(va)), "second": float(np.mean(vb)),
+            "boot_reached_share": len(boots) / n_boot}
+
+
+def spread_slope(cond: Condition, domains: Sequence[str], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Slope of the untouched drop against the target drop along training (through the origin, all
+    snapshots of all seeds): collateral refusal lost per unit of target refusal forgotten."""
+    domains = [d for d in domains if d != cond.target]
+    n_seeds = len(cond.runs)
+    full = {d: np.arange(cond.stack(d).shape[2]) for d in (*domains, cond.target)}
+
+    def slope(rows, cols) -> float:
+        target, others = _resampled(cond, domains, rows, cols)
+        x = (target[:, :1] - target).ravel()
+        u = np.mean(others, axis=0)
+        y = (u[:, :1] - u).ravel()
+        return float((x @ y) / (x @ x)) if x @ x > 0 else float("nan")
+
+    value = slope(np.arange(n_seeds), full)
+    rng = np.random.default_rng(seed)
+    boots = [slope(rng.integers(0, n_seeds, n_seeds), {d: rng.integers(0, len(ix), len(ix)) for d, ix in full.items()})
+             for _ in range(n_boot)]
+    boots = [b for b in boots if np.isfinite(b)]
+    ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots else None
+    return {"slope": value, "ci": ci, "n_seeds": n_seeds}

@@ -1,0 +1,108 @@
+"""The selectivity frontier's arithmetic on planted trajectories (no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evals.suite import DOMAINS
+from study.frontier import Condition, at_level, crossing, matched_difference, spread_slope
+from study.trajectory import Trajectory
+
+STEPS = [0, 4, 8, 12]
+
+
+def _traj(target: str, target_curve, untouched_curve, n: int = 6, noise: float = 0.0, seed: int = 0,
+          kl=None) -> Trajectory:
+    """Every prompt of the target follows ``target_curve``, every untouched prompt ``untouched_curve``
+    (plus optional per-prompt noise that averages out over prompts)."""
+    rng = np.random.default_rng(seed)
+    p = {}
+    for d in (*DOMAINS, "benign", "over_refusal"):
+        curve = np.asarray(target_curve if d == target else untouched_curve, dtype=float)
+        jitter = rng.normal(0, noise, (len(STEPS), n)) if noise else np.zeros((len(STEPS), n))
+        jitter -= jitter.mean(axis=1, keepdims=True)  # the set mean stays exactly on the curve
+        p[d] = np.clip(curve[:, None] + jitter, 0, 1)
+    ids = {d: [f"{d}-{i}" for i in range(n)] for d in p}
+    return Trajectory(run="planted", steps=STEPS, prompt_ids=ids, p=p, kl=kl or [0.0, 0.1, 0.2, 0.3])
+
+
+def test_crossing_interpolates_the_first_bracket_and_reports_never():
+    assert crossing(np.array([0.8, 0.6, 0.2, 0.1]), 0.4) == (2, pytest.approx(0.5))
+    assert crossing(np.array([0.3, 0.2]), 0.5) == (0, 1.0)
+    assert crossing(np.array([0.8, 0.7, 0.6]), 0.1) is None
+    # Non-monotone: the first crossing counts, not a later one.
+    i, w = crossing(np.array([0.8, 0.2, 0.9, 0.0]), 0.5)
+    assert (i, w) == (1, pytest.approx(0.5))
+
+
+def test_at_level_reads_the_untouched_curve_at_the_target_crossing():
+    # Target 0.8 -> 0.6 -> 0.2 -> 0.0; untouched 0.7 -> 0.5 -> 0.3 -> 0.1. The target crosses 0.4 halfway
+    # between steps 4 and 8, where the untouched curve is (0.5 + 0.3) / 2 = 0.4.
+    runs = [_traj("safety", [0.8, 0.6, 0.2, 0.0], [0.7, 0.5, 0.3, 0.1], noise=0.05, seed=s) for s in range(3)]
+    res = at_level(Condition("npo", "safety", runs), DOMAINS, 0.4, n_boot=200)
+    assert res["value"] == pytest.approx(0.4)
+    assert res["drop"] == pytest.approx(0.3)
+    assert res["reached"] == 3 and res["ci"][0] <= 0.4 <= res["ci"][1]
+    assert res["kl"] == pytest.approx(0.15)
+
+
+def test_at_level_says_not_reached_with_the_closest_value_and_never_extrapolates():
+    runs = [_traj("safety", [0.8, 0.7, 0.6, 0.5], [0.7, 0.6, 0.5, 0.4]) for _ in range(3)]
+    res = at_level(Condition("npo_retain", "safety", runs), DOMAINS, 0.1, n_boot=50)
+    assert res["value"] is None and res["reached"] == 0
+    assert res["closest"] == pytest.approx(0.5) and "not reached" in res["note"]
+
+
+def test_matched_difference_is_paired_and_signed():
+    # Both targets reach 0.4 at the same point; the second condition's untouched curve is 0.2 lower.
+    a = [_traj("safety", [0.8, 0.6, 0.2, 0.0], [0.7, 0.6, 0.5, 0.4], noise=0.05, seed=s) for s in range(3)]
+    b = [_traj("safety", [0.8, 0.6, 0.2, 0.0], [0.7, 0.4, 0.3, 0.2], noise=0.05, seed=s) for s in range(3)]
+    res = matched_difference(Condition("retain", "safety", a), Condition("npo", "safety", b), DOMAINS, 0.4,
+                             n_boot=300)
+    assert res["difference"] == pytest.approx(0.2)
+    assert res["ci"][0] > 0
+    assert "safety" not in res["domains"]
+
+
+def test_matched_difference_compares_at_equal_forgetting_not_equal_steps():
+    # Retain slows forgetting: after 4 steps it keeps more untouched refusal, but at the same target
+    # refusal it keeps exactly as much as NPO (its curve is NPO's, stretched in time).
+    npo = [_traj("cybersecurity", [0.8, 0.4, 0.0, 0.0], [0.8, 0.4, 0.0, 0.0])]
+    slow = [_traj("cybersecurity", [0.8, 0.6, 0.4, 0.2], [0.8, 0.6, 0.4, 0.2])]
+    res = matched_difference(Condition("retain", "cybersecurity", slow), Condition("npo", "cybersecurity", npo),
+                             DOMAINS, 0.4, n_boot=50)
+    assert res["difference"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_matched_difference_says_which_condition_did_not_reach():
+    a = [_traj("safety", [0.8, 0.7, 0.7, 0.7], [0.7] * 4)]
+    b = [_traj("safety", [0.8, 0.1, 0.0, 0.0], [0.7, 0.2, 0.1, 0.1])]
+    res = matched_difference(Condition("retain", "safety", a), Condition("npo", "safety", b), DOMAINS, 0.3, n_boot=20)
+    assert res["difference"] is None and "retain" in res["note"] and "npo" not in res["note"]
+
+
+def test_spread_slope_recovers_a_planted_ratio():
+    # The untouched drop is exactly half the target drop at every step.
+    runs = [_traj("safety", [0.8, 0.6, 0.4, 0.2], [0.6, 0.5, 0.4, 0.3], noise=0.02, seed=s) for s in range(3)]
+    res = spread_slope(Condition("npo", "safety", runs), DOMAINS, n_boot=100)
+    assert res["slope"] == pytest.approx(0.5)
+
+
+def test_condition_refuses_seeds_on_different_prompts():
+    a = _traj("safety", [0.8, 0.6, 0.2, 0.0], [0.7] * 4, n=6)
+    b = _traj("safety", [0.8, 0.6, 0.2, 0.0], [0.7] * 4, n=5)
+    with pytest.raises(ValueError, match="different prompts"):
+        Condition("npo", "safety", [a, b])
+
+
+def test_trajectory_round_trips_through_json():
+    t = _traj("safety", [0.8, 0.6, 0.2, 0.0], [0.7, 0.5, 0.3, 0.1], noise=0.05)
+    back = Trajectory.from_dict(t.to_dict())
+    assert back.steps == t.steps and np.allclose(back.p["safety"], t.p["safety"], atol=1e-6)
+
+
+def test_at_level_flags_a_target_that_starts_below_the_level_and_domains_without_refusal():
+    runs = [_traj("safety", [0.05, 0.04, 0.03, 0.02], [0.0, 0.0, 0.0, 0.0])]
+    res = at_level(Condition("npo", "safety", runs), DOMAINS, 0.10, n_boot=20)
+    assert "nothing to forget" in res["note"] and "no refusal to lose" in res["note"]
