@@ -83,3 +83,36 @@ def test_merged_adapter_gives_the_same_kl_and_stays_merged(tiny_qwen):
     finally:
         detach_lora(tiny_qwen)
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-6)
+
+
+def test_base_opening_is_reused_across_adapters_unless_a_hook_changes_the_base(tiny_qwen, monkeypatch):
+    import evals.utility as utility
+
+    monkeypatch.setattr(utility, "_BASE_OPENINGS", {})
+    torch.manual_seed(0)
+    attach_lora(tiny_qwen, rank=2)
+    try:
+        lora_b = [p for n, p in tiny_qwen.model.named_parameters() if "lora_B" in n]
+        with torch.no_grad():
+            for p in lora_b:
+                p.normal_(0, 0.02)
+        first = kl_to_base(tiny_qwen, PROMPTS, n_tokens=3, batch_size=2)
+        assert len(utility._BASE_OPENINGS) == 3  # one entry per batch
+        by_hand = _kl_by_hand(tiny_qwen, PROMPTS[1], n_tokens=3)
+        calls = []
+        monkeypatch.setattr(utility, "adapter_disabled", lambda lm: calls.append(1) or pytest.fail("recomputed"))
+        again = kl_to_base(tiny_qwen, PROMPTS, n_tokens=3, batch_size=2)  # a second "snapshot" of one base
+        assert torch.allclose(first, again) and by_hand == pytest.approx(float(again[1]), rel=1e-3, abs=1e-6)
+        monkeypatch.undo()
+        monkeypatch.setattr(utility, "_BASE_OPENINGS", {})
+        kl_to_base(tiny_qwen, PROMPTS, n_tokens=3, batch_size=2)
+        handle = tiny_qwen.model.get_submodule("base_model").register_forward_hook(lambda *a: None)
+        try:
+            kl_to_base(tiny_qwen, PROMPTS[:2], n_tokens=3, batch_size=2)
+            hooked = [k for k in utility._BASE_OPENINGS if k[2] == tuple(k[2]) and len(k[2]) == 2]
+        finally:
+            handle.remove()
+        # An intervention's base is its own entry, never the plain base's.
+        assert hooked and all(k[-2] != next(iter(utility._BASE_OPENINGS))[-2] for k in hooked)
+    finally:
+        detach_lora(tiny_qwen)
