@@ -22,7 +22,7 @@ from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim
-from study.frontier import Condition, at_level, matched_difference, spread_slope
+from study.frontier import Condition, curves, matched_difference, recovery, selectivity, spread_slope
 from study.trajectory import trajectory_runs, trajectory_sets
 
 EXPERIMENT = "h13_selectivity_frontier"
@@ -59,31 +59,11 @@ def _conditions(cfg: Config) -> list[tuple[str, dict]]:
     return out
 
 
-def _curves(cond: Condition) -> dict:
-    """Per seed: steps, target / untouched / per-domain mean refusal, over-refusal, KL (for figures)."""
-    untouched = [d for d in DOMAINS if d != cond.target]
-    return {"target": cond.target, "seeds": [{
-        "steps": t.steps, "target": t.mean(cond.target).tolist(),
-        "untouched": sum(t.mean(d) for d in untouched).__truediv__(len(untouched)).tolist(),
-        "domains": {d: t.mean(d).tolist() for d in DOMAINS}, "over_refusal": t.mean("over_refusal").tolist(),
-        "benign": t.mean("benign").tolist(), "kl": t.kl, "run": t.run} for t in cond.runs]}
-
-
-def _c4(conds: dict, cfg: Config, target: str, level: float) -> dict:
+def _c4(by_name: dict, cfg: Config, target: str, level: float) -> dict:
+    """Each NPO+retain-CE condition against NPO at the same learning rate, at matched forgetting."""
     untouched = [d for d in DOMAINS if d != target]
-    out = {}
-    for name in conds:
-        if conds[name].target != target or not name.startswith("npo_retain"):
-            continue
-        tag = name[name.index("@"):] if "@" in name else ""
-        npo = conds[f"npo{tag}"]
-        diff = matched_difference(conds[name], npo, untouched, level, cfg.n_boot)
-        npo_at = at_level(npo, untouched, level, n_boot=0)
-        drop = npo_at["drop"]
-        rec = diff["difference"] / drop if diff["difference"] is not None and drop and drop > 0 else None
-        passes = rec is not None and rec >= RECOVERY_BAR and diff["ci"][0] > 0
-        out[name] = {**diff, "npo_drop": drop, "recovery": rec, "passes": passes}
-    return out
+    return {n: recovery(c, by_name["npo" + (n[n.index("@"):] if "@" in n else "")], untouched, level,
+                        RECOVERY_BAR, cfg.n_boot) for n, c in by_name.items() if n.startswith("npo_retain")}
 
 
 def main(cfg: Config) -> dict:
@@ -94,14 +74,8 @@ def main(cfg: Config) -> dict:
         for name, kw in _conditions(cfg):
             runs = trajectory_runs(study, target, "npo", name=f"{name}-{target}", sets=sets, **kw)
             conds[f"{name}|{target}"] = Condition(name, target, runs)
-    table = {}
-    for key, cond in conds.items():
-        untouched = [d for d in DOMAINS if d != cond.target]
-        table[key] = {"levels": {f"{lv:g}": {
-            "untouched": at_level(cond, untouched, lv, cfg.n_boot),
-            "over_refusal": at_level(cond, ["over_refusal"], lv, cfg.n_boot),
-            "benign": at_level(cond, ["benign"], lv, cfg.n_boot)} for lv in cfg.levels},
-            "slope": spread_slope(cond, untouched, cfg.n_boot), "curves": _curves(cond)}
+    table = {key: {**selectivity(c, [d for d in DOMAINS if d != c.target], cfg.levels, cfg.n_boot),
+                   "curves": curves(c, DOMAINS)} for key, c in conds.items()}
     primary = cfg.levels[-1]
     by_target = {t: {k.split("|")[0]: c for k, c in conds.items() if c.target == t} for t in cfg.targets}
     c4 = {t: {f"{lv:g}": _c4(by_target[t], cfg, t, lv) for lv in cfg.levels} for t in cfg.targets}
@@ -130,7 +104,7 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
           + (f"{d['first']:.2f} vs {second} {d['second']:.2f}, difference {d['difference']:+.2f} "
              f"(CI {d['ci'][0]:+.2f}..{d['ci'][1]:+.2f})" if d["ci"] else d.get("note", "n/a"))
           + f"; slope of untouched vs target drop {first} {slopes[first]['slope']:.2f}, {second} "
-          f"{slopes[second]['slope']:.2f}; {cfg.study.seeds.__len__()} seeds")
+          f"{slopes[second]['slope']:.2f}; {len(cfg.study.seeds)} seeds")
     return {"levels": res, "slopes": slopes, "claim": claim(
         "C3", f"Unlearning {first} spreads further than {second} (at matched target forgetting)", status, ev)}
 
@@ -138,12 +112,11 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
 def _c4_claim(c4: dict, level: float, cfg: Config) -> dict:
     lv = f"{level:g}"
     passing = {t: [n for n, r in c4[t][lv].items() if r["passes"]] for t in c4}
+    no_ema = all(not r["npo_drop"] or r["npo_drop"] <= 0 for t in c4 for r in c4[t][lv].values())
     if all(passing.values()):
         status = "replicated"
-    elif not any(r["difference"] is not None for t in c4 for r in c4[t][lv].values()):
-        status = "not replicated"
-    else:
-        status = "not replicated" if not any(passing.values()) else "inconclusive"
+    else:  # nothing to contain when NPO lost no untouched refusal; a partial pass is inconclusive
+        status = "inconclusive" if no_ema or any(passing.values()) else "not replicated"
     parts = []
     for t, rows in c4.items():
         for n, r in rows[lv].items():

@@ -25,7 +25,8 @@ import numpy as np
 
 from study.trajectory import Trajectory
 
-__all__ = ["crossing", "Condition", "at_level", "matched_difference", "spread_slope"]
+__all__ = ["crossing", "Condition", "at_level", "matched_difference", "spread_slope", "selectivity",
+           "recovery", "curves"]
 
 
 def crossing(curve: np.ndarray, level: float) -> tuple[int, float] | None:
@@ -202,3 +203,34 @@ def spread_slope(cond: Condition, domains: Sequence[str], n_boot: int = 2000, se
     boots = [b for b in boots if np.isfinite(b)]
     ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots else None
     return {"slope": value, "ci": ci, "n_seeds": n_seeds}
+
+
+def selectivity(cond: Condition, domains: Sequence[str], levels: Sequence[float], n_boot: int = 2000) -> dict:
+    """A condition on the frontier: at each level, the untouched domains' refusal (and drop), the
+    over-refusal and benign refusal at the same point, and the spread slope."""
+    return {"levels": {f"{lv:g}": {"untouched": at_level(cond, domains, lv, n_boot),
+                                   "over_refusal": at_level(cond, ["over_refusal"], lv, n_boot),
+                                   "benign": at_level(cond, ["benign"], lv, n_boot)} for lv in levels},
+            "slope": spread_slope(cond, domains, n_boot)}
+
+
+def recovery(retain: Condition, npo: Condition, domains: Sequence[str], level: float, bar: float = 0.5,
+             n_boot: int = 2000) -> dict:
+    """How much of NPO's untouched drop a counter-term keeps, at matched target refusal: the paired
+    difference (retain − NPO) over NPO's drop from base; ``passes`` when it is at least ``bar`` and
+    the difference's CI is above zero."""
+    diff = matched_difference(retain, npo, domains, level, n_boot)
+    drop = at_level(npo, domains, level, n_boot=0)["drop"]
+    rec = diff["difference"] / drop if diff["difference"] is not None and drop and drop > 0 else None
+    return {**diff, "npo_drop": drop, "recovery": rec,
+            "passes": rec is not None and rec >= bar and diff["ci"] is not None and diff["ci"][0] > 0}
+
+
+def curves(cond: Condition, domains: Sequence[str]) -> dict:
+    """Per seed: steps, target / untouched-mean / per-domain refusal, over-refusal, benign, KL (figures)."""
+    untouched = [d for d in domains if d != cond.target]
+    return {"target": cond.target, "seeds": [{
+        "steps": t.steps, "target": t.mean(cond.target).tolist(),
+        "untouched": np.mean([t.mean(d) for d in untouched], axis=0).tolist(),
+        "domains": {d: t.mean(d).tolist() for d in domains}, "over_refusal": t.mean("over_refusal").tolist(),
+        "benign": t.mean("benign").tolist(), "kl": t.kl, "run": t.run} for t in cond.runs]}
