@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evals.suite import DOMAINS
 from interp.config import ConfigError, JsonConfig
 from interp.io import append_jsonl, atomic_write_json, config_hash, ensure_writable_dir
 from study import StudyConfig
@@ -79,7 +80,9 @@ PRESETS: dict[str, PipelineConfig] = {
         study=StudyConfig(eval_limit=None, probe_limit=None, seeds=(0, 1, 2), max_new_tokens=48,
                           direction_layer_step=1, direction_positions=None),
         experiments=FULL,
-        overrides={"h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]}},
+        overrides={"h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]},
+                   # C5 on the 42 off-diagonal pairs of the 7×7 transfer matrix (the same runs as H8's).
+                   "h5_geometry_predicts_ema": {"targets": list(DOMAINS)}},
     ),
 }
 
