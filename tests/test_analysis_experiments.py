@@ -105,3 +105,20 @@ def test_full_preset_runs_c5_on_all_seven_targets():
     cfgs = PRESETS["full"].experiment_configs()
     assert cfgs["h5_geometry_predicts_ema"].targets == DOMAINS
     assert PRESETS["quick"].experiment_configs()["h5_geometry_predicts_ema"].targets == ("cybersecurity", "safety")
+
+
+# -- H7 ------------------------------------------------------------------------------------------
+
+
+def test_h7_correlation_leaves_the_target_out():
+    from experiments.h7_mechanism import untouched_correlation
+
+    ablation = {d: float(i) for i, d in enumerate(DOMAINS)}
+    npo = dict(ablation)
+    target = DOMAINS[0]
+    npo[target] = 100.0  # the target's own drop must not move the statistic
+    c = untouched_correlation(ablation, npo, target)
+    assert target not in c["domains"] and c["n"] == 6 and c["exact"] and c["n_perm"] == 720
+    assert c["spearman"] == pytest.approx(1.0) and c["p_perm_spearman"] == pytest.approx(2 / 720)
+    npo[DOMAINS[-1]] = -5.0  # an untouched domain does move it
+    assert untouched_correlation(ablation, npo, target)["spearman"] < 1.0
