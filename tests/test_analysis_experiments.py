@@ -122,3 +122,52 @@ def test_h7_correlation_leaves_the_target_out():
     assert c["spearman"] == pytest.approx(1.0) and c["p_perm_spearman"] == pytest.approx(2 / 720)
     npo[DOMAINS[-1]] = -5.0  # an untouched domain does move it
     assert untouched_correlation(ablation, npo, target)["spearman"] < 1.0
+
+
+# -- H6 ------------------------------------------------------------------------------------------
+
+
+def _cond(after_logits: list[float], n: int = 12, seeds: int = 2):
+    """A condition over ``seeds`` seeds whose logit after unlearning on prompt i is ``after_logits[i % len]``."""
+    from evals.evaluate import PromptRecord
+    from study import pooled
+
+    def recs(values):
+        return {s: [PromptRecord(id=f"p{i}", domain="bias", logit_score=values[i % len(values)], label="refusal")
+                    for i in range(n)] for s in range(seeds)}
+
+    return {"base": pooled(recs([2.0])), "after": pooled(recs(after_logits))}
+
+
+def test_drop_contrast_averages_the_other_conditions_pairwise():
+    from study import drop_contrast
+
+    first = _cond([1.0, 0.0])  # drops 1, 2, 1, 2, ...
+    others = [_cond([0.0, -1.0]), _cond([-1.0, -2.0])]  # drops 2,3 and 3,4: mean 2.5, 3.5
+    res = drop_contrast(first, others, ["bias"], "logit")
+    assert res["difference"] == pytest.approx(-1.5) and res["n_others"] == 2
+    assert res["ci"] == pytest.approx([-1.5, -1.5])  # a constant paired difference has no spread
+    with pytest.raises(ValueError, match="at least one"):
+        drop_contrast(first, [], ["bias"])
+    with pytest.raises(ValueError, match="differ in seeds or prompts"):
+        drop_contrast(first, [_cond([0.0], n=6)], ["bias"], "logit")
+
+
+def _h6_target(lo, hi):
+    strat = {k: {"mean_untouched_drop": 0.3} for k in ("predicted", "random", "all", "none")}
+    return {"predicted": ["a", "b"], "strategies": strat, "predicted_vs_random": {"difference": (lo + hi) / 2,
+                                                                                  "ci": [lo, hi]}}
+
+
+@pytest.mark.parametrize("cis,status", [
+    ([(-0.3, -0.1), (-0.2, -0.05)], "replicated"),
+    ([(0.05, 0.2), (0.1, 0.3)], "not replicated"),  # symmetric: random significantly better everywhere
+    ([(-0.3, -0.1), (-0.1, 0.1)], "inconclusive"),
+    ([(-0.1, 0.1), (-0.1, 0.1)], "inconclusive"),
+    ([(-0.3, -0.1), (0.1, 0.3)], "inconclusive"),
+])
+def test_h6_verdict_is_symmetric(cis, status):
+    from experiments.h6_prediction_guided_retain import verdict
+
+    got = verdict({f"t{i}": _h6_target(lo, hi) for i, (lo, hi) in enumerate(cis)})
+    assert got["id"] == "L1" and got["status"] == status

@@ -160,19 +160,6 @@ def test_h4_dose_response_orders_alphas_and_averages_records():
     assert pts[2]["untouched_logit"] == 1.0
 
 
-def test_h6_claim_is_falsified_by_a_loss_and_never_confirmed_without_a_test():
-    from experiments.h6_prediction_guided_retain import _claim
-
-    def target(pred, rand):
-        strat = {k: {"mean_untouched_drop": v} for k, v in (("predicted", pred), ("random", rand), ("all", 0.2),
-                                                             ("none", 0.5))}
-        return {"predicted": ["a", "b"], "strategies": strat, "predicted_beats_random": pred < rand}
-
-    assert _claim({"x": target(0.4, 0.3), "y": target(0.5, 0.5)})["status"] == "not replicated"
-    assert _claim({"x": target(0.1, 0.3), "y": target(0.5, 0.5)})["status"] == "inconclusive"
-    assert _claim({"x": target(0.1, 0.3)})["status"] == "inconclusive"
-
-
 def test_figures_command_rewrites_the_report(tmp_path, capsys):
     from emalab.cli import main
 
