@@ -171,3 +171,22 @@ def test_h6_verdict_is_symmetric(cis, status):
 
     got = verdict({f"t{i}": _h6_target(lo, hi) for i, (lo, hi) in enumerate(cis)})
     assert got["id"] == "L1" and got["status"] == status
+
+
+# -- H11 -----------------------------------------------------------------------------------------
+
+
+def test_h11_uses_the_seven_targets_and_decides_with_them():
+    from experiments import h11_mia_prior as h11
+
+    assert h11.Config().targets == DOMAINS
+    priors = {d: {form: {"loss": 1.0 + i / 10, "zlib": 0.01, "min_k": -3.0} for form in h11.FORMS}
+              for i, d in enumerate(DOMAINS)}
+    ema = {d: {"judge": 0.1 * i, "logit": 0.0} for i, d in enumerate(DOMAINS)}
+    primary = h11.prior_correlations(priors, ema)["response/loss"]["judge"]
+    assert primary["exact"] and primary["n_perm"] == 5040 and primary["p_perm_spearman"] == pytest.approx(2 / 5040)
+    assert h11.verdict(primary)[0] == "replicated"
+    ema = {d: {"judge": [0.3, 0.1, 0.4, 0.2, 0.5, 0.0, 0.6][i], "logit": 0.0} for i, d in enumerate(DOMAINS)}
+    assert h11.verdict(h11.prior_correlations(priors, ema)["response/loss"]["judge"])[0] == "not replicated"
+    two = h11.prior_correlations(priors, {d: ema[d] for d in DOMAINS[:2]})["response/loss"]["judge"]
+    assert h11.verdict(two)[0] == "inconclusive"
