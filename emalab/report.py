@@ -377,13 +377,17 @@ def _mishra(results: Path) -> list[str]:
         for key, vals in m["between_sources"].items():
             lines.append(f"Cosine between the {key.replace('|', ' and ')} shifts per layer: min {min(vals):.2f}, "
                          f"max {max(vals):.2f}.")
-        kinds = [*m["sources"], "random"]
-        lines += ["", "Refusal log-odds returned by ablating each direction (ablated − unlearned, all seven domains):", "",
-                  "| unlearned model | " + " | ".join(f"ablate {k}" for k in kinds) + " | cross vs random |",
-                  "|---|" + "---|" * (len(kinds) + 1)]
+        kinds = [*m["sources"], "random", "benign"]
+        lines += ["", f"Refusal log-odds returned by subtracting each direction at resid_post[{m.get('layer')}], at the "
+                  "norm of the model's own shift (subtracted − unlearned, all seven domains; benign = the direction "
+                  "the adapter moved benign prompts):", "",
+                  "| unlearned model | " + " | ".join(f"subtract {k}" for k in kinds) + " | cross vs random | "
+                  "cross vs benign |", "|---|" + "---|" * (len(kinds) + 2)]
         for model, rows in m["transfer"].items():
-            cross = "; ".join(f"{s}: {_test(rows[s]['pooled_vs_control'])}" for s in m["sources"] if s != model)
-            lines.append(f"| {model} | " + " | ".join(_test(rows[k]["pooled_returned"]) for k in kinds) + f" | {cross} |")
+            cross = [" ; ".join(f"{s}: {_test(rows[s]['pooled_vs'][c])}" for s in m["sources"] if s != model)
+                     for c in ("random", "benign")]
+            lines.append(f"| {model} | " + " | ".join(_test(rows[k]["pooled_returned"]) for k in kinds)
+                         + f" | {cross[0]} | {cross[1]} |")
         if m.get("steering"):
             lines.append("")
             for s, st in m["steering"].items():

@@ -190,3 +190,4 @@ def test_h11_uses_the_seven_targets_and_decides_with_them():
     assert h11.verdict(h11.prior_correlations(priors, ema)["response/loss"]["judge"])[0] == "not replicated"
     two = h11.prior_correlations(priors, {d: ema[d] for d in DOMAINS[:2]})["response/loss"]["judge"]
     assert h11.verdict(two)[0] == "inconclusive"
+
