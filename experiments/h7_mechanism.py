@@ -4,6 +4,8 @@ Questions: (a) how far does each domain's concept vector drift, per layer, when 
 unlearned; (b) does each domain's mean activation lose its projection on the base model's refusal
 direction; (c) does ablating the refusal direction alone reproduce unlearning's per-domain EMA
 pattern?
+Hypothesis: unlearning removes refusal mainly along the base refusal direction, so its EMA pattern
+follows the pattern that ablating that direction produces.
 Prediction: drift and projection loss concentrate in the layers after the refusal direction's
 source layer; over the six *untouched* domains, the drop under ablation correlates positively with
 the drop under NPO (the target is left out: its drop is what NPO trained for, not EMA; with six

@@ -191,3 +191,16 @@ def test_h11_uses_the_seven_targets_and_decides_with_them():
     two = h11.prior_correlations(priors, {d: ema[d] for d in DOMAINS[:2]})["response/loss"]["judge"]
     assert h11.verdict(two)[0] == "inconclusive"
 
+
+
+@pytest.mark.parametrize("name", ["h5_geometry_predicts_ema", "h6_prediction_guided_retain", "h7_mechanism",
+                                  "h8_transfer_matrix", "h11_mia_prior", "h12_misalignment_directions"])
+def test_experiment_modules_are_short_and_state_their_test(name):
+    import importlib
+    from pathlib import Path
+
+    module = importlib.import_module(f"experiments.{name}")
+    assert len(Path(module.__file__).read_text(encoding="utf-8").splitlines()) <= 150
+    for word in ("Hypothesis", "Prediction", "Falsified"):
+        assert word in module.__doc__
+    assert callable(module.main) and hasattr(module, "Config")
