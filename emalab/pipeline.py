@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evals.suite import DOMAINS
 from interp.config import ConfigError, JsonConfig
 from interp.io import append_jsonl, atomic_write_json, config_hash, ensure_writable_dir
 from study import StudyConfig
@@ -82,7 +83,9 @@ PRESETS: dict[str, PipelineConfig] = {
                           direction_layer_step=1, direction_positions=None, trajectory_every=2),
         experiments=FULL,
         overrides={"h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]},
-                   "h13_selectivity_frontier": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]}},
+                   "h13_selectivity_frontier": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]},
+                   # C5 on the 42 off-diagonal pairs of the 7×7 transfer matrix (the same runs as H8's).
+                   "h5_geometry_predicts_ema": {"targets": list(DOMAINS)}},
     ),
 }
 

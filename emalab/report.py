@@ -184,12 +184,19 @@ def _h5_table(results: Path) -> list[str]:
     m = latest_metrics(results, "h5_geometry_predicts_ema")
     if not m:
         return []
+    primary = m.get("primary", "logit")
     lines = ["## Geometry vs EMA (figure: ema_vs_similarity, similarity_layers)", "",
-             "| band | layers | ρ (judge drop) | p | 95% CI | ρ (logit drop) | p |", "|---|---|---|---|---|---|---|"]
+             f"Permutations within target; partial ρ controls each untouched domain's base refusal; primary "
+             f"measure: {primary} drop.", "",
+             "| band | layers | reliability | ρ (judge drop) | p | ρ (logit drop) | p | partial ρ (primary) | 95% CI | p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for band, b in m["bands"].items():
-        j, lg = b["judge"], b["logit"]
-        lines.append(f"| {band} | {b['layers'][0]}–{b['layers'][-1]} | {j['spearman']:.2f} | {j['p_perm_spearman']:.3f}"
-                     f" | [{j['ci_low']:.2f}, {j['ci_high']:.2f}] | {lg['spearman']:.2f} | {lg['p_perm_spearman']:.3f} |")
+        j, lg, pr = b["judge"], b["logit"], b.get(primary, {})
+        ci = pr.get("partial_ci") or [None, None]
+        lines.append(f"| {band} | {b['layers'][0]}–{b['layers'][-1]} | {_num(b.get('reliability'))} | "
+                     f"{_num(j['spearman'])} | {_num(j['p_perm_spearman'], '.3f')} | {_num(lg['spearman'])} | "
+                     f"{_num(lg['p_perm_spearman'], '.3f')} | {_num(pr.get('partial'))} | "
+                     f"[{_num(ci[0])}, {_num(ci[1])}] | {_num(pr.get('p_perm_partial'), '.3f')} |")
     lines += ["", "| target | domain | early sim | middle sim | late sim | drop (judge) | drop (logit) |",
               "|---|---|---|---|---|---|---|"]
     for p in m["points"]:
@@ -387,13 +394,17 @@ def _mishra(results: Path) -> list[str]:
         for key, vals in m["between_sources"].items():
             lines.append(f"Cosine between the {key.replace('|', ' and ')} shifts per layer: min {min(vals):.2f}, "
                          f"max {max(vals):.2f}.")
-        kinds = [*m["sources"], "random"]
-        lines += ["", "Refusal log-odds returned by ablating each direction (ablated − unlearned, all seven domains):", "",
-                  "| unlearned model | " + " | ".join(f"ablate {k}" for k in kinds) + " | cross vs random |",
-                  "|---|" + "---|" * (len(kinds) + 1)]
+        kinds = [*m["sources"], "random", "benign"]
+        lines += ["", f"Refusal log-odds returned by subtracting each direction at resid_post[{m.get('layer')}], at the "
+                  "norm of the model's own shift (subtracted − unlearned, all seven domains; benign = the direction "
+                  "the adapter moved benign prompts):", "",
+                  "| unlearned model | " + " | ".join(f"subtract {k}" for k in kinds) + " | cross vs random | "
+                  "cross vs benign |", "|---|" + "---|" * (len(kinds) + 2)]
         for model, rows in m["transfer"].items():
-            cross = "; ".join(f"{s}: {_test(rows[s]['pooled_vs_control'])}" for s in m["sources"] if s != model)
-            lines.append(f"| {model} | " + " | ".join(_test(rows[k]["pooled_returned"]) for k in kinds) + f" | {cross} |")
+            cross = [" ; ".join(f"{s}: {_test(rows[s]['pooled_vs'][c])}" for s in m["sources"] if s != model)
+                     for c in ("random", "benign")]
+            lines.append(f"| {model} | " + " | ".join(_test(rows[k]["pooled_returned"]) for k in kinds)
+                         + f" | {cross[0]} | {cross[1]} |")
         if m.get("steering"):
             lines.append("")
             for s, st in m["steering"].items():

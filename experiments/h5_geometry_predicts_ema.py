@@ -1,30 +1,44 @@
-"""H5 — early-layer concept geometry predicts which domains suffer EMA.
+"""H5 — early-layer concept geometry predicts which domains suffer EMA (claim C5).
 
 Hypothesis (Mushtaq et al.): domains whose concept vectors are more similar to the target's in the
 *early* layers of the base model lose more refusal when the target is unlearned.
-Prediction: across (target, untouched domain) pairs, the early-band cosine similarity of the two
-domains' concept vectors (domain − benign difference of means, base model) correlates positively
-with the domain's refusal drop; Spearman ρ > 0 with permutation p < 0.05 for the early band.
-Falsified if: ρ ≤ 0 in the early band. Positive but not significant is inconclusive. The middle
-and late bands are reported for contrast: the claim is specifically about early layers.
-When unlearning saturates the judged refusal (untouched domains at ≤5% refusal afterwards), the
-judged drop only restates each domain's baseline rate, so the logit drop becomes the primary
-measure; the metrics say which one the verdict used.
+Data: one point per (target, untouched domain) pair: 12 for the two targets of the quick preset, the
+42 off-diagonal cells of the 7×7 transfer matrix in the full preset (the same cached NPO runs as H8).
+Pre-registered primary analysis: the *logit* drop (base − unlearned mean refusal log-odds; unlike the
+judged drop it is not bounded by the domain's base rate); concept vectors domain − benign at the last
+prompt token (resid_post, base model); the mean cosine to the target's vector over the first third of
+the layers; the Spearman *partial* correlation of similarity and drop controlling the untouched
+domain's base refusal (same measure), with a p-value from permutations *within target* (drops
+shuffled among the untouched domains of one target; exact when there are few orderings).
+Prediction: that partial ρ is positive with permutation p < 0.05.
+Reliability: the per-layer cosine of concept vectors from the even vs the odd probe prompts,
+Spearman-Brown corrected, averaged over the band and domains; below 0.7 a band cannot carry a verdict.
+Falsified (not replicated) if the early band is reliable and the partial ρ is reliably ≤ 0 (bootstrap
+CI ≤ 0 or permutation p < 0.05); otherwise inconclusive. Reported beside it: the judged and relative
+(judged / base rate) drops, the plain ρ, the middle and late bands; an option: the domain − rest contrast.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from evals.stats import correlate
-from evals.suite import DOMAINS
+from safetensors.torch import load_file
+
+from evals.stats import grouped_correlation
+from evals.suite import DOMAINS, check_domain
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
+from probes.concepts import CONTRASTS, concept_reliability
 from probes.entanglement import BANDS, band_layers, early_similarity, similarity_matrix
 from study import Study, StudyConfig, claim, condition, paired_drop
 
 EXPERIMENT = "h5_geometry_predicts_ema"
+MEASURES = {"logit": "base_logit", "judge": "base_judge", "relative": "base_judge"}
+"""Drop measures and the base refusal each is controlled for."""
+PREREGISTERED = {"measure": "logit", "contrast": "benign", "position": "last"}
 SATURATED = 0.05
+
+__all__ = ["Config", "main", "points", "analyse", "verdict"]
 
 
 @dataclass
@@ -34,64 +48,103 @@ class Config(JsonConfig):
     study: StudyConfig = field(default_factory=StudyConfig)
     """Shared model, evaluation and training settings."""
     targets: tuple[str, ...] = ("cybersecurity", "safety")
-    """Unlearning targets whose untouched domains give the data points."""
+    """Unlearning targets whose untouched domains give the pairs (the full preset: all seven)."""
+    measure: str = "logit"
+    """Drop measure of the verdict: logit (pre-registered), judge, or relative (judged drop / base rate)."""
     contrast: str = "benign"
-    """Concept-vector contrast: benign (domain − benign) or rest (domain − other domains)."""
+    """Concept-vector contrast: benign (domain − benign; pre-registered) or rest (domain − other domains)."""
+    position: str = "last"
+    """Token position of the activations: last (last template token; pre-registered) or mean (over the prompt)."""
     n_perm: int = 10000
-    """Permutations for the p-value."""
+    """Permutations for the p-values (all orderings when there are at most 20000)."""
+    min_reliability: float = 0.7
+    """Smallest mean split-half reliability of a band that can carry the verdict."""
+
+    def __post_init__(self) -> None:
+        for name, options in (("measure", MEASURES), ("contrast", CONTRASTS), ("position", ("last", "mean"))):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
+        if self.position == "mean":
+            raise ValueError("position='mean' needs activations averaged over each prompt's tokens, which "
+                             "Study.activations does not collect (it stores the last prompt token only)")
+        if not self.targets:
+            raise ValueError("targets must name at least one domain")
+        for t in self.targets:
+            check_domain(t, allow_extra=False)
 
 
 def points(study: Study, targets: tuple[str, ...], contrast: str) -> list[dict]:
-    """One point per (target, untouched domain): band similarities and observed drops."""
+    """One point per (target, untouched domain): band similarities, drops and base refusal."""
     _, base = study.evaluate("base")
     concepts = study.concepts(contrast=contrast)
-    n_layers = len(concepts.layers)
     out = []
     for target in targets:
         cond = condition(study, target, "npo", (), base_records=base)
-        target_dir = concepts.direction(target)
-        sims = {band: early_similarity(concepts, target_dir, band, n_layers) for band in BANDS}
-        for d in DOMAINS:
-            if d == target:
-                continue
-            judged = paired_drop(cond["base"], cond["after"], d, "judge")
-            out.append({"target": target, "domain": d,
-                        "similarity": {band: sims[band][d] for band in BANDS},
-                        "drop_judge": judged["drop"], "after_judge": judged["after"],
-                        "drop_logit": paired_drop(cond["base"], cond["after"], d, "logit")["drop"]})
+        sims = {band: early_similarity(concepts, concepts.direction(target), band, len(concepts.layers))
+                for band in BANDS}
+        for d in (d for d in DOMAINS if d != target):
+            j, lg = (paired_drop(cond["base"], cond["after"], d, m) for m in ("judge", "logit"))
+            out.append({"target": target, "domain": d, "similarity": {band: sims[band][d] for band in BANDS},
+                        "drop_judge": j["drop"], "base_judge": j["before"], "after_judge": j["after"],
+                        "drop_relative": j["drop"] / j["before"] if j["before"] > 0 else None,
+                        "drop_logit": lg["drop"], "base_logit": lg["before"]})
     return out
+
+
+def analyse(pts: list[dict], n_layers: int, reliability: dict[str, float], n_perm: int = 10000) -> dict:
+    """Per band and measure: plain and partial Spearman ρ, permutations within target."""
+    groups = [p["target"] for p in pts]
+    bands = {}
+    for band in BANDS:
+        x = [p["similarity"][band] for p in pts]
+        bands[band] = {"layers": band_layers(band, n_layers), "reliability": reliability[band]}
+        for m, cov in MEASURES.items():
+            y = [float("nan") if p[f"drop_{m}"] is None else p[f"drop_{m}"] for p in pts]
+            a = grouped_correlation(x, y, groups, n_perm=n_perm).to_dict()
+            b = grouped_correlation(x, y, groups, covariates=[p[cov] for p in pts], n_perm=n_perm).to_dict()
+            bands[band][m] = {"spearman": a["r"], "p_perm_spearman": a["p_perm"], "ci_low": a["ci_low"],
+                              "ci_high": a["ci_high"], "partial": b["r"], "p_perm_partial": b["p_perm"],
+                              "partial_ci": [b["ci_low"], b["ci_high"]], "n": b["n"], "n_groups": b["n_groups"],
+                              "exact": b["exact"], "inconclusive": b["inconclusive"], "note": b["note"]}
+    return bands
+
+
+def verdict(stat: dict, reliability: float, min_reliability: float = 0.7) -> tuple[str, str]:
+    """C5's status from the early band's primary statistic (:func:`analyse`) and its reliability."""
+    if reliability < min_reliability:
+        return "inconclusive", f"the early band's concept vectors are unreliable ({reliability:.2f} < {min_reliability})"
+    r, p, (lo, hi) = stat["partial"], stat["p_perm_partial"], stat["partial_ci"]
+    if stat["inconclusive"] or r is None:
+        return "inconclusive", f"no partial correlation: {stat['note']}"
+    why = f"partial ρ={r:.2f} [{lo:.2f}, {hi:.2f}], within-target permutation p={p:.3f}, n={stat['n']}"
+    if r > 0 and p < 0.05:
+        return "replicated", why
+    if r <= 0 and ((hi is not None and hi <= 0) or p < 0.05):
+        return "not replicated", why
+    return "inconclusive", why
 
 
 def main(cfg: Config) -> dict:
     study = Study(cfg.study)
     pts = points(study, cfg.targets, cfg.contrast)
-    n_layers = len(study.concepts(contrast=cfg.contrast).layers)
-    bands = {}
-    for band in BANDS:
-        x = [p["similarity"][band] for p in pts]
-        bands[band] = {
-            "layers": band_layers(band, n_layers),
-            "judge": correlate(x, [p["drop_judge"] for p in pts], n_perm=cfg.n_perm).to_dict(),
-            "logit": correlate(x, [p["drop_logit"] for p in pts], n_perm=cfg.n_perm).to_dict(),
-        }
-    saturated = sum(p["after_judge"] for p in pts) / len(pts) <= SATURATED
-    primary = "logit" if saturated else "judge"
-    early = bands["early"][primary]
-    if early.get("inconclusive"):
-        status = "inconclusive"
-    elif early["spearman"] > 0 and early["p_perm_spearman"] < 0.05:
-        status = "replicated"
-    elif early["spearman"] <= 0:
-        status = "not replicated"
-    else:
-        status = "inconclusive"
-    evidence = (f"verdict on the {primary} drop" + (" (judged refusal saturated)" if saturated else "") + "; "
-                ) + "; ".join(
-        f"{b}: judge-drop ρ={m['judge']['spearman']:.2f} (p={m['judge']['p_perm_spearman']:.3f}), "
-        f"logit-drop ρ={m['logit']['spearman']:.2f} (p={m['logit']['p_perm_spearman']:.3f})"
-        for b, m in bands.items()) + f"; n={len(pts)} pairs"
-    similarity = similarity_matrix(study.concepts(contrast=cfg.contrast)).to_dict()
-    metrics = {"points": pts, "bands": bands, "primary": primary, "saturated": saturated, "contrast": cfg.contrast, "similarity": similarity, "claim": claim(
-        "C5", "Early-layer concept similarity to the target predicts EMA", status, evidence)}
+    concepts = study.concepts(contrast=cfg.contrast)
+    n_layers, acts = len(concepts.layers), load_file(study.activations())
+    rel = concept_reliability({d: acts[d] for d in DOMAINS}, acts["benign"], cfg.contrast, concepts.layers)
+    band_rel = {band: rel.mean(band_layers(band, n_layers)) for band in BANDS}
+    bands = analyse(pts, n_layers, band_rel, cfg.n_perm)
+    status, why = verdict(bands["early"][cfg.measure], band_rel["early"], cfg.min_reliability)
+    chosen = {"measure": cfg.measure, "contrast": cfg.contrast, "position": cfg.position}
+    pre = "pre-registered" if chosen == PREREGISTERED else f"NOT the pre-registered analysis ({PREREGISTERED})"
+    e = bands["early"]
+    evidence = (f"{cfg.measure} drop, {cfg.contrast} contrast, {cfg.position} token ({pre}): {why}; early-band "
+                f"reliability {band_rel['early']:.2f}; plain ρ early: " + ", ".join(
+                    f"{m} {e[m]['spearman']:.2f} (p={e[m]['p_perm_spearman']:.3f})" for m in MEASURES
+                    if e[m]["spearman"] is not None) + f"; {len(pts)} pairs over {len(cfg.targets)} targets")
+    metrics = {"points": pts, "bands": bands, "primary": cfg.measure, "preregistered": chosen == PREREGISTERED,
+               "saturated": sum(p["after_judge"] for p in pts) / len(pts) <= SATURATED,
+               "contrast": cfg.contrast, "position": cfg.position, "targets": list(cfg.targets),
+               "reliability": {"per_layer": rel.per_layer(), "bands": band_rel, "min": cfg.min_reliability},
+               "similarity": similarity_matrix(concepts).to_dict(),
+               "claim": claim("C5", "Early-layer concept similarity to the target predicts EMA", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics

@@ -3,9 +3,12 @@
 Hypothesis: if early-layer similarity to the target predicts which domains suffer EMA (H5), then
 spending a fixed retain budget on the k most at-risk domains contains EMA better than spending it
 on k random domains, and about as well as spreading it over all domains.
-Prediction: mean untouched-domain refusal drop (NPO + retain-CE) is smallest for the predicted
-k, larger for random k; "all" is reported as the reference at the same total budget.
-Falsified if: predicted-k contains no better than random-k (difference CI spans or is below zero).
+Prediction: mean untouched-domain refusal drop (NPO + retain-CE) is smaller for the predicted k
+than for random k: the paired difference predicted − random (averaged over the random draws; seeds
+× prompts CI) lies below zero in every target. "all" and "none" are reported as references.
+Falsified if: the difference lies above zero in every target (random choices contain EMA better).
+The rule is symmetric: either answer needs the CI to exclude zero in every target; anything else,
+including a CI that spans zero, is inconclusive.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from probes.entanglement import early_similarity
-from study import Study, StudyConfig, claim, condition, mean_drop
+from study import Study, StudyConfig, claim, condition, drop_contrast, mean_drop
 
 EXPERIMENT = "h6_prediction_guided_retain"
+
+__all__ = ["Config", "main", "verdict"]
 
 
 @dataclass
@@ -42,18 +47,25 @@ class Config(JsonConfig):
             raise ValueError(f"k must be between 1 and {len(DOMAINS) - 2}")
 
 
-def _claim(out: dict) -> dict:
-    """Point estimates only (one retain set per strategy, a few random draws): a loss for the predicted
-    choice in every target falsifies; a win is not confirmed without a paired test (inconclusive)."""
-    beats = [t["predicted_beats_random"] for t in out.values()]
-    status = "not replicated" if not any(beats) else "inconclusive"
+def verdict(out: dict) -> dict:
+    """C-L1 from each target's paired difference ``predicted_vs_random`` (``{"difference", "ci"}``,
+    predicted − random mean untouched drop): replicated if every CI is below 0, not replicated if
+    every CI is above 0, else inconclusive."""
+    cis = [t["predicted_vs_random"]["ci"] for t in out.values()]
+    if cis and all(hi < 0 for _, hi in cis):
+        status = "replicated"
+    elif cis and all(lo > 0 for lo, _ in cis):
+        status = "not replicated"
+    else:
+        status = "inconclusive"
     evidence = "; ".join(
-        f"{target}: mean untouched drop with retain on predicted {t['predicted']} "
-        f"{t['strategies']['predicted']['mean_untouched_drop']:.2f}, random "
-        f"{t['strategies']['random']['mean_untouched_drop']:.2f}, all {t['strategies']['all']['mean_untouched_drop']:.2f}, "
-        f"no retain {t['strategies']['none']['mean_untouched_drop']:.2f}" for target, t in out.items())
+        f"{target}: predicted {t['predicted']} − random mean untouched drop "
+        f"{t['predicted_vs_random']['difference']:+.2f} [{t['predicted_vs_random']['ci'][0]:.2f}, "
+        f"{t['predicted_vs_random']['ci'][1]:.2f}] (predicted {t['strategies']['predicted']['mean_untouched_drop']:.2f}, "
+        f"random {t['strategies']['random']['mean_untouched_drop']:.2f}, all {t['strategies']['all']['mean_untouched_drop']:.2f}, "
+        f"none {t['strategies']['none']['mean_untouched_drop']:.2f})" for target, t in out.items())
     return claim("L1", "Retain domains chosen by early-layer similarity contain EMA better than random ones "
-                 "at the same budget", status, evidence + " (point estimates, no CI)")
+                 "at the same budget", status, evidence)
 
 
 def main(cfg: Config) -> dict:
@@ -72,11 +84,12 @@ def main(cfg: Config) -> dict:
                       "random": [(r, cfg.per_domain) for r in randoms],
                       "all": [(tuple(untouched), max(1, budget // len(untouched)))],
                       "none": [((), None)]}
-        results = {}
+        results, conds = {}, {}
         for name, choices in strategies.items():
-            drops = []
+            drops, conds[name] = [], []
             for domains, per in choices:
                 cond = condition(study, target, "npo", domains, base_records=base, n_retain_per_domain=per)
+                conds[name].append(cond)
                 drops.append({"domains": list(domains), "per_domain": per,
                               "mean_untouched": mean_drop(cond["base"], cond["after"], untouched, "judge"),
                               "target": mean_drop(cond["base"], cond["after"], [target], "judge")})
@@ -84,8 +97,7 @@ def main(cfg: Config) -> dict:
                              "mean_untouched_drop": sum(d["mean_untouched"]["drop"] for d in drops) / len(drops),
                              "target_drop": sum(d["target"]["drop"] for d in drops) / len(drops)}
         out[target] = {"early_similarity": sims, "predicted": list(predicted), "strategies": results,
-                       "predicted_beats_random": results["predicted"]["mean_untouched_drop"]
-                       < results["random"]["mean_untouched_drop"]}
-    metrics = {"targets": out, "k": cfg.k, "budget": budget, "claim": _claim(out)}
+                       "predicted_vs_random": drop_contrast(conds["predicted"][0], conds["random"], untouched)}
+    metrics = {"targets": out, "k": cfg.k, "budget": budget, "claim": verdict(out)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics

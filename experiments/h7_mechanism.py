@@ -4,9 +4,13 @@ Questions: (a) how far does each domain's concept vector drift, per layer, when 
 unlearned; (b) does each domain's mean activation lose its projection on the base model's refusal
 direction; (c) does ablating the refusal direction alone reproduce unlearning's per-domain EMA
 pattern?
+Hypothesis: unlearning removes refusal mainly along the base refusal direction, so its EMA pattern
+follows the pattern that ablating that direction produces.
 Prediction: drift and projection loss concentrate in the layers after the refusal direction's
-source layer; the per-domain drop under ablation correlates positively with the drop under NPO.
-Falsified (c) if: ρ ≤ 0 between the two per-domain drop profiles.
+source layer; over the six *untouched* domains, the drop under ablation correlates positively with
+the drop under NPO (the target is left out: its drop is what NPO trained for, not EMA; with six
+points the permutation p enumerates all 720 orderings).
+Falsified (c) if: ρ ≤ 0 between the two untouched-domain drop profiles.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evals.stats import correlate
+from evals.stats import grouped_correlation
 from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
@@ -41,6 +45,14 @@ def _projection(means: dict, direction) -> dict[str, list[float]]:
     return out
 
 
+def untouched_correlation(ablation: dict[str, float], npo: dict[str, float], target: str) -> dict:
+    """Spearman ρ of the per-domain drops under ablation and under NPO over the domains other than
+    ``target`` (exact permutation p)."""
+    domains = [d for d in DOMAINS if d != target and d in ablation and d in npo]
+    c = grouped_correlation([ablation[d] for d in domains], [npo[d] for d in domains]).to_dict()
+    return {"spearman": c["r"], "p_perm_spearman": c["p_perm"], "domains": domains, **c}
+
+
 def main(cfg: Config) -> dict:
     study = Study(cfg.study)
     _, base = study.evaluate("base")
@@ -64,10 +76,8 @@ def main(cfg: Config) -> dict:
             "projection_before": base_proj, "projection_after": after_proj,
             "npo_drop": npo_drop,
             "ablation_vs_npo": {
-                "judge": correlate([ablation_drop[d]["drop"] for d in DOMAINS], [npo_drop[d] for d in DOMAINS],
-                                   n_perm=5000).to_dict(),
-                "logit": correlate([ablation_logit[d]["drop"] for d in DOMAINS], [npo_logit[d] for d in DOMAINS],
-                                   n_perm=5000).to_dict()},
+                "judge": untouched_correlation({d: v["drop"] for d, v in ablation_drop.items()}, npo_drop, target),
+                "logit": untouched_correlation({d: v["drop"] for d, v in ablation_logit.items()}, npo_logit, target)},
         }
     metrics = {"refusal_direction": {"layer": direction.meta.get("layer"), "position": direction.meta.get("position")},
                "ablation_drop": ablation_drop, "ablation_logit": ablation_logit, "targets": targets,

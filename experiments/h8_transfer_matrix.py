@@ -3,15 +3,17 @@
 Hypothesis: the refusal drop in domain j after unlearning domain i is predicted by the early-layer
 similarity of i and j, across all 42 ordered off-diagonal pairs.
 Prediction: Spearman ρ between the off-diagonal drop matrix and the early-layer similarity matrix
-is positive with permutation p < 0.05 (pairs are not independent; the p-value is indicative).
-Falsified if: ρ ≤ 0.
+is positive with permutation p < 0.05, the drops shuffled within each row (target), since the pairs
+of one unlearning run are not independent.
+Falsified if: ρ ≤ 0. The claim itself is tested, on these same 42 pairs, by H5 (C5) with the
+full preset: base-refusal partial correlation and split-half reliability of the concept vectors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from evals.stats import correlate
+from evals.stats import grouped_correlation
 from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
@@ -44,9 +46,13 @@ def main(cfg: Config) -> dict:
         for band in BANDS:
             sims[band][target] = early_similarity(concepts, concepts.direction(target), band, n_layers)
     pairs = [(i, j) for i in cfg.targets for j in DOMAINS if i != j]
-    corr = {band: {"judge": correlate([sims[band][i][j] for i, j in pairs], [drops[i][j] for i, j in pairs]).to_dict(),
-                   "logit": correlate([sims[band][i][j] for i, j in pairs], [logit[i][j] for i, j in pairs]).to_dict()}
-            for band in BANDS}
+    rows = [i for i, _ in pairs]
+
+    def rho(band: str, y: dict) -> dict:
+        c = grouped_correlation([sims[band][i][j] for i, j in pairs], [y[i][j] for i, j in pairs], rows).to_dict()
+        return {"spearman": c["r"], "p_perm_spearman": c["p_perm"], **c}
+
+    corr = {band: {"judge": rho(band, drops), "logit": rho(band, logit)} for band in BANDS}
     metrics = {"rows": list(cfg.targets), "cols": list(DOMAINS), "drop_judge": drops, "drop_logit": logit,
                "similarity": sims, "correlation": corr}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)

@@ -1,5 +1,6 @@
 """H12: geometry of the compliance shift (cross-layer cosine, cosine with the refusal direction) and
-how much refusal each ablation returns in each unlearned model (own / other source / random)."""
+how much refusal subtracting each direction returns in each unlearned model (own / other source /
+random / benign-shift controls)."""
 
 from __future__ import annotations
 
@@ -37,20 +38,20 @@ def make(results: Path, out: Path) -> list[Path]:
     ax.legend(frameon=False, fontsize=5)
     ax = axes[1][1]
     models = list(metrics["transfer"])
-    kinds = [*sources, "random"]
+    kinds = [*sources, *(k for k in ("random", "benign") if k in metrics["transfer"][models[0]])]
     width = 0.8 / len(kinds)
-    palette = dict(zip(kinds, [*sns.color_palette("deep", len(sources)), (0.6, 0.6, 0.6)]))
+    palette = dict(zip(kinds, [*sns.color_palette("deep", len(sources)), (0.6, 0.6, 0.6), (0.8, 0.75, 0.6)]))
     for k, kind in enumerate(kinds):
         rows = [metrics["transfer"][m][kind]["pooled_returned"] for m in models]
         mean = np.array([r["mean_diff"] or 0.0 for r in rows])
         err = [mean - np.array([r["ci_low"] if r["ci_low"] is not None else 0.0 for r in rows]),
                np.array([r["ci_high"] if r["ci_high"] is not None else 0.0 for r in rows]) - mean]
         ax.bar(np.arange(len(models)) + (k - (len(kinds) - 1) / 2) * width, mean, width, yerr=err, capsize=1.5,
-               color=palette[kind], label=f"ablate {DOMAIN_LABELS.get(kind, kind)}" + (" shift" if kind != "random"
-                                                                                         else ""), error_kw={"lw": 0.6})
+               color=palette[kind], label=f"subtract {DOMAIN_LABELS.get(kind, kind)}"
+               + (" shift" if kind in sources else " control"), error_kw={"lw": 0.6})
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(np.arange(len(models)), [f"NPO-{DOMAIN_LABELS.get(m, m)}" for m in models])
-    ax.set(ylabel="refusal log-odds returned", title="transfer: ablation in each unlearned model")
+    ax.set(ylabel="refusal log-odds returned", title=f"transfer: subtracted at resid_post[{metrics.get('layer')}]")
     ax.legend(frameon=False, fontsize=5)
     for extra in axes[0][len(sources):]:
         extra.axis("off")

@@ -4,6 +4,11 @@ A domain's concept vector is a difference of means of last-token activations:
 ``contrast="benign"`` — the domain's harmful prompts minus benign prompts; ``contrast="rest"`` —
 the domain minus the pooled other domains (what is specific to the domain, not to harm in general).
 
+Split-half reliability (:func:`concept_reliability`): each set is split into two deterministic
+halves, concept vectors are built from each half, and the per-layer cosine between the halves'
+vectors, Spearman-Brown corrected, says how well the full set pins the vector down. A layer whose
+vectors are not reliable cannot carry a claim about their geometry.
+
 Probe accuracy is cross-validated (stratified, seeded folds). Two fitters share the folds and the
 objective (L2 logistic regression on standardised features): ``"logistic"`` (default) runs
 scikit-learn once per layer × fold; ``"batched"`` solves every layer at once by Newton's method in
@@ -36,7 +41,9 @@ __all__ = [
     "CONTRASTS",
     "ConceptVectors",
     "ProbeAccuracy",
+    "Reliability",
     "concept_vectors",
+    "concept_reliability",
     "probe_accuracy",
 ]
 
@@ -174,6 +181,57 @@ def concept_vectors(
     if contrast == "benign":
         info["n_benign"] = len(_tensor(benign))
     return ConceptVectors((diff / norms[..., None]).to(dtype), norms.to(dtype), names, layers, contrast, info)
+
+
+@dataclass
+class Reliability:
+    """Split-half reliability of concept vectors: ``corrected[c, j]`` for ``concepts[c]`` at ``layers[j]``."""
+
+    split_half: Float[Tensor, "concept layer"]
+    """Cosine between the unit vectors built from the two halves (float64)."""
+    corrected: Float[Tensor, "concept layer"]
+    """The same, Spearman-Brown corrected to the full set's size."""
+    concepts: list[str]
+    layers: list[int]
+    n_halves: dict[str, list[int]]
+    """Items in each half, per set (benign included for ``contrast="benign"``)."""
+
+    def mean(self, layers: Sequence[int] | None = None) -> float:
+        """Mean corrected reliability over ``layers`` (default: all) and every concept."""
+        cols = [self.layers.index(layer) for layer in (self.layers if layers is None else layers)]
+        return float(self.corrected[:, cols].mean())
+
+    def per_layer(self) -> list[float]:
+        """Mean corrected reliability over concepts, per layer."""
+        return self.corrected.mean(0).tolist()
+
+
+def concept_reliability(
+    harmful: Mapping[str, ActsLike], benign: ActsLike | None = None, contrast: str = "benign",
+    layers: Sequence[int] | None = None,
+) -> Reliability:
+    """Split-half reliability of :func:`concept_vectors` per concept per layer.
+
+    Every set (each domain, and benign) is split into its even and odd items
+    (:func:`evals.stats.split_half`, so deterministic); concept vectors are built from the first
+    halves and from the second halves alone (so the two share no item, the contrast's included),
+    and their per-layer cosine is corrected with Spearman-Brown (:func:`evals.stats.spearman_brown`).
+    """
+    from evals.stats import spearman_brown, split_half
+
+    _check_inputs(harmful, benign, contrast)
+    layers = _layers_of(harmful, benign, layers)
+    sets = {**{n: _tensor(a) for n, a in harmful.items()}, **({"benign": _tensor(benign)} if benign is not None
+                                                             and contrast == "benign" else {})}
+    halves = {n: split_half(len(t)) for n, t in sets.items()}
+    vecs = []
+    for k in (0, 1):
+        part = {n: sets[n][torch.as_tensor(halves[n][k])] for n in harmful}
+        ref = sets["benign"][torch.as_tensor(halves["benign"][k])] if "benign" in sets else None
+        vecs.append(concept_vectors(part, ref, contrast, layers).vectors.double())
+    cos = (vecs[0] * vecs[1]).sum(-1).clamp(-1.0, 1.0)
+    return Reliability(cos, torch.as_tensor(spearman_brown(cos.numpy()), dtype=torch.float64), list(harmful),
+                       list(layers), {n: [len(h[0]), len(h[1])] for n, h in halves.items()})
 
 
 @dataclass

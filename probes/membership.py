@@ -9,8 +9,9 @@ Pure functions of ``(logprobs, mask)`` as produced by :func:`interp.logprobs.tok
 * :func:`min_k_percent` — mean log-prob of the ``k`` fraction of least likely tokens (Shi et al.
   2024, Min-K% Prob); **higher = more familiar** (the paper's orientation).
 
-:func:`membership_scores` bundles the three per text; :func:`relative_to` subtracts a reference
-set's means (e.g. benign prompts), the base-model-adjusted variant that removes what is common
+:func:`membership_scores` bundles the three per text; :func:`prompt_response_scores` scores a
+model on prompts alone, on responses given their prompts and on the difference (the three
+:data:`FORMS`); :func:`relative_to` subtracts a reference set's means (e.g. benign prompts), the base-model-adjusted variant that removes what is common
 to every prompt under the template. Statistics are computed in float64.
 """
 
@@ -27,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "STATISTICS",
+    "FORMS",
     "HIGHER_IS_FAMILIAR",
     "MembershipScores",
     "loss",
@@ -34,10 +36,14 @@ __all__ = [
     "zlib_ratio",
     "min_k_percent",
     "membership_scores",
+    "prompt_response_scores",
+    "form_means",
     "relative_to",
 ]
 
 STATISTICS = ("loss", "zlib", "min_k")
+FORMS = ("prompt", "response", "response_minus_prompt")
+"""What is scored: the user message alone, the response given it, and response minus prompt per text."""
 HIGHER_IS_FAMILIAR = {"loss": False, "zlib": False, "min_k": True}
 """Orientation of each statistic: whether a larger value means the model finds the text more familiar."""
 
@@ -123,6 +129,30 @@ def membership_scores(
     """LOSS, zlib ratio and Min-K% of every row."""
     return MembershipScores(loss(logprobs, mask), zlib_ratio(logprobs, mask, texts), min_k_percent(logprobs, mask, k),
                             mask.bool().sum(-1), k)
+
+
+def prompt_response_scores(lm, prompts: Sequence[str], responses: Sequence[str], k: float = 0.2,
+                           batch_size: int = 16) -> dict[str, dict[str, list[float]]]:
+    """Per-text statistics of each :data:`FORMS` entry: ``{form: {statistic: [value per text]}}``.
+
+    ``prompt`` scores the user messages alone, ``response`` each response given its prompt (under the
+    chat template, via :func:`interp.logprobs.token_logprobs`), ``response_minus_prompt`` their
+    per-text difference (the response's familiarity beyond the request's).
+    """
+    from interp.logprobs import token_logprobs
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    tp = token_logprobs(lm, list(prompts), batch_size=batch_size)
+    tr = token_logprobs(lm, list(prompts), list(responses), batch_size=batch_size)
+    p, r = (membership_scores(t.logprobs, t.mask, t.texts, k) for t in (tp, tr))
+    return {"prompt": {s: p.get(s).tolist() for s in STATISTICS}, "response": {s: r.get(s).tolist() for s in STATISTICS},
+            "response_minus_prompt": {s: (r.get(s) - p.get(s)).tolist() for s in STATISTICS}}
+
+
+def form_means(scores: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, dict[str, float]]:
+    """Mean of every statistic of every form in a :func:`prompt_response_scores` result."""
+    return {form: {s: float(sum(scores[form][s]) / len(scores[form][s])) for s in STATISTICS} for form in FORMS}
 
 
 def relative_to(scores: MembershipScores | Mapping[str, float], reference: MembershipScores | Mapping[str, float]

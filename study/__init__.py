@@ -4,7 +4,8 @@ public names only."""
 
 from study.conditions import condition, evaluate_sets, operating_step, pooled, save_records, suite_sets
 from study.core import Study, StudyConfig, adapter_id_of
-from study.verdicts import claim, drop_difference, mean_drop, paired_drop
+from study.verdicts import claim, drop_contrast, drop_difference, mean_drop, paired_drop
 
 __all__ = ["StudyConfig", "Study", "adapter_id_of", "suite_sets", "evaluate_sets", "pooled", "condition",
-           "operating_step", "save_records", "paired_drop", "mean_drop", "drop_difference", "claim"]
+           "operating_step", "save_records", "paired_drop", "mean_drop", "drop_difference", "drop_contrast",
+           "claim"]

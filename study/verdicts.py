@@ -7,7 +7,7 @@ import numpy as np
 
 from evals.evaluate import PromptRecord
 
-__all__ = ["paired_drop", "mean_drop", "drop_difference", "claim"]
+__all__ = ["paired_drop", "mean_drop", "drop_difference", "drop_contrast", "claim"]
 
 
 def _refused(records: list[PromptRecord], domain: str) -> dict[str, float]:
@@ -111,6 +111,28 @@ def drop_difference(first: dict, second: dict, domains: list[str], measure: str 
         mats.append(m1 - m2)
     diff, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
     return {"difference": diff, "ci": ci, "domains": list(domains), "n_seeds": n_s}
+
+
+def drop_contrast(first: dict, others: list[dict], domains: list[str], measure: str = "judge",
+                  n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean drop of condition ``first`` minus the mean over ``others`` of theirs, over ``domains``.
+
+    Like :func:`drop_difference` (the case of one other), paired prompt by prompt and seed by seed,
+    and the two-level CI resamples seeds and prompts once for every condition, so a contrast with
+    several draws of a comparison condition (e.g. random choices) keeps its pairing.
+    """
+    if not others:
+        raise ValueError("drop_contrast needs at least one condition to compare with")
+    mats = []
+    for d in domains:
+        m1 = _drop_matrix(first["base"], first["after"], d, measure)[0]
+        rest = [_drop_matrix(o["base"], o["after"], d, measure)[0] for o in others]
+        if any(m.shape != m1.shape for m in rest):
+            raise ValueError(f"{d}: the conditions differ in seeds or prompts ({m1.shape} vs "
+                             f"{sorted({m.shape for m in rest})}); compare conditions evaluated on the same prompts")
+        mats.append(m1 - np.mean(rest, axis=0))
+    diff, ci, n_s = _domain_mean_ci(mats, n_boot, seed)
+    return {"difference": diff, "ci": ci, "domains": list(domains), "n_seeds": n_s, "n_others": len(others)}
 
 
 def claim(cid: str, text: str, status: str, evidence: str) -> dict:

@@ -28,28 +28,47 @@ def _write(results, exp, metrics):
     (results / exp / "latest").symlink_to("run0")
 
 
-def make_results(results):
-    targets = ("cybersecurity", "safety")
-    conds = ("npo", "npo_retain", "sft")
-    _write(results, "h1_narrow_unlearning", {"claim": _claim("C1", "replicated")})
-    _write(results, "h4_retain_contains_ema", {"claim": _claim("C4", "not replicated"), "targets": {
+H4_CONDITIONS = {"cybersecurity": ("npo", "npo_retain", "sft", "npo_retain_a1", "npo_retain_a30"),
+                 "safety": ("npo", "npo_retain")}
+
+
+def h4_metrics(results):
+    return {"claim": _claim("C4", "not replicated"), "targets": {
         t: {"conditions": {c: {d: _drop() for d in DOMAINS} for c in conds},
             "mean_untouched": {c: {"drop": 0.3, "ci": [0.2, 0.4]} for c in conds}, "recovery": 0.5,
             "target_refusal_with_retain": 0.1, "runs": {c: [str(results / "nope")] for c in conds},
             "passing_conditions": [],
             "alpha_sweep": [{"alpha": a, "target_refusal": 0.1, "untouched_refusal": 0.2, "target_logit": -1.0,
                              "untouched_logit": -0.5} for a in ((0.0, 1.0, 10.0) if t == "cybersecurity" else (0.0, 10.0))]}
-        for t in targets}})
-    bands = {b: {"layers": ls, "judge": {"spearman": 0.4, "p_perm_spearman": 0.1, "ci_low": -0.1, "ci_high": 0.8},
-                 "logit": {"spearman": 0.3, "p_perm_spearman": 0.2}}
-             for b, ls in (("early", [0, 7]), ("middle", [8, 15]), ("late", [16, 23]))}
-    points = [{"target": t, "domain": d, "similarity": {b: R.uniform(-1, 1) for b in bands},
-               "drop_judge": R.random(), "drop_logit": R.random()} for t in targets for d in DOMAINS if d != t]
+        for t, conds in H4_CONDITIONS.items()}}
+
+
+def h5_metrics():
+    from experiments.h5_geometry_predicts_ema import analyse
+
+    targets = ("cybersecurity", "safety")
+    points = []
+    for t in targets:
+        for d in DOMAINS:
+            if d != t:
+                base = R.random()
+                points.append({"target": t, "domain": d, "similarity": {b: R.uniform(-1, 1) for b in
+                                                                         ("early", "middle", "late")},
+                               "drop_judge": base * R.random(), "base_judge": base, "after_judge": 0.1,
+                               "drop_relative": R.random() if base > 0.2 else None, "drop_logit": R.random(),
+                               "base_logit": R.uniform(-2, 2)})
     sim = [[[1.0 if i == j else 0.3 for j in range(7)] for i in range(7)] for _ in range(24)]
-    _write(results, "h5_geometry_predicts_ema", {"claim": _claim("C5", "inconclusive"), "bands": bands,
-                                                 "points": points, "similarity": {"names": list(DOMAINS),
-                                                                                  "layers": list(range(24)),
-                                                                                  "matrix": sim}})
+    rel = {"early": 0.8, "middle": 0.9, "late": 0.6}
+    return {"claim": _claim("C5", "inconclusive"), "bands": analyse(points, 24, rel, n_perm=200), "points": points,
+            "primary": "logit", "reliability": {"per_layer": [0.8] * 24, "bands": rel, "min": 0.7},
+            "similarity": {"names": list(DOMAINS), "layers": list(range(24)), "matrix": sim}}
+
+
+def make_results(results):
+    targets = ("cybersecurity", "safety")
+    _write(results, "h1_narrow_unlearning", {"claim": _claim("C1", "replicated")})
+    _write(results, "h4_retain_contains_ema", h4_metrics(results))
+    _write(results, "h5_geometry_predicts_ema", h5_metrics())
     proj = {d: [R.random() for _ in range(24)] for d in (*DOMAINS, "benign")}
     _write(results, "h7_mechanism", {
         "refusal_direction": {"layer": 12, "position": -1},
@@ -73,6 +92,21 @@ def test_figures_from_saved_results(tmp_path):
             "transfer_matrix"} <= names
     assert all(p.stat().st_size > 1000 for p in paths)
     assert {p.suffix for p in paths} == {".png", ".pdf"}
+
+
+def test_ema_drops_legend_names_every_drawn_condition(tmp_path):
+    from figures.ema_drops import draw, label
+    from figures.style import plt
+
+    fig = draw(h4_metrics(tmp_path))
+    (legend,) = fig.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    drawn = {c for conds in H4_CONDITIONS.values() for c in conds}
+    assert sorted(texts) == sorted(label(c) for c in drawn) and len(set(texts)) == len(drawn) == 5
+    assert "NPO + retain-CE, α=30" in texts
+    bars = [p for ax in fig.axes for p in ax.patches]
+    assert len(bars) == sum(len(c) for c in H4_CONDITIONS.values()) * len(DOMAINS)
+    plt.close(fig)
 
 
 def test_figures_skip_missing_experiments(tmp_path):
@@ -124,19 +158,6 @@ def test_h4_dose_response_orders_alphas_and_averages_records():
     assert [p["untouched_refusal"] for p in pts] == [0.0, 0.5, 0.5]
     assert [p["target_refusal"] for p in pts] == [0.0, 0.0, 1.0]
     assert pts[2]["untouched_logit"] == 1.0
-
-
-def test_h6_claim_is_falsified_by_a_loss_and_never_confirmed_without_a_test():
-    from experiments.h6_prediction_guided_retain import _claim
-
-    def target(pred, rand):
-        strat = {k: {"mean_untouched_drop": v} for k, v in (("predicted", pred), ("random", rand), ("all", 0.2),
-                                                             ("none", 0.5))}
-        return {"predicted": ["a", "b"], "strategies": strat, "predicted_beats_random": pred < rand}
-
-    assert _claim({"x": target(0.4, 0.3), "y": target(0.5, 0.5)})["status"] == "not replicated"
-    assert _claim({"x": target(0.1, 0.3), "y": target(0.5, 0.5)})["status"] == "inconclusive"
-    assert _claim({"x": target(0.1, 0.3)})["status"] == "inconclusive"
 
 
 def test_figures_command_rewrites_the_report(tmp_path, capsys):

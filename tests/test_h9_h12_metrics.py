@@ -10,6 +10,7 @@ import pytest
 
 from emalab.report import _mishra, render_report
 from evals.evaluate import PromptRecord
+from evals.stats import recovery
 from evals.suite import DOMAINS
 from experiments import h9_backdoor as h9
 from experiments import h10_alignment_scores as h10
@@ -199,24 +200,21 @@ def _logits(offset: float, seed: int) -> dict:
     return {f"{d}-{i}": (d, float(offset + rng.normal(0, 0.1))) for d in DOMAINS for i in range(8)}
 
 
-def test_transfer_row_by_hand():
-    base, unl, abl = _logits(3.0, 0), _logits(1.0, 0), _logits(2.0, 0)
-    row = h12.transfer_row(base, unl, abl, control=_logits(1.0, 0))
-    assert row["pooled_returned"]["mean_diff"] == pytest.approx(1.0)
-    assert row["pooled_fraction"] == pytest.approx(0.5)
-    assert row["domains"]["bias"]["fraction"] == pytest.approx(0.5)
-    assert row["pooled_vs_control"]["mean_diff"] == pytest.approx(1.0) and row["pooled_vs_control"]["ci_low"] > 0
-    # no unlearning gap: no fraction
-    assert h12.transfer_row(unl, unl, abl)["pooled_fraction"] is None
+def test_matching_layer_is_the_stream_the_direction_was_read_from():
+    assert h12.matching_layer({"layer": 9, "site": "resid_pre"}) == 8  # resid_pre[9] is resid_post[8]
+    assert h12.matching_layer({"layer": 9, "site": "resid_post"}) == 9
+    assert h12.matching_layer({"layer": 0}) == 0
 
 
-def _h12_metrics():
+def _h12_metrics(cross: tuple[float, float] = (1.8, 1.8)):
     sources = ["cybersecurity", "safety"]
     L = 6
     base, unl = _logits(3.0, 0), _logits(1.0, 1)
-    transfer = {m: {"random": h12.transfer_row(base, unl, _logits(1.0, 2)),
-                    **{s: h12.transfer_row(base, unl, _logits(2.5 if s == m else 1.8, 3), control=_logits(1.0, 2))
-                       for s in sources}} for m in sources}
+    controls = {"random": _logits(1.0, 2), "benign": _logits(1.2, 4)}
+    transfer = {m: {**{k: recovery(base, unl, v) for k, v in controls.items()},
+                    **{s: recovery(base, unl, _logits(2.5 if s == m else cross[k], 3),
+                                   controls=None if s == m else controls) for s in sources}}
+                for k, m in enumerate(sources)}
     geometry = {s: {"norms": [float(i + 1) for i in range(L)],
                     "cross_layer_cosine": [[1.0 if i == j else 0.5 for j in range(L)] for i in range(L)],
                     "cosine_refusal": [R.uniform(-1, 1) for _ in range(L)],
@@ -224,15 +222,19 @@ def _h12_metrics():
                 for s in sources}
     steering = {s: {"layer": 3, "norm": 4.0, "drop": {d: 0.5 for d in DOMAINS},
                     "drop_random": {d: 0.0 for d in DOMAINS}, "drop_vs_random": {}} for s in sources}
-    return {"sources": sources, "layers": list(range(L)), "refusal_direction": 2, "geometry": geometry,
-            "between_sources": {"cybersecurity|safety": [0.4] * L}, "transfer": transfer,
-            "base_ablation_drop": {s: {d: 0.1 for d in DOMAINS} for s in sources}, "steering": steering,
-            "judged": None, "claim": h12._verdict(transfer, sources)}
+    return {"sources": sources, "layers": list(range(L)), "refusal_direction": 2, "layer": 1, "site": "resid_post",
+            "geometry": geometry, "between_sources": {"cybersecurity|safety": [0.4] * L}, "transfer": transfer,
+            "steering": steering, "claim": h12.verdict(transfer, sources, 1)}
 
 
-def test_h12_verdict():
-    m = _h12_metrics()
-    assert m["claim"]["id"] == "D1" and m["claim"]["status"] == "replicated"
+@pytest.mark.parametrize("cross,status", [((1.8, 1.8), "replicated"), ((1.8, 1.1), "inconclusive"),
+                                          ((1.1, 1.1), "not replicated"), ((0.9, 0.9), "not replicated")])
+def test_h12_verdict_needs_both_controls(cross, status):
+    # The random control returns 0, the benign-shift control 0.2 log-odds: a transfer of 0.1 beats random
+    # only, and that is no transfer beyond what the adapter does to every prompt.
+    m = _h12_metrics(cross)
+    assert m["claim"]["id"] == "D1" and m["claim"]["status"] == status
+    assert "resid_post[1]" in m["claim"]["evidence"] and "vs benign" in m["claim"]["evidence"]
 
 
 # -- figures and report --------------------------------------------------------------------------
@@ -269,5 +271,5 @@ def test_report_sections(tmp_path):
         assert heading in text
     for cid in ("B1", "A1", "M1", "D1"):
         assert f"| {cid} |" in text  # the claims table
-    assert "response/loss (primary)" in text and "cross vs random" in text
+    assert "response/loss (primary)" in text and "cross vs random" in text and "cross vs benign" in text
     assert "nan" not in text.lower().replace("finance", "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,18 @@ def test_real_model_own_greedy_answers_are_familiar(real_model):
     tl = token_logprobs(real_model, prompts * 2, answers + shuffled)
     s = membership_scores(tl.logprobs, tl.mask, tl.texts)
     assert (s.loss[:2] < 1.0).all() and (s.loss[:2] < s.loss[2:]).all() and (s.min_k[:2] > s.min_k[2:]).all()
+
+
+def test_prompt_response_scores_forms_and_means(tiny_qwen):
+    from probes.membership import FORMS, form_means, prompt_response_scores
+
+    prompts, responses = ["How do I bake bread?", "Name a colour."], ["Knead, rise, bake.", "Blue."]
+    scores = prompt_response_scores(tiny_qwen, prompts, responses, k=0.5, batch_size=2)
+    assert set(scores) == set(FORMS) and all(len(scores[f]["loss"]) == 2 for f in FORMS)
+    tp = token_logprobs(tiny_qwen, prompts)
+    assert scores["prompt"]["loss"] == pytest.approx(loss(tp.logprobs, tp.mask).tolist())
+    diff = np.array(scores["response"]["min_k"]) - np.array(scores["prompt"]["min_k"])
+    assert scores["response_minus_prompt"]["min_k"] == pytest.approx(diff.tolist())
+    assert form_means(scores)["response"]["zlib"] == pytest.approx(np.mean(scores["response"]["zlib"]))
+    with pytest.raises(ValueError, match="prompts for"):
+        prompt_response_scores(tiny_qwen, prompts, responses[:1])

@@ -102,3 +102,28 @@ def test_probe_rest_contrast_and_folds_are_seeded():
     a = probe_accuracy(domains, contrast="rest", seed=3)
     b = probe_accuracy(domains, contrast="rest", seed=3)
     assert a.accuracy == b.accuracy and a.n_neg["a"] == 60 and (a.as_array() > 0.8).all()
+
+
+def test_split_half_reliability_is_high_for_a_planted_axis_and_low_for_noise():
+    from probes.concepts import concept_reliability
+
+    domains, benign, _ = planted_domains(n=200, shift=4.0)
+    rel = concept_reliability(domains, benign)
+    assert rel.concepts == ["a", "b", "c"] and rel.corrected.shape == (3, L) and rel.n_halves["benign"] == [100, 100]
+    assert rel.mean() > 0.95 and (rel.corrected >= rel.split_half).all()  # Spearman-Brown raises r in (0, 1)
+    noise = {k: torch.randn(200, L, D) for k in ("a", "b", "c")}
+    low = concept_reliability(noise, torch.randn(200, L, D))
+    assert abs(low.mean()) < 0.3 and len(low.per_layer()) == L
+    # The halves share nothing: shifting only the odd benign items moves the two halves apart.
+    odd = benign.clone()
+    odd[1::2] += 50.0 * torch.linalg.qr(torch.randn(D, 1)).Q.T[0]
+    assert concept_reliability(domains, odd).mean() < rel.mean() - 0.5
+
+
+def test_split_half_reliability_rest_contrast_and_layers():
+    from probes.concepts import concept_reliability
+
+    domains, _, _ = planted_domains(n=200)
+    rel = concept_reliability(domains, contrast="rest")
+    assert rel.mean() > 0.9 and "benign" not in rel.n_halves
+    assert rel.mean([0]) == pytest.approx(float(rel.corrected[:, 0].mean()))

@@ -121,3 +121,109 @@ def test_newcombe_paired_ci_never_collapses_is_antisymmetric_and_covers():
     assert hits / sims > 0.92
     with pytest.raises(ValueError, match="0/1"):
         newcombe_paired_ci([0.5], [1])
+
+
+# -- within-group permutations, partial correlation, split-half reliability --------------------------
+
+
+def test_exact_within_group_permutation_p_by_hand():
+    from evals.stats import grouped_correlation
+
+    x = y = [1.0, 2.0, 3.0, 4.0]
+    # One group: 4! = 24 orderings; |ρ| >= 1 only for the identity and the reversal.
+    one = grouped_correlation(x, y, n_boot=50)
+    assert one.exact and one.n_perm == 24 and one.r == pytest.approx(1.0) and one.p_perm == pytest.approx(2 / 24)
+    # Two groups {1,2}, {3,4}: 2!·2! = 4 orderings with ρ = 1, 0.8, 0.8, 0.6; only the identity reaches 1.
+    two = grouped_correlation(x, y, groups=["a", "a", "b", "b"], n_boot=50)
+    assert two.exact and two.n_perm == 4 and two.n_groups == 2 and two.p_perm == pytest.approx(1 / 4)
+
+
+def test_within_group_permutations_enumerate_or_sample_and_keep_groups():
+    from evals.stats import within_group_permutations
+
+    groups = np.array(["a", "b", "a", "b", "a"])
+    perms, exact = within_group_permutations(groups, 5)
+    assert exact and perms.shape == (12, 5) and len({tuple(p) for p in perms}) == 12  # 3! · 2!
+    assert (groups[perms] == groups).all()
+    sampled, exact = within_group_permutations(groups, 5, n_perm=300, seed=1, exact_max=5)
+    assert not exact and sampled.shape == (300, 5) and (groups[sampled] == groups).all()
+    assert np.array_equal(sampled, within_group_permutations(groups, 5, n_perm=300, seed=1, exact_max=5)[0])
+    assert np.array_equal(np.sort(sampled, axis=1), np.tile(np.arange(5), (300, 1)))
+
+
+def test_partial_correlation_matches_the_closed_form_and_vanishes_when_the_covariate_explains():
+    from evals.stats import grouped_correlation, partial_correlation
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=60)
+    x, y = z + 0.3 * rng.normal(size=60), z + 0.3 * rng.normal(size=60)  # related only through z
+    rxy, rxz, ryz = (pearsonr(a, b).statistic for a, b in ((x, y), (x, z), (y, z)))
+    closed = (rxy - rxz * ryz) / math.sqrt((1 - rxz ** 2) * (1 - ryz ** 2))
+    assert partial_correlation(x, y, z, method="pearson") == pytest.approx(closed, abs=1e-12)
+    assert partial_correlation(x, y, method="pearson") == pytest.approx(rxy, abs=1e-12)
+    plain = grouped_correlation(x, y, n_perm=2000, n_boot=300)
+    part = grouped_correlation(x, y, covariates=z, n_perm=2000, n_boot=300)
+    assert plain.r > 0.8 and plain.p_perm < 0.01 and not plain.partial
+    assert part.partial and abs(part.r) < 0.2 and part.p_perm > 0.05 and part.ci_low < 0 < part.ci_high
+
+
+def test_partial_correlation_keeps_a_direct_effect():
+    from evals.stats import grouped_correlation
+
+    rng = np.random.default_rng(1)
+    x, z = rng.normal(size=50), rng.normal(size=50)
+    y = x + 0.5 * rng.normal(size=50) + 0 * z
+    part = grouped_correlation(x, y, covariates=z, n_perm=2000, n_boot=300)
+    assert part.r > 0.8 and part.p_perm < 0.01 and part.ci_low > 0.5
+
+
+def test_group_offsets_are_not_evidence_under_within_group_permutation():
+    from evals.stats import grouped_correlation
+
+    rng = np.random.default_rng(2)
+    groups = np.repeat(["a", "b", "c"], 8)
+    offset = np.repeat([0.0, 5.0, 10.0], 8)  # x and y share only the group offsets
+    x, y = offset + rng.normal(size=24), offset + rng.normal(size=24)
+    pooled = grouped_correlation(x, y, n_perm=2000, n_boot=100)
+    within = grouped_correlation(x, y, groups=groups, n_perm=2000, n_boot=100)
+    assert pooled.r == within.r > 0.7 and pooled.p_perm < 0.01
+    assert within.p_perm > 0.2  # the shuffles keep the offsets, so they reach ρ as often as not
+
+
+def test_grouped_correlation_degenerate_cases():
+    from evals.stats import grouped_correlation
+
+    assert grouped_correlation([1, 2, 3, 4], [1, 2, 4, 3], covariates=[1, 1, 2, 2]).inconclusive  # n < 4 + 1
+    assert "constant" in grouped_correlation([1, 2, 3, 4, 5], [1, 1, 1, 1, 1]).note
+    x = np.arange(8.0)
+    res = grouped_correlation(x, np.sin(x), covariates=2 * x + 1)
+    assert res.inconclusive and "entirely" in res.note and res.to_dict()["r"] is None
+    with pytest.raises(ValueError, match="one label per point"):
+        grouped_correlation(x, x, groups=["a"] * 3)
+
+
+def test_split_half_and_spearman_brown():
+    from evals.stats import spearman_brown, split_half
+
+    a, b = split_half(5)
+    assert a.tolist() == [0, 2, 4] and b.tolist() == [1, 3]
+    assert spearman_brown([0.5, 1.0, 0.0]) == pytest.approx([2 / 3, 1.0, 0.0])
+    assert spearman_brown(0.6, k=3.0) == pytest.approx(1.8 / 2.2)
+    assert spearman_brown([-0.5, -1.0]).tolist() == [-1.0, -1.0]  # clipped where the formula leaves [-1, 1]
+    with pytest.raises(ValueError, match="at least 2"):
+        split_half(1)
+
+
+def test_recovery_by_hand():
+    from evals.stats import recovery
+
+    def vals(offset, seed):
+        rng = np.random.default_rng(seed)
+        return {f"{g}-{i}": (g, float(offset + rng.normal(0, 0.1))) for g in ("a", "b") for i in range(8)}
+
+    base, changed, treated = vals(3.0, 0), vals(1.0, 0), vals(2.0, 0)
+    out = recovery(base, changed, treated, controls={"random": vals(1.0, 0)})
+    assert out["pooled_returned"]["mean_diff"] == pytest.approx(1.0)
+    assert out["pooled_fraction"] == pytest.approx(0.5) and out["groups"]["a"]["fraction"] == pytest.approx(0.5)
+    assert out["pooled_vs"]["random"]["mean_diff"] == pytest.approx(1.0) and out["pooled_vs"]["random"]["ci_low"] > 0
+    assert recovery(changed, changed, treated)["pooled_fraction"] is None  # no gap, no fraction
