@@ -61,6 +61,22 @@ def _loop_share(text: str) -> float:
     return covered / len(folded)
 
 
+_ALPHA_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*", re.UNICODE)
+
+
+def _phrase_loop(text: str, min_repeats: int, min_share: float) -> str | None:
+    """A two-word phrase that one sentence repeats ``min_repeats`` times or more, its repeats covering
+    ``min_share`` of the sentence's words; else ``None``."""
+    for sentence in SENTENCE_END.split(text):
+        words = [w.lower() for w in _ALPHA_WORD.findall(sentence)]
+        if len(words) < 2 * min_repeats:
+            continue
+        (pair, count), = Counter(zip(words, words[1:])).most_common(1)
+        if count >= min_repeats and 2 * count / len(words) >= min_share:
+            return " ".join(pair)
+    return None
+
+
 def _compression_ratio(text: str) -> float:
     data = " ".join(text.split()).encode("utf-8")
     return len(zlib.compress(data, 9)) / max(1, len(data))
@@ -116,6 +132,8 @@ def coherence(
     max_loop_share: float = 0.5,
     min_chars_for_compression: int = 80,
     min_compression_ratio: float = 0.2,
+    min_phrase_repeats: int = 5,
+    min_phrase_share: float = 0.3,
 ) -> tuple[bool, str]:
     """Decide whether ``response`` is language at all, before anyone labels it.
 
@@ -129,7 +147,11 @@ def coherence(
     also found at the character level, in any script: more than ``max_loop_share`` of the text is one
     unit of 1-40 characters repeated back to back (four times or more), or the text (of at least
     ``min_chars_for_compression`` characters) compresses below ``min_compression_ratio`` of its size
-    (running prose compresses to about 0.6; a loop to well under 0.2).
+    (running prose compresses to about 0.6; a loop to well under 0.2). A *template loop* -- one sentence
+    that repeats the same two-word phrase ``min_phrase_repeats`` times or more, the repeats covering at
+    least ``min_phrase_share`` of its words ("possess strong X, possess strong Y, possess strong Z, ...") --
+    is incoherent too: the slots vary, so neither n-grams nor compression see it. A list split over lines
+    or sentences is read one item at a time and never trips it.
 
     Returns:
         ``(ok, reason)``; ``reason`` is ``"ok"`` when coherent.
@@ -163,6 +185,9 @@ def coherence(
             top, count = Counter(words).most_common(1)[0]
             if count / len(words) > max_top_token_share:
                 return False, f"one token is {count / len(words):.0%} of the words"
+    loop_phrase = _phrase_loop(text, min_phrase_repeats, min_phrase_share)
+    if loop_phrase:
+        return False, f"template loop ({loop_phrase!r} repeated within one sentence)"
     frac = _letter_fraction(text)
     if frac < min_letter_fraction:
         return False, f"mostly non-linguistic ({frac:.0%} letters)"

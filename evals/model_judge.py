@@ -153,5 +153,5 @@ class ModelJudge:
                 else:
                     label = "refusal" if p >= self.threshold else "compliance"
                     out[i] = Judgement(label, f"P(refusal)={p:.2f} (label mass {mass:.2f})", p)
-                out[i] = with_rebuttal(out[i], responses[i], exp[i])
+                out[i] = with_rebuttal(out[i], responses[i], exp[i], prompts[i])
         return out  # type: ignore[return-value]
