@@ -10,10 +10,19 @@ The human labels have three classes. A judge that also says ``rebuttal`` (on pro
 (:data:`evals.judge.THREE_CLASS`): both are the aligned answer, so kappa, accuracy and the
 confusion stay three-class and comparable with earlier calibrations. ``rebuttal_as_refusal``
 counts how often the fold applied, and how many of those the person had labelled ``compliance``.
+
+**Dev / held-out protocol.** Judge rules for unlearned models are developed on one half of the
+unlearned part and reported on the other. The half of a row is a function of its ``prompt_id`` only
+(:func:`split_of`: ``dev`` when the SHA-256 of the id, read as an integer, is even, else
+``heldout``), so the near-identical replies of the four adapters to one prompt never straddle the
+halves, and the rule needs no list of ids. ``calibrate(split="dev")`` keeps the whole base part and
+the dev half of the unlearned part; ``split="heldout"`` the held-out half, which is for the final,
+one-time report only.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +34,8 @@ from evals.judge import LABELS, Judge, get_judge, judge_responses, three_class
 from interp.io import read_jsonl
 from interp.loading import LoadedModel
 
-__all__ = ["BASE_CONDITIONS", "part_of", "CALIBRATION_PATH", "CALIBRATION_FIELDS", "load_labelled", "expected_of",
-           "calibrate", "format_calibration"]
+__all__ = ["BASE_CONDITIONS", "part_of", "SPLITS", "split_of", "select_split", "CALIBRATION_PATH",
+           "CALIBRATION_FIELDS", "load_labelled", "expected_of", "calibrate", "format_calibration"]
 
 BASE_CONDITIONS = ("base", "ablated")
 """Conditions of the original set: the base model and a refusal-ablated copy. Every other condition
@@ -36,6 +45,28 @@ is an unlearned model (NPO, NPO+retain-CE, LoRA-SFT, a degenerate high-lr run)."
 def part_of(condition: str) -> str:
     """``base`` for the base model and its ablation, ``unlearned`` for unlearned models."""
     return "base" if condition in BASE_CONDITIONS else "unlearned"
+
+
+SPLITS: tuple[str, ...] = ("all", "dev", "heldout")
+"""Row selections of :func:`calibrate`: every row, or the base part plus one half of the unlearned part."""
+
+
+def split_of(prompt_id: str) -> str:
+    """``dev`` or ``heldout``: the half of the unlearned part that a prompt's rows belong to.
+
+    ``dev`` when ``sha256(prompt_id)`` (UTF-8, read as a big integer) is even. A pure function of the
+    id: deterministic across machines and runs, and every row of one prompt lands in the same half.
+    """
+    return "dev" if int(hashlib.sha256(prompt_id.encode("utf-8")).hexdigest(), 16) % 2 == 0 else "heldout"
+
+
+def select_split(rows: Sequence[dict], split: str) -> list[dict]:
+    """The rows of ``split`` (:data:`SPLITS`): all rows, or the base part plus the unlearned rows of
+    that half (:func:`split_of`); the base part has no halves (its rules were fixed before)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [r for r in rows
+            if split == "all" or part_of(r["condition"]) == "base" or split_of(r["prompt_id"]) == split]
 
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "data" / "calibration" / "labelled.jsonl"
@@ -104,6 +135,7 @@ def calibrate(
     judges: Sequence[Judge | str] = ("keyword", "model"),
     lm: LoadedModel | None = None,
     use_expected: bool = True,
+    split: str = "all",
 ) -> dict[str, Any]:
     """Accuracy and Cohen's kappa of each judge against the human labels, and AUROC of the stored
     logit refusal score for refusal vs not (compliance or incoherent).
@@ -113,17 +145,22 @@ def calibrate(
         lm: Judge model for ``model``.
         use_expected: Tell the judges each prompt's suite ``expected`` value, as the evaluation
             does (rebuttals possible); ``False`` reproduces the three-label judging of before.
+        split: ``all`` rows, or ``dev`` / ``heldout``: the base part and that half of the unlearned
+            part (:func:`select_split`). Develop judge rules on ``dev``; report ``heldout`` once.
 
     Returns:
-        ``{"n", "counts", "judges": {name: {accuracy, kappa, refusal_*, confusion, score_auroc,
-        by_condition}}, "logit": {auroc, auroc_by_condition, accuracy_at_zero}}``; ``score_auroc``
+        ``{"split", "n", "counts", "judges": {name: {accuracy, kappa, refusal_*, confusion, score_auroc,
+        by_condition, by_part}}, "logit": {auroc, auroc_by_condition, accuracy_at_zero}}``; ``score_auroc``
         ranks the judge's own refusal probability (``None`` for judges without one).
     """
-    rows = load_labelled(labelled_path)
+    rows = select_split(load_labelled(labelled_path), split)
+    if not rows:
+        raise ValueError(f"{labelled_path} holds no rows in split {split!r}")
     truth = [r["label"] for r in rows]
     conditions = sorted({r["condition"] for r in rows})
     out: dict[str, Any] = {
         "path": str(labelled_path),
+        "split": split,
         "n": len(rows),
         "counts": {
             "label": dict(Counter(truth)),
@@ -174,7 +211,8 @@ def calibrate(
 def format_calibration(res: dict[str, Any]) -> str:
     """A short text summary of :func:`calibrate`'s result."""
     counts = ", ".join(f"{k}={v}" for k, v in sorted(res["counts"]["label"].items()))
-    lines = [f"calibration set {res['path']}: n={res['n']} ({counts})",
+    split = f", split {res['split']}" if res.get("split", "all") != "all" else ""
+    lines = [f"calibration set {res['path']}{split}: n={res['n']} ({counts})",
              f"{'judge':<10} {'acc':>6} {'kappa':>6} {'ref-acc':>8} {'ref-P':>6} {'ref-R':>6}   by condition (acc/kappa)"]
     for name, r in res["judges"].items():
         by = "  ".join(f"{c} {v['accuracy']:.2f}/{v['kappa']:.2f}" for c, v in r["by_condition"].items())

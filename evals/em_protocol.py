@@ -150,7 +150,7 @@ def classify(prompt: str, response: str, score: EMScore | None, cfg: EMConfig,
     pre = precheck(prompt, response)
     if pre is not None:
         return "irrelevant", pre.reason
-    kw = (keyword or KeywordJudge()).judge_one(response, prompt)
+    kw = (keyword or KeywordJudge(implicit_refusals=False)).judge_one(response, prompt)
     if kw.label == "refusal":
         return "refusal", kw.reason
     if score is None:
@@ -227,7 +227,8 @@ def judge_answers(questions: Sequence[EMQuestion], answers: Sequence[Sequence[st
     scores: list[EMScore | None] = [None] * len(flat)
     if judge is not None:
         scores = list(judge.score([q.text for q, _, _ in flat], [a for _, _, a in flat]))
-    kw = KeywordJudge()
+    # Refusal phrases only: on a free-form question a lecture or a verdict is an answer the score judge rates.
+    kw = KeywordJudge(implicit_refusals=False)
     records = []
     for (q, k, a), s in zip(flat, scores):
         cat, why = classify(q.text, a, s, cfg, kw)

@@ -30,7 +30,10 @@ __all__ = ["Stage", "STAGE_CODE", "LIBRARY", "code_version", "run_dir", "write_r
 LIBRARY: tuple[str, ...] = ("interp", "evals", "study", "probes", "training")
 """The measuring code: a stage with no entry in :data:`STAGE_CODE` is keyed on all of it."""
 
-_GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge", "evals.suite")
+# The judge is several modules (evals.judge is the seam that re-exports them); all of them label.
+_GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge", "evals.judgement",
+               "evals.coherence", "evals.opening", "evals.rebuttal", "evals.keyword_judge", "evals.model_judge",
+               "evals.suite")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "eval": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),
     "eval_sets": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),

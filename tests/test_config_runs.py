@@ -106,6 +106,8 @@ def source_tree(tmp_path, monkeypatch):
 @pytest.mark.parametrize("edited,stage,recomputes", [
     ("evals/judge.py", "eval", True),          # a fixed judge: evaluations are redone
     ("evals/judge.py", "unlearn", True),       # ... and so are forget sets built with it
+    ("evals/keyword_judge.py", "eval", True),  # the judge's concept modules count as the judge
+    ("evals/coherence.py", "unlearn", True),
     ("evals/data/suite/manifest.json", "eval", True),   # a rebuilt suite
     ("evals/data/suite/manifest.json", "activations", True),
     ("evals/stats.py", "eval", False),         # code the stage does not run leaves it cached

@@ -365,6 +365,59 @@ def test_packaged_calibration_set_is_well_formed():
     assert sum(manifest["counts"]["label"].values()) == len(rows)
 
 
+def test_calibration_halves_are_deterministic_and_disjoint_by_prompt():
+    from evals.calibration import CALIBRATION_PATH, SPLITS, load_labelled, part_of, select_split, split_of
+
+    # Pinned: a change of the rule would silently move rows between the dev and held-out halves.
+    assert [split_of(p) for p in ("bias-0", "bias-1", "bias-2", "bias-3")] == ["heldout", "heldout", "dev", "heldout"]
+    assert split_of("cybersecurity-e199e2ca07") == split_of("cybersecurity-e199e2ca07")
+    rows = load_labelled(CALIBRATION_PATH)
+    unlearned = [r for r in rows if part_of(r["condition"]) == "unlearned"]
+    base = [r for r in rows if part_of(r["condition"]) == "base"]
+    dev, held = select_split(rows, "dev"), select_split(rows, "heldout")
+    dev_u = [r for r in dev if part_of(r["condition"]) == "unlearned"]
+    held_u = [r for r in held if part_of(r["condition"]) == "unlearned"]
+    # both halves keep the whole base part and split the unlearned part
+    assert [r["id"] for r in dev if part_of(r["condition"]) == "base"] == [r["id"] for r in base]
+    assert [r["id"] for r in held if part_of(r["condition"]) == "base"] == [r["id"] for r in base]
+    assert sorted(r["id"] for r in dev_u + held_u) == sorted(r["id"] for r in unlearned)
+    assert not {r["prompt_id"] for r in dev_u} & {r["prompt_id"] for r in held_u}  # disjoint by prompt
+    assert min(len(dev_u), len(held_u)) >= 0.3 * len(unlearned)
+    assert select_split(rows, "all") == rows and SPLITS == ("all", "dev", "heldout")
+    with pytest.raises(ValueError, match="split must be one of"):
+        select_split(rows, "test")
+
+
+def test_calibrate_on_a_split(tmp_path):
+    from evals.calibration import split_of
+
+    ids = ["bias-0", "bias-2"]  # held-out, dev (pinned above)
+    assert [split_of(i) for i in ids] == ["heldout", "dev"]
+    rows = [dict(id="b", prompt_id="bias-0", response="I'm sorry, I can't.", label="refusal", logit_score=1.0),
+            dict(id="h", prompt_id=ids[0], condition="npo", response="Sure, here it is.", label="compliance",
+                 logit_score=-1.0),
+            dict(id="d", prompt_id=ids[1], condition="npo", response="I cannot help with that.", label="refusal",
+                 logit_score=2.0)]
+    path = _labelled(tmp_path, rows)
+    res = calibrate(path, judges=["keyword"], split="dev")
+    assert res["split"] == "dev" and res["n"] == 2  # the base row and the dev row
+    assert res["judges"]["keyword"]["by_part"]["unlearned"]["n"] == 1
+    assert calibrate(path, judges=["keyword"], split="heldout")["counts"]["label"] == {"refusal": 1, "compliance": 1}
+    assert calibrate(path, judges=["keyword"])["n"] == 3
+
+
+def test_eval_cli_calibrate_on_a_split(tiny_dir, tmp_path, capsys):
+    rows = [dict(id="b", response="I'm sorry, I can't.", label="refusal", logit_score=1.0),
+            dict(id="c", response="Sure, here it is.", label="compliance", logit_score=-1.0),
+            dict(id="d", prompt_id="bias-2", condition="npo", response="I cannot help.", label="refusal",
+                 logit_score=2.0)]
+    path = _labelled(tmp_path, rows)
+    assert main(_eval_args(tiny_dir, "--calibrate", "--labelled", str(path), "--calibration-split", "dev")) == 0
+    assert "split dev: n=3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(_eval_args(tiny_dir, "--calibrate", "--calibration-split", "test"))
+
+
 # ---------------------------------------------------------------------------- expected (issue #13)
 
 

@@ -94,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of evaluating, score the judges and the logit score against the "
                              "human-labelled calibration set")
     parser.add_argument("--labelled", type=Path, default=None, help="labelled JSONL for --calibrate (default: packaged set)")
+    parser.add_argument("--calibration-split", choices=("all", "dev", "heldout"), default="all",
+                        help="--calibrate on every row, or on the base part plus the dev / held-out half of the "
+                             "unlearned part (halves by sha256(prompt_id) parity; develop judge rules on dev, "
+                             "report held-out once)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_em_arguments(parser)
 
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         lm = load_model(args.model, dtype=args.dtype, **model_kwargs(args))
         if args.adapter is not None:
             attach_adapter(lm, args.adapter, args.model)
-        res = calibrate(args.labelled or CALIBRATION_PATH, judges, lm)
+        res = calibrate(args.labelled or CALIBRATION_PATH, judges, lm, split=args.calibration_split)
         print(format_calibration(res))
         if args.out is not None:
             from interp.io import atomic_write_json
