@@ -438,3 +438,29 @@ def test_new_modes_refuse_data_parallelism():
             _check_parallel(cfg, Two())
     _check_parallel(tiny_cfg(retain_mode="kl"), Two())
 
+
+def test_study_passes_containment_fields_through(tiny_qwen, tmp_path, monkeypatch):
+    from study import Study, StudyConfig
+
+    seen = {}
+
+    class Done:
+        adapter_id, steps, seconds_per_step, peak_rss_gb = "x", 1, 0.0, 0.0
+
+    def fake_unlearn(lm, cfg, out_dir=None, **kw):
+        seen["cfg"] = cfg
+        return Done()
+
+    monkeypatch.setattr(trainer_mod, "unlearn", fake_unlearn)
+    study = Study(StudyConfig(model="tiny-qwen2", results=str(tmp_path), dtype="float32"), _lm=tiny_qwen)
+    study.unlearn("cybersecurity", retain_domains=None, retain_mode="repr", repr_layers=(1, 2),
+                  repr_distance="cosine")
+    cfg = seen["cfg"]
+    assert (cfg.retain_mode, cfg.repr_layers, cfg.repr_distance) == ("repr", (1, 2), "cosine")
+    study.unlearn("cybersecurity", concept_gate=True, gate_vector=tmp_path / "v.safetensors", gate_layer=2,
+                  retain_domains=("privacy",), retain_mode="none")
+    assert seen["cfg"].gate_vector == str(tmp_path / "v.safetensors") and seen["cfg"].retain_mode == "none"
+    study.unlearn("cybersecurity")  # the old default: no retain term
+    assert seen["cfg"].retain_mode == "none" and "concept_gate" not in seen["cfg"].to_dict()
+    with pytest.raises(ValueError, match="needs retain domains"):
+        study.unlearn("cybersecurity", retain_mode="kl")
