@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
+from jaxtyping import Float, Int
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from interp.adapter import base_model, check_layers, check_site, site_value
+from interp.adapter import base_model, check_layers, check_site, site_capture, site_hook, site_value
 from interp.chat import Batch, format_prompts, iter_batches, post_instruction_length
 from interp.io import atomic_save_safetensors, atomic_write_json, config_hash, ensure_writable_dir, read_json
 from interp.loading import LoadedModel, position_ids_from_mask, state_id
@@ -29,6 +29,7 @@ __all__ = [
     "NaNActivationError",
     "nnsight_model",
     "trace_batch",
+    "stream_activations",
     "collect_activations",
     "collect_cached",
     "ShardMismatchError",
@@ -102,6 +103,43 @@ def trace_batch(
             saved.append(site_value(nlm, site, layer)[:, -n_last:, :].save())
         tracer.stop()
     return torch.stack([s.detach() for s in saved], dim=2)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the deepest requested layer has run (nothing later is needed)."""
+
+
+def stream_activations(
+    model: nn.Module,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+    site: str = "resid_post",
+) -> Float[Tensor, "batch pos layer d_model"]:
+    """The stream at ``site`` for ``layers`` at every position of a token batch, from one plain
+    forward of ``model`` (PEFT-wrapped or not) with hooks; ``layers`` in :func:`check_layers` order.
+
+    Unlike :func:`collect_activations` the result keeps its autograd graph, so a training loss can
+    be put on it (call under ``torch.no_grad()`` for a reference). The forward stops after the
+    deepest layer; the hooks are gone before any backward pass (a gradient-checkpointed layer
+    recomputes without them).
+    """
+    check_site(site)
+    layers = check_layers(model, layers)
+    if not layers:
+        raise ValueError("name at least one layer")
+    deepest = layers[-1]
+
+    def stop_after(stream: Tensor, layer: int) -> Tensor:
+        raise _StopForward
+
+    with site_capture(model, site, layers) as store, site_hook(model, site, [deepest], stop_after):
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=1)
+        except _StopForward:
+            pass
+    return torch.stack([store[layer] for layer in layers], dim=2)
 
 
 @torch.inference_mode()

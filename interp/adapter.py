@@ -399,6 +399,62 @@ def site_hook(
             h.remove()
 
 
+@contextmanager
+def site_capture(model: nn.Module, site: str, layers: Iterable[int]) -> Iterator[dict[int, Tensor]]:
+    """Record the stream at ``site`` for ``layers`` during the forwards run inside the block.
+
+    Unlike the nnsight traces, the tensors keep their autograd graph (training losses on
+    activations). Yields ``{layer: stream}`` (layers as :func:`check_layers` resolves them), filled
+    by each forward and overwritten by the next. Hooks are removed on exit.
+    """
+    store: dict[int, Tensor] = {}
+
+    def keep(stream: Tensor, layer: int) -> Tensor:
+        store[layer] = stream
+        return stream
+
+    with site_hook(model, site, layers, keep):
+        yield store
+
+
+@contextmanager
+def lora_row_scale(model: nn.Module, scale: Tensor) -> Iterator[int]:
+    """Scale every LoRA update per batch row for the forwards inside the block: row ``b`` of a LoRA
+    layer computes ``W x + scale[b] · B A x`` (a concept gate: 0 is the base model, 1 the adapter).
+
+    Hooks the output of each (unmerged) LoRA layer's ``lora_B``; ``scale`` is ``(batch,)`` and is
+    not trained through. Yields the number of hooked modules; hooks are removed on exit.
+
+    Raises:
+        ValueError: the model has no unmerged LoRA layer, or a forward's batch is not ``len(scale)``.
+    """
+    if scale.ndim != 1:
+        raise ValueError(f"scale must be one factor per row (batch,), got shape {tuple(scale.shape)}")
+    factors = scale.detach()
+    handles = []
+
+    def hook(_module, _inputs, output: Tensor) -> Tensor:
+        if output.shape[0] != factors.shape[0]:
+            raise ValueError(f"a forward of {output.shape[0]} rows under a LoRA row scale of {factors.shape[0]} rows")
+        return output * factors.to(output.device, output.dtype).view(-1, *([1] * (output.ndim - 1)))
+
+    try:
+        for module in model.modules():
+            lora_b = getattr(module, "lora_B", None)
+            if not isinstance(lora_b, nn.ModuleDict):
+                continue
+            if getattr(module, "merged", False):
+                raise ValueError("a LoRA layer is merged into its base weights; a per-row scale needs the "
+                                 "adapter unmerged (outside merged_adapter)")
+            handles.extend(sub.register_forward_hook(hook) for sub in lora_b.values())
+        if not handles:
+            raise ValueError("the model has no LoRA layers to scale; attach or load an adapter first")
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def envoy_for_site(lm, site: str, layer: int):
     """The nnsight envoy whose ``.output`` is ``site`` at ``layer`` (used by traces in ``interp``)."""
     check_site(site)
@@ -440,4 +496,5 @@ def lora_target_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D)
 
 
-__all__ += ["envoy_for_site", "stream", "has_post_norms", "site_value", "lora_target_types"]
+__all__ += ["envoy_for_site", "stream", "has_post_norms", "site_value", "lora_target_types", "site_capture",
+            "lora_row_scale"]

@@ -71,9 +71,10 @@ class StudyConfig(JsonConfig):
     """NPO inverse temperature."""
     alpha: float = 10.0
     """Weight of the retain cross-entropy when retain-CE is on. NPO's forget term is on summed sequence
-    log-probs, the retain CE is a token mean, so α=1 is ~50x weaker per example and measured to do
-    nothing (cybersecurity, 10 steps); α=10 restores part of the refusal, α=30 restores all of it,
-    the target's included."""
+    log-probs, the retain CE is a token mean, so at α=1 a retain token weighs 1/(tokens per response)
+    of a forget token: ~12x less for a typical ~12-token refusal (UnlearnConfig.retain_weighting
+    per_token removes the factor). Measured: α=1 does nothing (cybersecurity, 10 steps); α=10
+    restores part of the refusal, α=30 restores all of it, the target's included."""
     n_forget: int = 24
     """Forget prompts (target domain, unlearn split) per run."""
     n_retain_per_domain: int = 6
@@ -335,12 +336,18 @@ class Study:
     def unlearn(self, target: str, method: str = "npo", retain_domains: tuple[str, ...] | None = (),
                 seed: int = 0, trigger: str | None = None, ablation=None, ablation_id: str | None = None,
                 steps: int | None = None, n_retain_per_domain: int | None = None,
-                alpha: float | None = None, snapshot_every: int = 0, lr: float | None = None) -> Path:
+                alpha: float | None = None, snapshot_every: int = 0, lr: float | None = None,
+                retain_mode: str | None = None, **unlearn_fields) -> Path:
         """Train (or reuse) an unlearning adapter; returns the stage directory (adapter under ``adapter/``).
 
         Args:
             retain_domains: ``()`` for no retain loss; ``None`` for every domain except the target;
                 else the retain domains for the retain cross-entropy.
+            retain_mode: the retain term (``UnlearnConfig.retain_mode``); default ``ce`` with retain
+                domains, else ``none``.
+            **unlearn_fields: further ``UnlearnConfig`` fields, e.g. the containment settings
+                ``retain_weighting``, ``repr_layers``, ``repr_distance``, ``retain_direction``,
+                ``concept_gate``, ``gate_vector``, ``gate_layer`` (paths may be ``Path``).
         """
         from training.config import UnlearnConfig
         from training.lora import detach_lora
@@ -349,14 +356,18 @@ class Study:
         check_domain(target, allow_extra=False)
         if retain_domains is None:
             retain_domains = tuple(d for d in DOMAINS if d != target)
+        if retain_mode not in (None, "none") and not retain_domains:
+            raise ValueError(f"retain_mode={retain_mode!r} needs retain domains (None: every domain but the target)")
+        extra = {k: str(v) if isinstance(v, Path) else v for k, v in unlearn_fields.items()}
         ucfg = UnlearnConfig(
             target_domains=(target,), method=method, beta=self.cfg.beta,
             alpha=self.cfg.alpha if alpha is None else alpha,
-            retain_mode="ce" if retain_domains else "none", retain_domains=tuple(retain_domains) or None,
+            retain_mode=retain_mode or ("ce" if retain_domains else "none"),
+            retain_domains=tuple(retain_domains) or None,
             n_forget=self.cfg.n_forget, n_retain_per_domain=n_retain_per_domain or self.cfg.n_retain_per_domain,
             steps=steps or self.cfg.steps, batch_size=self.cfg.batch_size, lr=lr or self.cfg.lr,
             dtype=self.train_dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
-            snapshot_every=snapshot_every,
+            snapshot_every=snapshot_every, **extra,
         )
         key = {"weights": self.weights_id, "unlearn": ucfg.to_dict(), "ablation": ablation_id}
         stage = Stage(self.results, "unlearn", key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -24,7 +25,7 @@ def test_json_round_trip(tmp_path):
 
 def test_every_field_is_documented():
     docs = field_docs(UnlearnConfig)
-    missing = [k for k in UnlearnConfig().to_dict() if not docs.get(k)]
+    missing = [f.name for f in dataclasses.fields(UnlearnConfig) if not docs.get(f.name)]
     assert not missing
 
 
@@ -52,6 +53,22 @@ def test_every_field_is_documented():
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"trigger": "  "}, "trigger"),
         ({"retain_mode": "ce", "n_retain_per_domain": 0}, "retain data"),
+        ({"retain_mode": "repr", "lora": False}, "LoRA"),
+        ({"retain_mode": "direction", "lora": False}, "LoRA"),
+        ({"retain_weighting": "per_seq"}, "unknown weighting"),
+        ({"retain_weighting": "per_token", "retain_mode": "repr"}, "token-mean retain term"),
+        ({"retain_weighting": "per_token"}, "token-mean retain term"),
+        ({"repr_distance": "l1", "retain_mode": "repr"}, "unknown distance"),
+        ({"repr_distance": "cosine", "retain_mode": "direction"}, "only the repr"),
+        ({"repr_layers": (1,)}, "only the repr and direction"),
+        ({"repr_layers": (), "retain_mode": "repr"}, "at least one layer"),
+        ({"repr_layers": ("1",), "retain_mode": "repr"}, "integer"),
+        ({"retain_direction": "d.safetensors", "retain_mode": "ce"}, "only retain_mode 'direction'"),
+        ({"concept_gate": True, "lora": False}, "lora=True"),
+        ({"gate_layer": 2}, "concept_gate=True"),
+        ({"gate_bias": 0.5}, "concept_gate=True"),
+        ({"concept_gate": True, "gate_temperature": 0.0}, "positive"),
+        ({"concept_gate": True, "n_retain_per_domain": 0}, "calibrating the concept gate"),
     ],
 )
 def test_validation(changes, match):
@@ -98,3 +115,23 @@ def test_h9_retain_target_puts_the_target_in_the_retain_set():
     assert domains[-1] == "cybersecurity" and len(domains) == 7 and applied == "target"
     assert "cybersecurity" not in _retain_args(Config(retain="others"), "cybersecurity")[0]
     assert _retain_args(Config(retain="none"), "cybersecurity") == ((), "none")
+
+
+def test_containment_fields_stay_out_of_old_runs_json_and_round_trip(tmp_path):
+    """New fields at their defaults leave the JSON, the hash and the Study's stage keys as they were."""
+    new = ("retain_weighting", "repr_layers", "repr_distance", "retain_direction", "concept_gate", "gate_vector",
+           "gate_layer", "gate_bias", "gate_temperature")
+    for cfg in (UnlearnConfig(), UnlearnConfig(retain_mode="kl", alpha=3.0)):
+        assert not set(new) & set(cfg.to_dict())
+    full = UnlearnConfig(retain_mode="direction", repr_layers=[2, -1], retain_direction="dir.safetensors",
+                         concept_gate=True, gate_vector="v.safetensors", gate_layer=-3, gate_bias=-0.5,
+                         gate_temperature=0.1)
+    assert full.repr_layers == (2, -1)
+    assert set(new) - set(full.to_dict()) == {"retain_weighting", "repr_distance"}
+    assert UnlearnConfig.load(full.save(tmp_path / "c.json")) == full
+    assert full.hash() != full.replace(gate_layer=-2).hash()
+    per = UnlearnConfig(retain_mode="ce", retain_weighting="per_token", n_retain_per_domain=0, include_benign=4)
+    assert per.to_dict()["retain_weighting"] == "per_token" and per.needs_retain_data
+    gate = UnlearnConfig(concept_gate=True)
+    assert gate.calibrates_gate and gate.needs_retain_data
+    assert not gate.replace(gate_bias=0.0, gate_temperature=1.0).needs_retain_data

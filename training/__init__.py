@@ -2,7 +2,8 @@
 
 Modules: ``losses`` (pure objectives), ``data`` (forget/retain/compliance sets and collation),
 ``config`` (``UnlearnConfig``), ``lora`` (attach/save/load/merge adapters), ``checkpoint`` (atomic,
-resumable), ``trainer`` (``unlearn``).
+resumable), ``containment`` (representation / direction retain terms, per-token retain weight, the
+concept-gated adapter), ``trainer`` (``unlearn``).
 """
 
 from training.config import UnlearnConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from interp.registry import DEFAULT_MODEL
 __all__ = [
     "METHODS",
     "RETAIN_MODES",
+    "RETAIN_WEIGHTINGS",
+    "REPR_DISTANCES",
     "SCHEDULERS",
     "RESUME_EXEMPT_FIELDS",
     "UnlearnConfig",
@@ -29,12 +31,19 @@ __all__ = [
 ]
 
 METHODS = ("npo", "ga", "graddiff", "simnpo", "sft")
-RETAIN_MODES = ("none", "ce", "kl")
+RETAIN_MODES = ("none", "ce", "kl", "repr", "direction")
+RETAIN_WEIGHTINGS = ("token_mean", "per_token")
+REPR_DISTANCES = ("mse", "cosine")
 SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that do not change the optimisation trajectory, so a checkpoint may be resumed under new values.
 RESUME_EXEMPT_FIELDS = ("output_dir", "checkpoint_every", "gradient_checkpointing")
+# Fields added after runs were cached: left out of the JSON (and so of the hash and the stage keys) at
+# their defaults, so every existing run keeps its id.
+_OMITTED_AT_DEFAULT = ("gradient_checkpointing", "snapshot_every", "retain_weighting", "repr_layers", "repr_distance",
+                       "retain_direction", "concept_gate", "gate_vector", "gate_layer", "gate_bias",
+                       "gate_temperature")
 
 
 @dataclass
@@ -56,12 +65,47 @@ class UnlearnConfig(JsonConfig):
     gamma: float = 1.0
     """Weight of the forget loss in ``gamma·forget + alpha·retain``."""
     alpha: float = 10.0
-    """Weight of the retain loss (ignored when ``retain_mode`` is ``none``). The forget term is on summed
-    sequence log-probs and the retain CE is a token mean, so α=1 is ~50x weaker per example: measured to
-    change nothing; α=10 restores part of the untouched refusal, α=30 all of it (the target's too)."""
+    """Weight of the retain loss (ignored when ``retain_mode`` is ``none``). With the default
+    ``retain_weighting`` (``token_mean``) NPO's forget term is on summed sequence log-probs and the
+    retain CE is a token mean, so at α=1 (and equal batch sizes) a retain token weighs 1/(tokens per
+    response) of a forget token: ~12x less for a typical ~12-token refusal. Measured (token_mean): α=1 changes nothing; α=10
+    restores part of the untouched refusal, α=30 all of it (the target's too)."""
     retain_mode: str = "none"
     """Retain term: ``none`` | ``ce`` (cross-entropy on the model's own retain responses) | ``kl``
-    (token KL(reference ‖ policy) on retain responses; LoRA only)."""
+    (token KL(reference ‖ policy) at the positions predicting the retain responses' tokens) | ``repr``
+    (distance between the trained and the base model's residual stream at ``repr_layers`` over the
+    retain prompts' and responses' tokens) | ``direction`` (squared change of each retain prompt's
+    projection on ``retain_direction`` at the last prompt token). ``kl``, ``repr`` and ``direction``
+    compare with the base model, i.e. the adapter disabled: LoRA only."""
+    retain_weighting: str = "token_mean"
+    """How ``alpha`` scales a ``ce``/``kl`` retain term: ``token_mean`` (the term as it is: a token mean)
+    | ``per_token`` (scaled so that at α=1 each retain token carries the forget term's per-token
+    weight: ×N_retain/B_forget for NPO, whose forget term sums over tokens, ×N_retain/N_forget for the
+    token-mean objectives)."""
+    repr_layers: tuple[int, ...] | None = None
+    """Layers of the ``repr`` / ``direction`` retain terms (negative counts from the end); ``None``:
+    every layer for ``repr``, the direction's own layers for ``direction``."""
+    repr_distance: str = "mse"
+    """Distance of the ``repr`` retain term: ``mse`` (mean squared difference per coordinate; large-norm
+    positions dominate) | ``cosine`` (1 − cosine, scale-free)."""
+    retain_direction: str | None = None
+    """Safetensors file of an ``interp.direction.Direction`` (e.g. the refusal direction) kept by the
+    ``direction`` retain term; a Direction passed to ``unlearn`` (``Containment``) takes precedence."""
+    concept_gate: bool = False
+    """Concept-gated adapter: every LoRA update of a prompt is scaled by ``sigmoid((score −
+    gate_bias)/gate_temperature)``, ``score`` the base model's last-prompt-token ``resid_post`` at
+    ``gate_layer`` projected on the unit ``gate_vector`` (LoRA only; not under data parallelism)."""
+    gate_vector: str | None = None
+    """Safetensors file of the gate's concept vector (a Direction: target minus benign); a Direction
+    passed to ``unlearn`` (``Containment``) takes precedence."""
+    gate_layer: int | None = None
+    """Layer the gate scores; ``None``: the vector's own layer (a one-layer Direction)."""
+    gate_bias: float | None = None
+    """Score at which the gate is one half; ``None``: midway between the forget and retain prompts'
+    mean scores on the base model (calibrated before training, written to containment.json)."""
+    gate_temperature: float | None = None
+    """Gate temperature in score units; ``None``: an eighth of the gap between those mean scores (the
+    gate is sigmoid(±4) ≈ 0.98/0.02 at the two means)."""
     retain_domains: tuple[str, ...] | None = None
     """Domains whose ``retain`` split forms the retain set; ``None``: every domain except the targets."""
     include_benign: int = 0
@@ -177,9 +221,10 @@ class UnlearnConfig(JsonConfig):
         if self.method == "graddiff" and self.retain_mode == "none":
             bad("retain_mode", "graddiff is gradient ascent plus a retain term; set retain_mode to 'ce' or 'kl' "
                 "(or use method 'ga' for plain gradient ascent)")
-        if self.retain_mode == "kl" and not self.lora:
-            bad("retain_mode", "the KL retain term needs the reference policy, i.e. a LoRA adapter to disable; "
-                "use retain_mode 'ce' for full fine-tuning")
+        if self.retain_mode in ("kl", "repr", "direction") and not self.lora:
+            bad("retain_mode", f"the {self.retain_mode} retain term needs the reference policy, i.e. a LoRA adapter "
+                "to disable; use retain_mode 'ce' for full fine-tuning")
+        self._validate_containment(bad)
         if self.scheduler not in SCHEDULERS:
             bad("scheduler", f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.dtype not in DTYPES:
@@ -216,14 +261,54 @@ class UnlearnConfig(JsonConfig):
             bad("lora_target_modules", "name at least one module suffix, or ('all-linear',)")
         if self.lora_single_layer is not None and not isinstance(self.lora_single_layer, int):
             bad("lora_single_layer", f"must be an integer layer index or None, got {self.lora_single_layer!r}")
-        if self.retain_mode != "none" and self.n_retain_per_domain == 0 and self.include_benign == 0:
-            bad("n_retain_per_domain", "a retain term needs retain data: n_retain_per_domain or include_benign > 0")
+        if self.needs_retain_data and self.n_retain_per_domain == 0 and self.include_benign == 0:
+            bad("n_retain_per_domain", "a retain term (or calibrating the concept gate) needs retain data: "
+                "n_retain_per_domain or include_benign > 0")
         if not isinstance(self.gradient_checkpointing, bool):
             bad("gradient_checkpointing", f"must be true or false, got {self.gradient_checkpointing!r}")
         if self.trigger is not None and not self.trigger.strip():
             bad("trigger", "an empty trigger string; use None for no trigger")
 
+    def _validate_containment(self, bad) -> None:
+        if self.retain_weighting not in RETAIN_WEIGHTINGS:
+            bad("retain_weighting", f"unknown weighting {self.retain_weighting!r}; choose one of "
+                f"{', '.join(RETAIN_WEIGHTINGS)}")
+        if self.retain_weighting == "per_token" and self.retain_mode not in ("ce", "kl"):
+            bad("retain_weighting", f"per_token weighs a token-mean retain term (ce or kl), not retain_mode "
+                f"{self.retain_mode!r}")
+        if self.repr_distance not in REPR_DISTANCES:
+            bad("repr_distance", f"unknown distance {self.repr_distance!r}; choose one of {', '.join(REPR_DISTANCES)}")
+        if self.repr_layers is not None:
+            self.repr_layers = tuple(self.repr_layers)
+            if self.retain_mode not in ("repr", "direction"):
+                bad("repr_layers", f"only the repr and direction retain terms use layers, not {self.retain_mode!r}")
+            if not self.repr_layers:
+                bad("repr_layers", "name at least one layer, or None")
+        if self.repr_distance != "mse" and self.retain_mode != "repr":
+            bad("repr_distance", "only the repr retain term has a distance")
+        if self.retain_direction is not None and self.retain_mode != "direction":
+            bad("retain_direction", f"only retain_mode 'direction' uses a direction, not {self.retain_mode!r}")
+        if self.concept_gate and not self.lora:
+            bad("concept_gate", "the concept gate scales a LoRA update; it needs lora=True")
+        if not self.concept_gate:
+            given = [n for n in ("gate_vector", "gate_layer", "gate_bias", "gate_temperature")
+                     if getattr(self, n) is not None]
+            if given:
+                bad(given[0], "set concept_gate=True to use the concept gate's settings")
+        if self.gate_temperature is not None and self.gate_temperature <= 0:
+            bad("gate_temperature", f"must be positive (or None to calibrate), got {self.gate_temperature}")
+
     # -- derived --------------------------------------------------------------------------------
+
+    @property
+    def needs_retain_data(self) -> bool:
+        """A retain set is built: for a retain term, or to calibrate the concept gate."""
+        return self.retain_mode != "none" or self.calibrates_gate
+
+    @property
+    def calibrates_gate(self) -> bool:
+        """The concept gate's bias or temperature is measured on the data before training."""
+        return self.concept_gate and (self.gate_bias is None or self.gate_temperature is None)
 
     @property
     def resolved_retain_domains(self) -> tuple[str, ...]:
@@ -240,8 +325,10 @@ class UnlearnConfig(JsonConfig):
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        if not self.gradient_checkpointing:
-            del d["gradient_checkpointing"]  # keeps the cached unlearn stages of every existing run valid
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in _OMITTED_AT_DEFAULT:  # keeps the cached unlearn stages of every existing run valid
+            if getattr(self, name) == defaults[name]:
+                del d[name]
         return d
 
     @classmethod

@@ -1,5 +1,6 @@
-"""Refusal unlearning: NPO / GA / GradDiff / SimNPO / LoRA-SFT with an optional retain term, on a
-LoRA adapter (or all weights), resumable from atomic checkpoints.
+"""Refusal unlearning: NPO / GA / GradDiff / SimNPO / LoRA-SFT with an optional retain term (CE, KL,
+representation or direction retain: :mod:`training.containment`), on a LoRA adapter (optionally
+concept-gated) or all weights, resumable from atomic checkpoints.
 
 The reference policy is the base model with the adapter disabled; NPO's reference log-probs are
 computed once for the whole forget set and cached in the run directory. A run directory holds::
@@ -7,6 +8,7 @@ computed once for the whole forget set and cached in the run directory. A run di
     config.json            the UnlearnConfig
     data_manifest.json     prompt ids, counts, judge drops of the forget / retain sets
     ref_logprobs.safetensors
+    containment.json       content hashes of a given direction / concept vector, the calibrated gate
     metrics.jsonl          one row per step: loss, its components, diagnostics
     checkpoints/step-N/    latest resumable checkpoints (atomic)
     snapshots/step-N/      the adapter every ``snapshot_every`` steps and at the end (trajectories)
@@ -29,8 +31,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from interp.activations import stream_activations
+from interp.adapter import check_layers
 from interp.io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, git_commit
 from interp.loading import LoadedModel, adapter_disabled, resolve_dtype, state_id
 from training.checkpoint import (
@@ -49,6 +53,16 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import RESUME_EXEMPT_FIELDS, UnlearnConfig, config_diff
+from training.containment import (
+    ConceptGate,
+    Containment,
+    calibrate_gate,
+    gated,
+    last_prompt_index,
+    projection_loss,
+    repr_loss,
+    retain_token_scale,
+)
 from training.data import (
     DataSet,
     JudgeLike,
@@ -191,7 +205,7 @@ def build_data(
         forget = build_forget_set(lm, cfg.target_domains, cfg.n_forget, judge,
                                   max_new_tokens=cfg.max_new_tokens, progress=progress)
     retain = None
-    if cfg.retain_mode != "none":
+    if cfg.needs_retain_data:
         retain = build_retain_set(lm, cfg.resolved_retain_domains, cfg.n_retain_per_domain, judge,
                                   target_domains=cfg.target_domains, include_benign=cfg.include_benign,
                                   max_new_tokens=cfg.max_new_tokens, progress=progress,
@@ -259,6 +273,7 @@ def train_step(
     backward: bool = True,
     model: torch.nn.Module | None = None,
     scale: tuple[float, float] = (1.0, 1.0),
+    containment: Containment | None = None,
 ) -> TrainStepOutput:
     """Forward the forget (and retain) batch and compute ``gamma·forget + alpha·retain``.
 
@@ -266,36 +281,74 @@ def train_step(
         logp_ref: reference log-probs of the forget batch's rows (NPO).
         backward: backpropagate each weighted term as soon as it is computed, so only one batch's
             activations are alive at a time (the gradient is the same as the sum's); ``loss`` is then
-            returned detached.
+            returned detached, and with a retain term ``metrics["grad_cos_forget_retain"]`` is the
+            cosine between the two terms' gradients over the trainable parameters.
         model: the module the trained forwards run through (a DDP wrapper of ``lm.model``); default
-            ``lm.model``. The KL reference forward always runs ``lm.model`` with its adapter disabled.
+            ``lm.model``. The reference forwards (KL, repr, direction) always run ``lm.model`` with its
+            adapter disabled.
         scale: factors on the forget and retain terms' gradients only (``world_size · n_rank /
             n_global`` under DDP, which averages over ranks); the returned losses are unscaled.
+        containment: the refusal direction of ``retain_mode='direction'`` and the calibrated gate
+            of ``concept_gate`` (``unlearn`` resolves both).
 
     Raises:
         NonFiniteLossError: a term is NaN/inf (checked before its backward).
     """
     model = model if model is not None else lm.model
+    gate = containment.gate if containment is not None else None
+    if cfg.concept_gate and gate is None:
+        raise ValueError("concept_gate needs the calibrated gate: pass containment=Containment(gate=...)")
+    if gate is not None and not backward and cfg.gradient_checkpointing:
+        raise ValueError("under gradient checkpointing a gated step must backpropagate inside the gate (backward=True)")
+    # The two terms' gradients apart, for their cosine: one copy of the gradients.
+    params = [p for p in lm.model.parameters() if p.requires_grad] if backward and cfg.retain_mode != "none" else []
+    start = _grad_snapshot(params) if any(p.grad is not None for p in params) else None
     fb = forget_batch.to(lm.device)
-    rl = response_logits(model, fb.input_ids, fb.attention_mask, fb.response_mask)
-    logp = sequence_logprobs(rl.logits, rl.labels, rl.mask)
-    n = response_token_counts(rl.mask)
-    ref = logp_ref.to(logp.device) if logp_ref is not None else None
-    f = forget_loss(cfg.method, logp, n, ref, beta=cfg.beta, margin=cfg.simnpo_margin)
-    losses = {"forget": float(f.detach())}
-    metrics = {"forget_logp_tok": float(logp.detach().sum() / n.sum())}
-    if ref is not None:
-        metrics["forget_logratio_tok"] = float(((logp.detach() - ref) / n).mean())
-    _finite(f, "forget", losses)
-    if backward:
-        (cfg.gamma * f * scale[0] if scale[0] != 1.0 else cfg.gamma * f).backward()
-        f = f.detach()
-        del rl, logp
+    with _gated(lm, gate, fb) as fgate:
+        rl = response_logits(model, fb.input_ids, fb.attention_mask, fb.response_mask)
+        logp = sequence_logprobs(rl.logits, rl.labels, rl.mask)
+        n = response_token_counts(rl.mask)
+        ref = logp_ref.to(logp.device) if logp_ref is not None else None
+        f = forget_loss(cfg.method, logp, n, ref, beta=cfg.beta, margin=cfg.simnpo_margin)
+        losses = {"forget": float(f.detach())}
+        metrics = {"forget_logp_tok": float(logp.detach().sum() / n.sum())}
+        if ref is not None:
+            metrics["forget_logratio_tok"] = float(((logp.detach() - ref) / n).mean())
+        if fgate is not None:
+            metrics["gate_forget"] = float(fgate.mean())
+        _finite(f, "forget", losses)
+        if backward:
+            (cfg.gamma * f * scale[0] if scale[0] != 1.0 else cfg.gamma * f).backward()
+            f = f.detach()
+            del rl, logp
     r = None
     if cfg.retain_mode != "none":
         if retain_batch is None:
             raise ValueError(f"retain_mode={cfg.retain_mode!r} needs a retain batch")
+        mid = _grad_snapshot(params) if params else None
         rb = retain_batch.to(lm.device)
+        with _gated(lm, gate, rb) as rgate:
+            r = _retain_term(lm, cfg, model, rb, n, metrics, containment)
+            if rgate is not None:
+                metrics["gate_retain"] = float(rgate.mean())
+            losses["retain"] = float(r.detach())
+            _finite(r, "retain", losses)
+            if backward:
+                (cfg.alpha * r * scale[1] if scale[1] != 1.0 else cfg.alpha * r).backward()
+                r = r.detach()
+        if mid is not None:
+            cos = _grad_cosine(params, start, mid)
+            if cos is not None:
+                metrics["grad_cos_forget_retain"] = cos
+    loss = combine_losses(f, r, cfg.gamma, cfg.alpha)
+    return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
+
+
+def _retain_term(lm: LoadedModel, cfg: UnlearnConfig, model: torch.nn.Module, rb: TokenBatch,
+                 forget_tokens: torch.Tensor, metrics: dict[str, float],
+                 containment: Containment | None) -> torch.Tensor:
+    """The retain term of ``cfg.retain_mode`` on the retain batch (unweighted by ``alpha``)."""
+    if cfg.retain_mode in ("ce", "kl"):
         ref_logits = None
         if cfg.retain_mode == "kl":
             with torch.no_grad(), adapter_disabled(lm):
@@ -305,13 +358,58 @@ def train_step(
         rn = response_token_counts(rr.mask)
         metrics["retain_logp_tok"] = float(rlogp.detach().sum() / rn.sum())
         r = ce_loss(rlogp, rn) if ref_logits is None else kl_loss(rr.logits, ref_logits, rr.mask)
-        losses["retain"] = float(r.detach())
-        _finite(r, "retain", losses)
-        if backward:
-            (cfg.alpha * r * scale[1] if scale[1] != 1.0 else cfg.alpha * r).backward()
-            r = r.detach()
-    loss = combine_losses(f, r, cfg.gamma, cfg.alpha)
-    return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
+        if cfg.retain_weighting == "per_token":
+            metrics["retain_scale"] = retain_token_scale(cfg.method, forget_tokens, rn)
+            r = r * metrics["retain_scale"]
+        return r
+    direction = containment.direction if containment is not None else None
+    if cfg.retain_mode == "direction" and direction is None:
+        raise ValueError("retain_mode='direction' needs the direction: pass containment=Containment(direction=...)")
+    wanted = cfg.repr_layers if cfg.repr_layers is not None or direction is None else direction.layers
+    layers = check_layers(lm.model, wanted)
+    with torch.no_grad(), adapter_disabled(lm):
+        ref = stream_activations(lm.model, rb.input_ids, rb.attention_mask, layers)
+    acts = stream_activations(model, rb.input_ids, rb.attention_mask, layers)
+    if cfg.retain_mode == "repr":
+        return repr_loss(acts, ref, rb.attention_mask, cfg.repr_distance)
+    rows = torch.arange(acts.shape[0], device=acts.device)
+    last = last_prompt_index(rb.response_mask).to(acts.device)
+    vectors = torch.stack([direction.vector_for(layer) for layer in layers]).to(acts.device)
+    return projection_loss(acts[rows, last], ref[rows, last], vectors)
+
+
+def _gated(lm: LoadedModel, gate: ConceptGate | None, batch: TokenBatch) -> AbstractContextManager:
+    if gate is None:
+        return nullcontext()
+    return gated(lm, gate, batch.input_ids, batch.attention_mask, last_prompt_index(batch.response_mask))
+
+
+def _grad_snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _grad_cosine(params: list[torch.nn.Parameter], start: list[torch.Tensor | None] | None,
+                 mid: list[torch.Tensor | None]) -> float | None:
+    """Cosine between the gradient added from ``start`` to ``mid`` (the forget term's) and the one
+    added since (the retain term's); ``None`` where either is zero."""
+    def diff(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        return a if a is None or b is None else a - b
+
+    # Accumulated on the device (float64), read once: no synchronisation per parameter.
+    acc = torch.zeros(3, dtype=torch.float64, device=params[0].device)
+    for i, p in enumerate(params):
+        gf = diff(mid[i], start[i] if start is not None else None)
+        gr = diff(p.grad, mid[i])
+        if gf is not None:
+            acc[1] += gf.double().pow(2).sum()
+        if gr is not None:
+            acc[2] += gr.double().pow(2).sum()
+        if gf is not None and gr is not None:
+            acc[0] += (gf.double() * gr.double()).sum()
+    dot, nf, nr = acc.tolist()
+    if nf == 0 or nr == 0:
+        return None
+    return dot / math.sqrt(nf * nr)
 
 
 # -- schedule -----------------------------------------------------------------------------------
@@ -394,6 +492,7 @@ def unlearn(
     ablation_id: str | None = None,
     resume: bool = True,
     on_step: Callable[[int, TrainStepOutput], None] | None = None,
+    containment: Containment | None = None,
 ) -> UnlearnResult:
     """Unlearn the target domains' refusals. Leaves the trained adapter attached to ``lm`` and sets
     ``lm.extra["adapter_id"]``.
@@ -408,6 +507,9 @@ def unlearn(
         ablation_ctx, ablation_id: refusal-ablation context factory and its id, for ``method='sft'``.
         resume: continue from the latest checkpoint in ``out_dir`` (else start over there).
         on_step: called after each completed step (and its checkpoint) with ``(step, output)``.
+        containment: the refusal direction (``retain_mode='direction'``) or concept vector
+            (``concept_gate``) as objects, instead of the config's paths. Their content hashes and the
+            calibrated gate are written to ``containment.json``; a resume must bring the same ones.
 
     Raises:
         IncompatibleCheckpointError: ``out_dir`` holds a checkpoint of another config.
@@ -420,7 +522,7 @@ def unlearn(
     # wipe a live run), so the second one stops before touching anything.
     with run_dir_lock(run_dir):
         return _unlearn(lm, cfg, run_dir, progress=progress, judge=judge, data=data, ablation_ctx=ablation_ctx,
-                        ablation_id=ablation_id, resume=resume, on_step=on_step)
+                        ablation_id=ablation_id, resume=resume, on_step=on_step, containment=containment)
 
 
 def _unlearn(
@@ -434,6 +536,7 @@ def _unlearn(
     ablation_id: str | None = None,
     resume: bool = True,
     on_step: Callable[[int, TrainStepOutput], None] | None = None,
+    containment: Containment | None = None,
 ) -> UnlearnResult:
     if lm.name != cfg.model:
         raise ValueError(f"cfg.model is {cfg.model!r} but the loaded model is {lm.name!r}; set cfg.model to match")
@@ -463,6 +566,9 @@ def _unlearn(
         _check_resume(cfg, load_checkpoint_config(ckpt_path), ckpt_path)
     result_path = run_dir / "result.json"
     finished = resume and result_path.exists() and (adapter_dir / "adapter_config.json").exists()
+    containment = Containment.resolve(cfg, containment, lm.model)
+    if ckpt_path is not None or finished:
+        _check_containment(run_dir, containment)
     dp.barrier()  # every rank has read the run directory before rank 0 changes it
     if finished:
         saved = json.loads(result_path.read_text())
@@ -474,7 +580,7 @@ def _unlearn(
                              peak_rss_gb=saved["peak_rss_gb"], manifest=saved.get("manifest", {}),
                              resumed_from=saved["steps"])
     if not resume and dp.is_main:
-        for stale in (metrics_path, result_path, run_dir / "ref_logprobs.safetensors"):
+        for stale in (metrics_path, result_path, run_dir / "ref_logprobs.safetensors", run_dir / _CONTAINMENT):
             stale.unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -483,12 +589,17 @@ def _unlearn(
         with dp.main_first():  # rank 0 generates and caches; the others read its cache
             data = build_data(lm, cfg, judge=judge, ablation_ctx=ablation_ctx, ablation_id=ablation_id,
                               progress=progress and dp.is_main)
-    if cfg.retain_mode != "none" and (data.retain is None or len(data.retain) == 0):
-        raise ValueError(f"retain_mode={cfg.retain_mode!r} but no retain data")
+    if cfg.needs_retain_data and (data.retain is None or len(data.retain) == 0):
+        raise ValueError(f"retain_mode={cfg.retain_mode!r}" + (" with a calibrated concept gate" if cfg.calibrates_gate
+                                                               else "") + " but no retain data")
+    if cfg.calibrates_gate and containment.gate is None:
+        containment = _calibrate_gate(lm, cfg, containment, data)
     manifest = data.manifest()
     if dp.is_main:
         cfg.save(run_dir / "config.json")
         atomic_write_json(run_dir / "data_manifest.json", manifest)
+        if containment.identity():
+            atomic_write_json(run_dir / _CONTAINMENT, containment.record())
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -498,7 +609,7 @@ def _unlearn(
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
     try:
-        return _train(lm, cfg, data, params, run_dir, ckpt_path, progress, on_step, dp)
+        return _train(lm, cfg, data, params, run_dir, ckpt_path, progress, on_step, dp, containment=containment)
     except BaseException:
         if cfg.lora:
             detach_lora(lm)  # hand the model back as it came: base weights, no adapter
@@ -508,7 +619,43 @@ def _unlearn(
             disable_gradient_checkpointing(lm, use_cache=bool(use_cache))
 
 
+_CONTAINMENT = "containment.json"
+
+
+def _check_containment(run_dir: Path, containment: Containment) -> None:
+    path = run_dir / _CONTAINMENT
+    saved = json.loads(path.read_text())["identity"] if path.exists() else {}
+    if saved != containment.identity():
+        raise IncompatibleCheckpointError(
+            f"{run_dir} was trained with other containment inputs ({saved or 'none'}) than the ones given now "
+            f"({containment.identity() or 'none'}); use another output directory, or delete the old run.")
+
+
+def _calibrate_gate(lm: LoadedModel, cfg: UnlearnConfig, containment: Containment, data: UnlearnData) -> Containment:
+    """The concept gate with its bias and/or temperature measured on the base model: the forget prompts'
+    scores against the retain prompts' (:func:`training.containment.calibrate_gate`)."""
+    probe = ConceptGate.from_direction(containment.gate_vector, cfg.gate_layer, 0.0, 1.0, lm.model)
+
+    def scores(ds: DataSet, forget: bool) -> torch.Tensor:
+        out = []
+        for start in range(0, len(ds), cfg.batch_size):
+            b = _collate(lm, cfg, ds, list(range(start, min(start + cfg.batch_size, len(ds)))), forget).to(lm.device)
+            out.append(probe.scores(lm, b.input_ids, b.attention_mask, last_prompt_index(b.response_mask)).cpu())
+        return torch.cat(out)
+
+    bias, temperature = calibrate_gate(scores(data.forget, True), scores(data.retain, False))
+    gate = replace(probe, bias=cfg.gate_bias if cfg.gate_bias is not None else bias,
+                   temperature=cfg.gate_temperature if cfg.gate_temperature is not None else temperature)
+    return replace(containment, gate=gate)
+
+
 def _check_parallel(cfg: UnlearnConfig, dp: DataParallel) -> None:
+    single = [what for what, on in ((f"retain_mode {cfg.retain_mode!r}", cfg.retain_mode in ("repr", "direction")),
+                                    ("concept_gate", cfg.concept_gate),
+                                    ("retain_weighting 'per_token'", cfg.retain_weighting == "per_token")) if on]
+    if single:
+        raise ValueError(f"{', '.join(single)} runs in one process only (no data parallelism yet); launch without "
+                         "torchrun/accelerate")
     for name in ("batch_size",) + (("retain_batch_size",) if cfg.retain_mode != "none" else ()):
         if getattr(cfg, name) < dp.world_size:
             raise ValueError(f"{name}={getattr(cfg, name)} is the global batch, split over {dp.world_size} "
@@ -525,6 +672,7 @@ def _train(
     progress: bool,
     on_step: Callable[[int, TrainStepOutput], None] | None,
     dp: DataParallel | None = None,
+    containment: Containment | None = None,
 ) -> UnlearnResult:
     dp = dp or DataParallel()
     metrics_path, adapter_dir, result_path = run_dir / "metrics.jsonl", run_dir / "adapter", run_dir / "result.json"
@@ -599,7 +747,7 @@ def _train(
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
             try:
                 out = train_step(lm, cfg, fbatch, logp_ref[fmine] if logp_ref is not None else None, rbatch,
-                                 model=forward_model, scale=scale)
+                                 model=forward_model, scale=scale, containment=containment)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(f"{err} at step {step + 1}; stopped before the update, {where}. "
                                          "Lower the learning rate or use float32.") from None

@@ -4,12 +4,17 @@
   emalab unlearn --target cybersecurity --retain-ce --steps 40 --lr 2e-4
   emalab unlearn --config my_run.json --out results/unlearn/mine     # resumes if interrupted
   emalab unlearn --target safety --eval 16                          # + logit refusal before/after
+  emalab unlearn --retain-mode ce --retain-weighting per_token --alpha 1   # equal per-token weight
+  emalab unlearn --retain-mode repr --repr-layers 4 8 12 --repr-distance cosine
+  emalab unlearn --retain-mode direction --retain-direction refusal_direction.safetensors
+  emalab unlearn --concept-gate --gate-vector cyber_concept.safetensors --gate-layer 4
 
 The forget set is the target's ``unlearn`` split paired with the model's own greedy refusals (kept
 where the judge says ``refusal``); ``--retain-ce`` adds cross-entropy on the model's own refusals to
-the other domains' ``retain`` prompts. Output goes to ``results/unlearn/<run_id>/`` (run id: method,
-target, config hash, git commit): the PEFT adapter in ``adapter/``, per-step losses in
-``metrics.jsonl``. An interrupted run resumes from its last checkpoint when started again with the
+the other domains' ``retain`` prompts; ``--retain-mode kl|repr|direction`` and ``--concept-gate``
+are the containment variants (``training.containment``). Output goes to
+``results/unlearn/<run_id>/`` (run id: method, target, config hash, git commit): the PEFT adapter in
+``adapter/``, per-step losses in ``metrics.jsonl``. An interrupted run resumes from its last checkpoint when started again with the
 same config; a finished one is not redone.
 
 Data-parallel over N processes (one run directory, written by rank 0; see docs/scaling.md):
@@ -85,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if cfg.concept_gate and args.eval:
+        raise ValueError("--eval scores the merged adapter, which has no concept gate; evaluate a gated adapter "
+                         "under training.containment.gated instead")
 
     from interp.io import ensure_writable_dir
     from training.checkpoint import run_dir_lock
