@@ -321,6 +321,16 @@ class Study:
             raise NoValidCandidateError(f"no refusal-direction candidate passed the filters; see {path}/candidates.json")
         return direction
 
+    def refusal_direction_file(self) -> Path:
+        """The base refusal direction's safetensors file (for training terms that keep it)."""
+        from probes.refusal_direction import RefusalDirectionConfig, cached_refusal_direction
+
+        self.refusal_direction()
+        rcfg = RefusalDirectionConfig(
+            layer_step=self.cfg.direction_layer_step,
+            positions=list(self.cfg.direction_positions) if self.cfg.direction_positions else None)
+        return cached_refusal_direction(self.lm, rcfg, self.results, progress=False)[1] / "direction.safetensors"
+
     def ablation(self):
         """``(context-manager factory, id)`` that ablates the base refusal direction at every layer.
 

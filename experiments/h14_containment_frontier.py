@@ -1,0 +1,87 @@
+"""H14 — containment methods compared on the selectivity frontier (beyond retain-CE).
+
+Hypothesis: on a model whose domains share one refusal behaviour, a retain term that constrains the
+mechanism (token KL to the base model, the residual stream at chosen layers, the projection on the
+base refusal direction) keeps more untouched refusal per unit of target forgetting than retain-CE
+on the model's own refusals.
+Prediction: at matched target refusal (the primary level), some method's untouched refusal exceeds
+retain-CE's with a paired seeds × prompts CI above zero.
+Falsified if: no method beats retain-CE (every paired CI spans or is below zero): then retain-CE is
+the most selective of those tried, at these budgets and weights. A method that never reaches the
+level cannot be compared there and says so. Weights are not tuned (the same α for every method,
+written in the config); the concept-gated adapter is trained by ``emalab unlearn --concept-gate`` but
+not compared here, because a gated adapter cannot be merged for evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from evals.suite import DOMAINS
+from interp.config import JsonConfig
+from interp.runs import run_dir, write_run
+from study import Study, StudyConfig, claim
+from study.frontier import Condition, curves, matched_difference, selectivity
+from study.trajectory import trajectory_runs, trajectory_sets
+
+EXPERIMENT = "h14_containment_frontier"
+
+
+@dataclass
+class Config(JsonConfig):
+    """H14 settings."""
+
+    study: StudyConfig = field(default_factory=lambda: StudyConfig(seeds=(0, 1, 2)))
+    """Shared model, evaluation and training settings."""
+    targets: tuple[str, ...] = ("cybersecurity",)
+    """Domains to unlearn."""
+    methods: tuple[str, ...] = ("ce", "kl", "repr", "direction")
+    """Retain terms compared (``UnlearnConfig.retain_mode``); ``ce`` is the reference."""
+    alpha: float = 10.0
+    """Weight of every retain term (untuned; the same for all)."""
+    repr_layers: tuple[int, ...] = (4, 8, 12)
+    """Layers the representation term keeps (early to middle, where C5 places the shared component)."""
+    levels: tuple[float, ...] = (0.25, 0.10)
+    """Matched target refusal levels; the last is primary."""
+    n_boot: int = 1000
+    """Bootstrap resamples."""
+
+
+def _kwargs(study: Study, cfg: Config, method: str) -> dict:
+    kw = {"retain_domains": None, "alpha": cfg.alpha, "retain_mode": method}
+    if method == "repr":
+        kw.update(repr_layers=tuple(cfg.repr_layers), repr_distance="cosine")
+    if method == "direction":
+        kw["retain_direction"] = study.refusal_direction_file()
+    return kw
+
+
+def main(cfg: Config) -> dict:
+    study = Study(cfg.study)
+    sets = trajectory_sets(study)
+    primary, out, wins = cfg.levels[-1], {}, []
+    for target in cfg.targets:
+        untouched = [d for d in DOMAINS if d != target]
+        conds = {"npo": Condition("npo", target, trajectory_runs(study, target, "npo", (), f"npo-{target}", sets))}
+        for m in cfg.methods:
+            runs = trajectory_runs(study, target, "npo", name=f"npo_{m}-{target}", sets=sets, **_kwargs(study, cfg, m))
+            conds[m] = Condition(f"npo+{m}", target, runs)
+        table = {n: {**selectivity(c, untouched, cfg.levels, cfg.n_boot), "curves": curves(c, DOMAINS)}
+                 for n, c in conds.items()}
+        vs_ce = {m: matched_difference(conds[m], conds["ce"], untouched, primary, cfg.n_boot)
+                 for m in cfg.methods if m != "ce"}
+        vs_npo = {m: matched_difference(conds[m], conds["npo"], untouched, primary, cfg.n_boot) for m in cfg.methods}
+        wins += [(target, m) for m, r in vs_ce.items() if r["ci"] is not None and r["ci"][0] > 0]
+        out[target] = {"conditions": table, "vs_ce": vs_ce, "vs_npo": vs_npo}
+    compared = [r for t in out.values() for r in t["vs_ce"].values() if r["ci"] is not None]
+    status = "replicated" if wins else ("not replicated" if compared else "inconclusive")
+    ev = "; ".join(
+        f"{t} {m} vs ce at target refusal {primary:g}: " + (
+            f"{r['difference']:+.2f} (CI {r['ci'][0]:+.2f}..{r['ci'][1]:+.2f})" if r["ci"] else r.get("note", "n/a"))
+        for t, v in out.items() for m, r in v["vs_ce"].items())
+    ev += f"; α {cfg.alpha:g} for every term, {len(cfg.study.seeds)} seeds" + ("" if wins else ", at these budgets")
+    metrics = {"targets": out, "levels": list(cfg.levels), "primary_level": primary, "n_seeds": len(cfg.study.seeds),
+               "conditions": {f"{n}|{t}": c for t, v in out.items() for n, c in v["conditions"].items()},
+               "claim": claim("M1", "A mechanism-level retain term is more selective than retain-CE", status, ev)}
+    write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
+    return metrics
