@@ -37,7 +37,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from evals.judge import ALIGNED_LABELS, JUDGES, LABELS, Judge, UnknownJudgeError, get_judge, judge_responses
-from evals.refusal import LOGIT_VARIANTS, logit_refusal_score_variants
+from evals.refusal import LOGIT_VARIANTS, logit_refusal_score_variants, score_variants
 from evals.suite import (
     DOMAINS,
     EXPECTED,
@@ -557,17 +557,21 @@ def evaluate_prompts(
     if world > 1:
         timings.update(world_size=float(world), n_prompts_this_rank=float(len(texts)))
 
+    # With generation, the logit score is read from the generation's own prefill (the same forward
+    # over the same batches, hence the same numbers): the prompts are not run twice.
+    shared_prefill = cfg.generate and cfg.generation == "judge_aware"
+    local_scores: list[tuple[float, float]] = []
+
+    def _scores(variants: dict) -> list[tuple[float, float]]:
+        return list(zip(variants["standard"].double().tolist(), variants["without_no"].double().tolist(), strict=True))
+
     t0 = time.perf_counter()
-    if texts:
-        variants = logit_refusal_score_variants(lm, texts, batch_size=cfg.batch_size, system=cfg.system,
-                                                raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens,
-                                                progress=progress, prefix_cache=cfg.prefix_cache)
-        local_scores = list(zip(variants["standard"].double().tolist(), variants["without_no"].double().tolist(),
-                                strict=True))
-    else:
-        local_scores = []
-    timings["logit_s"] = time.perf_counter() - t0
-    timings["logit_prompts_per_s"] = len(texts) / max(timings["logit_s"], 1e-9)
+    if texts and not shared_prefill:
+        local_scores = _scores(logit_refusal_score_variants(
+            lm, texts, batch_size=cfg.batch_size, system=cfg.system, raw=cfg.raw,
+            max_prompt_tokens=cfg.max_prompt_tokens, progress=progress, prefix_cache=cfg.prefix_cache))
+        timings["logit_s"] = time.perf_counter() - t0
+        timings["logit_prompts_per_s"] = len(texts) / max(timings["logit_s"], 1e-9)
 
     labels: list[str] | None = None
     reasons: list[str] | None = None
@@ -580,11 +584,15 @@ def evaluate_prompts(
             t0 = time.perf_counter()
             stop = getattr(judge, "decided", None) if cfg.generation == "judge_aware" else None
             gen_stats: dict[str, Any] = {}
+            first: dict[str, Any] | None = {} if shared_prefill else None
             responses = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                  system=cfg.system, raw=cfg.raw, max_prompt_tokens=cfg.max_prompt_tokens,
                                  progress=progress, stop=stop, prefix_cache=cfg.prefix_cache, stats=gen_stats,
-                                 engine="emalab" if cfg.generation == "judge_aware" else "hf")
+                                 engine="emalab" if cfg.generation == "judge_aware" else "hf", first_logprobs=first)
             timings["generate_s"] = time.perf_counter() - t0
+            if first is not None:
+                local_scores = _scores(score_variants(lm, first["logprobs"]))
+                timings["logit_s"] = 0.0  # read from the generation's prefill
             timings["generated_tokens"] = float(gen_stats.get("generated_tokens", 0))
             t0 = time.perf_counter()
             verdicts = judge_responses(judge, texts, responses, expected)

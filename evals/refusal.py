@@ -14,7 +14,8 @@ from interp.chat import format_prompts, iter_batches, refusal_token_ids
 from interp.loading import LoadedModel, position_ids_from_mask
 from interp.prefix import build_prefix, prefix_cache_enabled, prefixed_inputs, split_prefix
 
-__all__ = ["refusal_log_odds", "logit_refusal_scores", "logit_refusal_score_variants", "LOGIT_VARIANTS",
+__all__ = [
+    "score_variants","refusal_log_odds", "logit_refusal_scores", "logit_refusal_score_variants", "LOGIT_VARIANTS",
            "last_token_logprobs"]
 
 LOGIT_VARIANTS: tuple[str, ...] = ("standard", "without_no")
@@ -105,6 +106,12 @@ def logit_refusal_score_variants(
     tokens, so an aligned rebuttal ("No, not all ...") to a loaded question does not read as refusal.
     """
     logprobs = last_token_logprobs(lm, prompts, batch_size, system, raw, max_prompt_tokens, progress, prefix_cache)
+    return score_variants(lm, logprobs)
+
+
+def score_variants(lm: LoadedModel, logprobs: Float[Tensor, "batch d_vocab"]) -> dict[str, Float[Tensor, " batch"]]:
+    """The :data:`LOGIT_VARIANTS` from next-token log-probs at the last prompt position (e.g. the
+    prefill of a generation, :func:`interp.generate.generate`'s ``first_logprobs``)."""
     return {
         "standard": refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer)),
         "without_no": refusal_log_odds(logprobs, refusal_token_ids(lm.tokenizer, include_no=False)),

@@ -39,8 +39,9 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
 
 
 def _decode_batch(lm: LoadedModel, batch: Batch, prefix, max_new_tokens: int, stop: StopRule | None,
-                  eos: set[int]) -> tuple[list[list[int]], int]:
-    """Greedy tokens of each row of ``batch`` (EOS excluded) and the prompt tokens prefilled."""
+                  eos: set[int], first: dict[int, torch.Tensor] | None = None) -> tuple[list[list[int]], int]:
+    """Greedy tokens of each row of ``batch`` (EOS excluded) and the prompt tokens prefilled; the
+    prefill's next-token log-probs go to ``first[batch.index]`` when it is given."""
     tok = lm.tokenizer
     pb = split_prefix(batch, prefix, lm.model)
     if pb is not None:
@@ -57,6 +58,8 @@ def _decode_batch(lm: LoadedModel, batch: Batch, prefix, max_new_tokens: int, st
     out = lm.model(**inputs, use_cache=True, logits_to_keep=1,
                    cache_position=torch.arange(width - n_new, width, device=batch.input_ids.device))
     cache = out.past_key_values
+    if first is not None:
+        first.update(zip(batch.index, torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu(), strict=True))
     mask = inputs["attention_mask"]
     pos = inputs["position_ids"][:, -1]
     nxt = out.logits[:, -1].argmax(-1)
@@ -114,6 +117,7 @@ def generate(
     prefix_cache: bool | None = None,
     stats: dict[str, Any] | None = None,
     engine: str = "emalab",
+    first_logprobs: dict[str, Any] | None = None,
 ) -> list[str]:
     """Greedy completions for user ``prompts`` (in input order), decoded without special tokens.
 
@@ -129,6 +133,9 @@ def generate(
             ``rows``.
         engine: ``emalab`` (the loop above) or ``hf`` (``model.generate`` for ``max_new_tokens``
             without the prefix cache, the fixed-length reference; ``stop`` then cuts its output).
+        first_logprobs: filled with ``logprobs``, the next-token log-probabilities at the last prompt
+            position (input order, the prefill's own: what the logit refusal score reads, without a
+            second forward over the prompts).
     """
     if engine not in ("emalab", "hf"):
         raise ValueError(f"engine must be 'emalab' or 'hf', got {engine!r}")
@@ -145,12 +152,18 @@ def generate(
               else None)
     eos = _eos_ids(lm)
     window = sliding_window(lm.model)
+    first: dict[int, torch.Tensor] | None = {} if first_logprobs is not None else None
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
         batch = batch.to(lm.device)
         # A sliding window shorter than the padded span: the decode loop's batched steps are not
         # exact there (tested against single prompts); HF's generate is, and the stop rule is then
         # applied to its output, which greedy decoding makes the same text.
         if engine == "hf" or (window is not None and batch.input_ids.shape[1] + max_new_tokens > window):
+            if first is not None:  # HF's generate does not hand its prefill back: one forward for it
+                logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  position_ids=position_ids_from_mask(batch.attention_mask),
+                                  logits_to_keep=1).logits[:, -1]
+                first.update(zip(batch.index, torch.log_softmax(logits.float(), dim=-1).cpu(), strict=True))
             seqs = lm.model.generate(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
@@ -162,13 +175,15 @@ def generate(
                 counts["generated_tokens"] += len(ids)
                 out[i] = tok.decode(ids, skip_special_tokens=True)
             continue
-        gen, prefilled = _decode_batch(lm, batch, prefix, max_new_tokens, stop, eos)
+        gen, prefilled = _decode_batch(lm, batch, prefix, max_new_tokens, stop, eos, first)
         counts["prefill_tokens"] += prefilled
         for row, i in enumerate(batch.index):
             counts["generated_tokens"] += len(gen[row])
             out[i] = tok.decode(gen[row], skip_special_tokens=True)
     if stats is not None:
         stats.update(counts)
+    if first is not None:
+        first_logprobs["logprobs"] = torch.stack([first[i] for i in range(len(texts))])
     return out  # type: ignore[return-value]
 
 

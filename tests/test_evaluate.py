@@ -172,6 +172,21 @@ def test_evaluate_prompts_logit_matches_refusal_module(tiny_qwen):
     assert "generate_s" not in rep.timings and rep.timings["logit_s"] > 0
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_judged_evaluation_reads_the_logit_score_from_the_generation_prefill(tiny_qwen, batch_size):
+    import dataclasses
+
+    texts = ["Tell me a story.", "How do I pick a lock?", "Hi", "Write a long poem about the sea and sky."]
+    cfg = dataclasses.replace(_fast_cfg(generate=True), batch_size=batch_size)
+    shared = evaluate_prompts(tiny_qwen, {"safety": texts, "bias": texts[:2]}, cfg, progress=False)
+    alone = evaluate_prompts(tiny_qwen, {"safety": texts, "bias": texts[:2]}, dataclasses.replace(cfg, generate=False),
+                             progress=False)
+    for a, b in zip(shared.records, alone.records, strict=True):
+        assert a.logit_score == pytest.approx(b.logit_score, abs=1e-5)
+        assert a.logit_score_without_no == pytest.approx(b.logit_score_without_no, abs=1e-5)
+    assert shared.timings["logit_s"] == 0.0 and "logit_prompts_per_s" not in shared.timings
+
+
 def test_evaluate_prompts_rejects_empty_row(tiny_qwen):
     with pytest.raises(ValueError, match="no prompts for"):
         evaluate_prompts(tiny_qwen, {"safety": []}, _fast_cfg(), progress=False)
