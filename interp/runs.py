@@ -34,12 +34,14 @@ LIBRARY: tuple[str, ...] = ("interp", "evals", "study", "probes", "training")
 _GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge", "evals.judgement",
                "evals.coherence", "evals.opening", "evals.rebuttal", "evals.keyword_judge", "evals.model_judge",
                "evals.suite")
+# The evaluation is the loop (evals.evaluate), its result types and its per-row statistics.
+_EVALUATION = ("evals.evaluate", "evals.report_types", "evals.domain_summary", "evals.refusal", "evals.utility")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "eval": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),
-    "eval_sets": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),
+    "eval": (*_GENERATION, *_EVALUATION, "interp.prefix", "interp.adapter"),
+    "eval_sets": (*_GENERATION, *_EVALUATION, "interp.prefix", "interp.adapter"),
     # The logit score alone (trajectories): no generation, no judge, so a judge fix keeps these.
     "eval_sets_logit": ("interp.loading", "interp.chat", "interp.prefix", "interp.adapter", "evals.suite",
-                        "evals.evaluate", "evals.refusal", "evals.utility", "training.lora"),
+                        *_EVALUATION, "training.lora"),
     "activations": ("interp.loading", "interp.chat", "evals.suite", "interp.adapter", "interp.activations"),
     "unlearn": (*_GENERATION, "interp.adapter", "evals.refusal", "training"),
     "refusal_direction": (*_GENERATION, "interp.adapter", "interp.activations", "evals.refusal", "probes"),
