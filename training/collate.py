@@ -101,7 +101,6 @@ def collate(
     return TokenBatch(ids, attn, resp, list(index) if index is not None else list(range(len(rows))))
 
 
-
 def collate_rows(lm: LoadedModel, cfg: UnlearnConfig, ds: DataSet, idx: list[int], forget: bool) -> TokenBatch:
     """Rows ``idx`` of ``ds`` as a batch under ``cfg``: its trigger on forget rows only, its prompt cap."""
     return collate(lm.tokenizer, [ds.examples[i] for i in idx], index=idx,

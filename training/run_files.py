@@ -44,7 +44,6 @@ class IncompatibleCheckpointError(ValueError):
     """The run directory holds a checkpoint of a different config (or different data)."""
 
 
-
 @dataclass
 class UnlearnResult:
     """Where a run's artifacts are and how it went."""
@@ -86,7 +85,6 @@ def default_run_dir(cfg: UnlearnConfig) -> Path:
     return Path(os.environ.get("EMALAB_RESULTS", "results")) / "unlearn" / run_id(cfg)
 
 
-
 def read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
     """Rows of ``metrics.jsonl`` with ``step <= upto``; a torn last line (killed mid-write) is dropped."""
     if not path.exists():
@@ -118,7 +116,6 @@ def check_resume(cfg: UnlearnConfig, saved: dict[str, Any], where: Path) -> None
         )
 
 
-
 def check_containment(run_dir: Path, containment: Containment) -> None:
     """Raise :class:`IncompatibleCheckpointError` unless the run was trained with these containment inputs."""
     path = run_dir / CONTAINMENT_FILE
@@ -127,7 +124,6 @@ def check_containment(run_dir: Path, containment: Containment) -> None:
         raise IncompatibleCheckpointError(
             f"{run_dir} was trained with other containment inputs ({saved or 'none'}) than the ones given now "
             f"({containment.identity() or 'none'}); use another output directory, or delete the old run.")
-
 
 
 def snapshot_dir(run_dir: Path, step: int) -> Path:
@@ -150,7 +146,6 @@ def save_snapshot(lm: LoadedModel, cfg: UnlearnConfig, run_dir: Path, step: int,
     if dp.is_main and has_adapter(lm):
         save_adapter(lm, snapshot_dir(run_dir, step), {"config": cfg.to_dict(), "step": step})
     dp.barrier()
-
 
 
 def load_checkpoint_config(path: Path) -> dict[str, Any]:

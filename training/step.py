@@ -43,7 +43,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient became NaN/inf; the run stopped and its last good checkpoint is kept."""
 
 
-
 def _finite(value: torch.Tensor, name: str, losses: dict[str, float]) -> None:
     if not torch.isfinite(value.detach()).all():
         raise NonFiniteLossError(f"the {name} loss became {float(value.detach())} (components so far {losses})")
@@ -195,7 +194,6 @@ def _grad_cosine(params: list[torch.nn.Parameter], start: list[torch.Tensor | No
     if nf == 0 or nr == 0:
         return None
     return dot / math.sqrt(nf * nr)
-
 
 
 def global_step_output(out: TrainStepOutput, cfg: UnlearnConfig, dp: DataParallel, fshare: float,
