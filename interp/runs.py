@@ -34,15 +34,19 @@ LIBRARY: tuple[str, ...] = ("interp", "evals", "study", "probes", "training")
 _GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge", "evals.judgement",
                "evals.coherence", "evals.opening", "evals.rebuttal", "evals.keyword_judge", "evals.model_judge",
                "evals.suite")
+# The adapter is the site mapping (interp.adapter) on the module-tree basics and the family discovery.
+_ADAPTER = ("interp.adapter", "interp.module_tree", "interp.family_discovery")
+# The evaluation is the loop (evals.evaluate), its result types and its per-row statistics.
+_EVALUATION = ("evals.evaluate", "evals.report_types", "evals.domain_summary", "evals.refusal", "evals.utility")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "eval": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),
-    "eval_sets": (*_GENERATION, "evals.evaluate", "evals.refusal", "evals.utility", "interp.prefix", "interp.adapter"),
+    "eval": (*_GENERATION, *_EVALUATION, "interp.prefix", *_ADAPTER),
+    "eval_sets": (*_GENERATION, *_EVALUATION, "interp.prefix", *_ADAPTER),
     # The logit score alone (trajectories): no generation, no judge, so a judge fix keeps these.
-    "eval_sets_logit": ("interp.loading", "interp.chat", "interp.prefix", "interp.adapter", "evals.suite",
-                        "evals.evaluate", "evals.refusal", "evals.utility", "training.lora"),
-    "activations": ("interp.loading", "interp.chat", "evals.suite", "interp.adapter", "interp.activations"),
-    "unlearn": (*_GENERATION, "interp.adapter", "evals.refusal", "training"),
-    "refusal_direction": (*_GENERATION, "interp.adapter", "interp.activations", "evals.refusal", "probes"),
+    "eval_sets_logit": ("interp.loading", "interp.chat", "interp.prefix", *_ADAPTER, "evals.suite",
+                        *_EVALUATION, "training.lora"),
+    "activations": ("interp.loading", "interp.chat", "evals.suite", *_ADAPTER, "interp.activations"),
+    "unlearn": (*_GENERATION, *_ADAPTER, "evals.refusal", "training"),
+    "refusal_direction": (*_GENERATION, *_ADAPTER, "interp.activations", "evals.refusal", "probes"),
 }
 """Modules (or whole packages) whose source determines each library stage's output."""
 

@@ -313,7 +313,7 @@ def test_emalab_unlearn_under_torchrun_writes_one_run_directory(tmp_path):
 
 def test_batch_smaller_than_the_world_is_refused():
     from training.distributed import DataParallel
-    from training.trainer import _check_parallel
+    from training.distributed import check_parallel as _check_parallel
 
     class Two(DataParallel):
         world_size = 2

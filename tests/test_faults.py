@@ -386,7 +386,7 @@ def test_torn_pipeline_history_keeps_the_report(tmp_path):
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path):  # already worked
-    from training.trainer import _read_metrics
+    from training.run_files import read_metrics as _read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "lo')

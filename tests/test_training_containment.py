@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import training.losses as losses_mod
 import training.trainer as trainer_mod
 from interp.activations import collect_activations, stream_activations
 from interp.adapter import lora_row_scale, site_capture
@@ -264,8 +265,8 @@ def test_grad_cosine_matches_the_terms_taken_apart(tiny_qwen, mode):
     perturb_lora(lm)
     params = [p for p in lm.model.parameters() if p.requires_grad]
     with torch.no_grad():  # NPO at its reference point: a forget gradient of full size
-        rl = trainer_mod.response_logits(lm.model, fb.input_ids, fb.attention_mask, fb.response_mask)
-        ref = trainer_mod.sequence_logprobs(rl.logits, rl.labels, rl.mask)
+        rl = losses_mod.response_logits(lm.model, fb.input_ids, fb.attention_mask, fb.response_mask)
+        ref = losses_mod.sequence_logprobs(rl.logits, rl.labels, rl.mask)
 
     def grads_of(**changes):
         for p in params:
@@ -347,8 +348,8 @@ def test_concept_gated_unlearning_spares_the_untouched_prompts(tiny_qwen, tmp_pa
     def logps(lm, ds, gate=None):
         b = collate(lm.tokenizer, ds.examples)
         with torch.no_grad(), gated(lm, gate, b.input_ids, b.attention_mask, last_prompt_index(b.response_mask)):
-            rl = trainer_mod.response_logits(lm.model, b.input_ids, b.attention_mask, b.response_mask)
-            return trainer_mod.sequence_logprobs(rl.logits, rl.labels, rl.mask)
+            rl = losses_mod.response_logits(lm.model, b.input_ids, b.attention_mask, b.response_mask)
+            return losses_mod.sequence_logprobs(rl.logits, rl.labels, rl.mask)
 
     data = UnlearnData(forget_set(), retain_set())
     d = concept(tiny_qwen, 1)
@@ -427,7 +428,7 @@ def test_gradient_checkpointing_gives_the_same_gated_repr_run(tmp_path):
 
 def test_new_modes_refuse_data_parallelism():
     from training.distributed import DataParallel
-    from training.trainer import _check_parallel
+    from training.distributed import check_parallel as _check_parallel
 
     class Two(DataParallel):
         world_size = 2

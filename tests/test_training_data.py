@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import training.data as data_mod
+import training.responses as responses_mod
+import training.retain_set as retain_mod
 from evals.suite import EmptySplitError, load_prompts
 from interp.adapter import unembed_module
 from training.data import (
@@ -92,7 +93,7 @@ def test_generation_is_cached(tiny_qwen, cache, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("generation must come from the cache")
 
-    monkeypatch.setattr(data_mod, "generate", boom)
+    monkeypatch.setattr(responses_mod, "generate", boom)
     second = build_forget_set(tiny_qwen, "cybersecurity", 4, all_refusal, max_new_tokens=8, cache_dir=cache,
                               progress=False)
     assert second.manifest["from_cache"] is True
@@ -114,14 +115,14 @@ def test_empty_forget_set_error_gives_counts(tiny_qwen, cache):
 
 
 def test_retain_set_defaults_and_benign(tiny_qwen, cache, monkeypatch):
-    real = data_mod.load_prompts
+    real = retain_mod.load_prompts
 
     def no_bias_retain(domain, split=None, **kw):
         if domain == "bias" and split == "retain":
             raise EmptySplitError("split 'retain' of 'bias' holds no prompts")
         return real(domain, split, **kw)
 
-    monkeypatch.setattr(data_mod, "load_prompts", no_bias_retain)
+    monkeypatch.setattr(retain_mod, "load_prompts", no_bias_retain)
     ds = build_retain_set(tiny_qwen, None, 1, all_refusal, target_domains=("cybersecurity",), include_benign=2,
                           max_new_tokens=4, cache_dir=cache, progress=False)
     m = ds.manifest

@@ -1,9 +1,13 @@
 """Refusal unlearning on LoRA adapters: losses, data, configs, checkpoints and the trainer.
 
-Modules: ``losses`` (pure objectives), ``data`` (forget/retain/compliance sets and collation),
-``config`` (``UnlearnConfig``), ``lora`` (attach/save/load/merge adapters), ``checkpoint`` (atomic,
-resumable), ``containment`` (representation / direction retain terms, per-token retain weight, the
-concept-gated adapter), ``trainer`` (``unlearn``).
+Modules: ``losses`` (pure objectives), ``data`` (the sets a config asks for; re-exports
+``dataset`` (examples), ``responses`` (the model's own responses, cached and judged),
+``forget_set`` / ``retain_set`` / ``compliance_set`` (the builders) and ``collate``
+(tokenisation, batch order)), ``config`` (``UnlearnConfig``), ``lora`` (attach/save/load/merge
+adapters), ``checkpoint`` (atomic, resumable), ``containment`` (representation / direction retain
+terms, per-token retain weight, the concept-gated adapter), ``step`` (one training step),
+``reference`` (NPO's cached reference log-probs), ``run_files`` (metrics, resume checks, snapshots,
+the result), ``distributed`` (data parallelism), ``trainer`` (the loop: ``unlearn``).
 """
 
 from training.config import UnlearnConfig

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from interp.adapter import check_layers, lora_row_scale
 from interp.chat import format_prompts, iter_batches
 from interp.direction import Direction, unit
 from interp.loading import LoadedModel, adapter_disabled
-from training.config import REPR_DISTANCES
+from training.collate import collate_rows
+from training.config import REPR_DISTANCES, UnlearnConfig
+from training.dataset import DataSet
 from training.lora import tensor_hash
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "gate_accuracy",
     "Containment",
     "direction_id",
+    "calibrate_concept_gate",
 ]
 
 # Sequence-summed forget objectives (each token weighs 1/B); the others are token means (1/N).
@@ -332,3 +335,23 @@ class Containment:
         if self.gate is not None:
             out["gate"] = self.gate.describe()
         return out
+
+
+def calibrate_concept_gate(lm: LoadedModel, cfg: UnlearnConfig, containment: Containment, forget: DataSet,
+                           retain: DataSet) -> Containment:
+    """The concept gate with its bias and/or temperature measured on the base model: the forget prompts'
+    scores against the retain prompts' (:func:`calibrate_gate`)."""
+    probe = ConceptGate.from_direction(containment.gate_vector, cfg.gate_layer, 0.0, 1.0, lm.model)
+
+    def scores(ds: DataSet, is_forget: bool) -> torch.Tensor:
+        out = []
+        for start in range(0, len(ds), cfg.batch_size):
+            rows = list(range(start, min(start + cfg.batch_size, len(ds))))
+            b = collate_rows(lm, cfg, ds, rows, is_forget).to(lm.device)
+            out.append(probe.scores(lm, b.input_ids, b.attention_mask, last_prompt_index(b.response_mask)).cpu())
+        return torch.cat(out)
+
+    bias, temperature = calibrate_gate(scores(forget, True), scores(retain, False))
+    gate = replace(probe, bias=cfg.gate_bias if cfg.gate_bias is not None else bias,
+                   temperature=cfg.gate_temperature if cfg.gate_temperature is not None else temperature)
+    return replace(containment, gate=gate)

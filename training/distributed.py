@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from interp.activations import shard_indices
+from training.config import UnlearnConfig
 
 __all__ = [
     "DistContext",
@@ -38,6 +39,7 @@ __all__ = [
     "launched_world_size",
     "init_distributed",
     "shard_examples",
+    "check_parallel",
 ]
 
 T = TypeVar("T")
@@ -212,3 +214,17 @@ class DataParallel:
     def clip_grad_norm_(self, params: Sequence[torch.nn.Parameter], max_norm: float | None) -> float:
         """Clip the (already synchronised) gradient's norm; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf))
+
+
+def check_parallel(cfg: UnlearnConfig, dp: DataParallel) -> None:
+    """Raise ``ValueError`` where ``cfg`` cannot run data-parallel over ``dp``'s processes."""
+    single = [what for what, on in ((f"retain_mode {cfg.retain_mode!r}", cfg.retain_mode in ("repr", "direction")),
+                                    ("concept_gate", cfg.concept_gate),
+                                    ("retain_weighting 'per_token'", cfg.retain_weighting == "per_token")) if on]
+    if single:
+        raise ValueError(f"{', '.join(single)} runs in one process only (no data parallelism yet); launch without "
+                         "torchrun/accelerate")
+    for name in ("batch_size",) + (("retain_batch_size",) if cfg.retain_mode != "none" else ()):
+        if getattr(cfg, name) < dp.world_size:
+            raise ValueError(f"{name}={getattr(cfg, name)} is the global batch, split over {dp.world_size} "
+                             f"processes: every process needs a row; raise {name} or launch fewer processes")
