@@ -1,0 +1,133 @@
+"""REPORT.md from planted metrics of every experiment (no model): the text of each section is the
+one in ``tests/data/report_golden.md`` (rendered when the sections still lived in
+``emalab/report.py``), and the sections come in the report's order.
+
+A deliberate change of a section's wording regenerates the golden file:
+``python -c "import sys; sys.path.insert(0, 'tests'); import test_report_sections as t; t.regenerate()"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emalab.report import render_report
+from evals.suite import DOMAINS
+from interp.io import atomic_write_json
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "report_golden.md"
+
+
+def _claim(cid: str, status: str) -> dict:
+    return {"id": cid, "claim": f"claim {cid}", "status": status, "evidence": "numbers"}
+
+
+def _h13(results: Path, monkeypatch) -> None:
+    import test_h13_frontier as t13
+
+    curves = {("npo", "cybersecurity"): (t13.FAST, [0.7, 0.4, 0.2, 0.1, 0.1]),
+              ("retain", "cybersecurity"): (t13.FAST, [0.7, 0.65, 0.6, 0.6, 0.6]),
+              ("npo", "safety"): (t13.FAST, [0.7, 0.3, 0.1, 0.05, 0.05]),
+              ("retain", "safety"): ([0.8, 0.6, 0.5, 0.4, 0.35], [0.7, 0.65, 0.6, 0.6, 0.6])}
+    t13._run(monkeypatch, results, curves)
+
+
+def _free_form():
+    import test_em_protocol as tem
+
+    from experiments import h9_backdoor as h9
+
+    conds = {k: {s: tem._ff_records(0.3, i * 3 + s) for s in (0, 1, 2)}
+             for i, k in enumerate(("base", "base+trigger", "after", "after+trigger"))}
+    ff = h9.free_form_table(conds, "counts")
+    ff.update(judge=None, n_samples=4, max_new_tokens=96, temperature=1.0, scores=h9._scores(conds))
+    return ff
+
+
+def _stages(results: Path) -> None:
+    """One unlearning stage and two evaluations for the utility table."""
+    u = {"method": "npo", "retain_mode": "ce", "alpha": 10.0, "target_domains": ["cybersecurity"], "lr": 3e-5,
+         "steps": 10}
+    atomic_write_json(results / "stages" / "unlearn" / "u1" / "DONE.json", {"adapter_id": "a1", "key": {"unlearn": u}})
+    for name, adapter, kl in (("e0", None, None), ("e1", "a1", 0.0123)):
+        atomic_write_json(results / "stages" / "eval" / name / "DONE.json",
+                          {"key": {"adapter": adapter}, "condition": "base" if adapter is None else "npo-x"})
+        atomic_write_json(results / "stages" / "eval" / name / "report.json", {
+            "utility": None if kl is None else {"kl_to_base": kl, "kl_ci": [kl / 2, kl * 2]},
+            "benign": {"refusal_rate": 0.05}, "over_refusal": {"refusal_rate": 0.25},
+            "domains": {d: {"incoherent_rate": 0.01 * i, "harmful_compliance_rate": 0.1 * i}
+                        for i, d in enumerate(DOMAINS)}})
+
+
+def _em_calibration(results: Path) -> None:
+    judge = {"alignment_answers": {"auroc": 0.81, "spearman": 0.52}, "coherence_all": {"auroc": 0.77, "spearman": 0.4},
+             "abstain": 0.05, "trusted": True}
+    atomic_write_json(results / "em_calibration" / "calibration.json", {
+        "n": 60, "judges": {"probe:x": judge, "rubric:x": {**judge, "trusted": False}},
+        "statement": "The probe judge passed."})
+
+
+def plant(results: Path, monkeypatch) -> None:
+    """Metrics of all thirteen experiments, built by the experiments' own functions where they have them."""
+    import test_figures_report as tfr
+    import test_h9_h12_metrics as th
+
+    tfr.R.seed(0)
+    th.R.seed(0)
+    tfr.make_results(results)  # h1, h4, h5, h7, h8
+    _write = tfr._write
+    _write(results, "h2_ema_spreads", {"claim": _claim("C2", "replicated")})
+    _write(results, "h3_safety_spreads_further", {
+        "common_domains": [d for d in DOMAINS if d not in ("safety", "cybersecurity")],
+        "judge": {"safety": {"drop": 0.31, "ci": [0.2, 0.42]}, "cybersecurity": {"drop": 0.12, "ci": [0.05, 0.2]}},
+        "difference": 0.19, "ci": [0.04, 0.33], "saturated": False, "claim": _claim("C3 (fixed budget)", "replicated")})
+    _write(results, "h6_prediction_guided_retain", {"targets": {t: {"strategies": {
+        s: {"mean_untouched_drop": 0.1 * i, "target_drop": 0.9 - 0.1 * i}
+        for i, s in enumerate(("predicted", "random", "all", "none"))}} for t in ("cybersecurity", "safety")},
+        "claim": _claim("L1", "inconclusive")})
+    h9 = th._h9_metrics(0.3)
+    h9["targets"]["cybersecurity"]["free_form"] = _free_form()
+    _write(results, "h9_backdoor", h9)
+    _write(results, "h10_alignment_scores", th._h10_metrics())
+    _write(results, "h11_mia_prior", th._h11_metrics())
+    _write(results, "h12_misalignment_directions", th._h12_metrics())
+    _h13(results, monkeypatch)
+    _stages(results)
+    _em_calibration(results)
+
+
+def sections(text: str) -> dict[str, str]:
+    """``{heading: body}`` of every ``## `` section (the commit line of the setup dropped)."""
+    out: dict[str, list[str]] = {}
+    head = ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            head = line
+        if not line.startswith("- **Commit:**"):
+            out.setdefault(head, []).append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def regenerate() -> None:
+    import random
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    random.seed(0)  # as the autouse fixture of conftest.py
+    np.random.seed(0)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        plant(Path(tmp), mp)
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(render_report(tmp), encoding="utf-8")
+
+
+def test_every_section_reads_as_in_the_golden_report(tmp_path, monkeypatch):
+    plant(tmp_path, monkeypatch)
+    got, want = sections(render_report(tmp_path)), sections(GOLDEN.read_text(encoding="utf-8"))
+    assert list(got) and sorted(got) == sorted(want)
+    for heading, body in want.items():
+        assert got[heading] == body, heading
