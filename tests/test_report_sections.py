@@ -36,12 +36,12 @@ def _h13(results: Path, monkeypatch) -> None:
 def _free_form():
     import test_em_protocol as tem
 
-    from experiments import h9_backdoor as h9
+    from study.free_form import free_form_scores, free_form_table
 
     conds = {k: {s: tem._ff_records(0.3, i * 3 + s) for s in (0, 1, 2)}
              for i, k in enumerate(("base", "base+trigger", "after", "after+trigger"))}
-    ff = h9.free_form_table(conds, "counts")
-    ff.update(judge=None, n_samples=4, max_new_tokens=96, temperature=1.0, scores=h9._scores(conds))
+    ff = free_form_table(conds, "counts")
+    ff.update(judge=None, n_samples=4, max_new_tokens=96, temperature=1.0, scores=free_form_scores(conds))
     return ff
 
 
@@ -122,7 +122,8 @@ def regenerate() -> None:
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         plant(Path(tmp), mp)
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(render_report(tmp), encoding="utf-8")
+        lines = [line for line in render_report(tmp).splitlines() if not line.startswith("- **Commit:**")]
+        GOLDEN.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def test_every_section_reads_as_in_the_golden_report(tmp_path, monkeypatch):
@@ -131,3 +132,116 @@ def test_every_section_reads_as_in_the_golden_report(tmp_path, monkeypatch):
     assert list(got) and sorted(got) == sorted(want)
     for heading, body in want.items():
         assert got[heading] == body, heading
+
+
+def test_sections_come_in_hypothesis_order(tmp_path, monkeypatch):
+    """Claims, setup, each experiment's section in hypothesis order, then the sections that are no one
+    experiment's, then the figures."""
+    from emalab.pipeline import experiment_modules
+    from figures import latest_metrics
+
+    plant(tmp_path, monkeypatch)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "frontier.png").write_bytes(b"")
+    owners = [(m.ORDER, line) for name, m in experiment_modules().items() if hasattr(m, "report_section")
+              for line in m.report_section(latest_metrics(tmp_path, name)) if line.startswith("## ")]
+    assert [o for o, _ in owners] == list(range(3, 14))  # h1 and h2 report through the claims table only
+    heads = [h for h in sections(render_report(tmp_path)) if h]
+    assert heads == ["## Claims", "## Setup", *(h for _, h in owners),
+                     "## Free-form judge calibration (emergent-misalignment protocol)",
+                     "## What each condition cost (utility axis)", "## Figures"]
+
+
+def test_experiments_declare_order_presets_and_figures():
+    """What the report, the presets and the figure index read from each experiment module."""
+    import importlib
+
+    from emalab.pipeline import PRESET_NAMES, experiment_modules
+    from figures import FIGURES
+
+    modules = experiment_modules()
+    for name, m in modules.items():
+        assert m.ORDER == int(name[1:].split("_")[0]) and m.EXPERIMENT == name
+        assert set(m.PRESETS) <= set(PRESET_NAMES) and set(getattr(m, "PRESET_OVERRIDES", {})) <= set(m.PRESETS)
+        for fig in m.FIGURES:
+            assert fig in FIGURES and importlib.import_module(f"figures.{fig}").EXPERIMENT == name, (name, fig)
+    for fig in FIGURES:
+        owner = importlib.import_module(f"figures.{fig}").EXPERIMENT
+        assert fig in modules[owner].FIGURES, (fig, owner)
+    assert "style" not in FIGURES and len(FIGURES) >= 13
+
+
+def test_presets_keep_their_membership():
+    from emalab.pipeline import PRESETS
+
+    quick = ("h1_narrow_unlearning", "h2_ema_spreads", "h13_selectivity_frontier", "h5_geometry_predicts_ema",
+             "h7_mechanism")
+    assert PRESETS["quick"].experiments == quick and PRESETS["quick"].overrides == {}
+    assert PRESETS["full"].experiments == (*quick, "h3_safety_spreads_further", "h4_retain_contains_ema",
+                                           "h6_prediction_guided_retain", "h8_transfer_matrix")
+    assert PRESETS["full"].overrides == {
+        "h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]},
+        "h13_selectivity_frontier": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]},
+        "h5_geometry_predicts_ema": {"targets": list(DOMAINS)}}
+
+
+PLANTED = '''"""H99 — a planted hypothesis. Hypothesis: none. Prediction: none. Falsified if: never."""
+
+from dataclasses import dataclass, field
+
+from interp.config import JsonConfig
+from study import StudyConfig, claim
+
+EXPERIMENT = "h99_planted"
+ORDER, RUN_ORDER, PRESETS, FIGURES = 99, 0, ("full",), ()
+PRESET_OVERRIDES = {"full": {"k": 2}}
+
+
+@dataclass
+class Config(JsonConfig):
+    """H99 settings."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """Shared settings."""
+    k: int = 1
+    """A number."""
+
+
+def main(cfg):
+    return {"claim": claim("Z9", "planted", "inconclusive", "none")}
+
+
+def report_section(m):
+    return ["## Planted (H99)", "", f"k = {m['k']}", ""]
+'''
+
+
+def test_a_new_experiment_file_is_discovered(tmp_path, monkeypatch):
+    """Adding a hypothesis is adding one file: the presets and the report find it."""
+    import sys
+
+    import experiments
+    from emalab import pipeline
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "h99_planted.py").write_text(PLANTED, encoding="utf-8")
+    monkeypatch.setattr(experiments, "__path__", [*experiments.__path__, str(pkg)])
+    monkeypatch.delitem(sys.modules, "experiments.h99_planted", raising=False)
+    try:
+        assert pipeline.preset_experiments("full")[-5:] == ("h99_planted", "h3_safety_spreads_further",
+                                                            "h4_retain_contains_ema", "h6_prediction_guided_retain",
+                                                            "h8_transfer_matrix")
+        assert "h99_planted" not in pipeline.preset_experiments("quick")
+        assert pipeline.preset_overrides("full")["h99_planted"] == {"k": 2}
+        cfg = pipeline.PipelineConfig(experiments=pipeline.preset_experiments("full"),
+                                      overrides=pipeline.preset_overrides("full"))
+        assert cfg.experiment_configs()["h99_planted"].k == 2
+        results = tmp_path / "results"
+        atomic_write_json(results / "h99_planted" / "run0" / "metrics.json",
+                          {"k": 2, "claim": _claim("Z9", "inconclusive")})
+        (results / "h99_planted" / "latest").symlink_to("run0")
+        text = render_report(results)
+        assert "| Z9 | claim Z9 | **inconclusive** | numbers |" in text and "## Planted (H99)\n\nk = 2" in text
+    finally:
+        sys.modules.pop("experiments.h99_planted", None)
