@@ -185,6 +185,17 @@ def test_presets_keep_their_membership():
         "h5_geometry_predicts_ema": {"targets": list(DOMAINS)}}
 
 
+def test_run_with_chosen_experiments_keeps_their_preset_overrides_only(monkeypatch, capsys):
+    import emalab.pipeline as pipeline
+    from emalab.cli import main
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: seen.append(cfg) or "done")
+    assert main(["run", "--preset", "full", "--experiments", "h5_geometry_predicts_ema", "h1_narrow_unlearning"]) == 0
+    assert seen[0].experiments == ("h5_geometry_predicts_ema", "h1_narrow_unlearning")
+    assert seen[0].overrides == {"h5_geometry_predicts_ema": {"targets": list(DOMAINS)}}
+
+
 PLANTED = '''"""H99 — a planted hypothesis. Hypothesis: none. Prediction: none. Falsified if: never."""
 
 from dataclasses import dataclass, field
