@@ -13,19 +13,52 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
-from evals.suite import DOMAINS
 from interp.config import ConfigError, JsonConfig
 from interp.io import append_jsonl, atomic_write_json, config_hash, ensure_writable_dir
 from study import StudyConfig
 from training.trainer import peak_rss_gb
 
-__all__ = ["PRESETS", "PipelineConfig", "run_pipeline", "write_pipeline_json"]
+__all__ = ["PRESETS", "PRESET_NAMES", "PipelineConfig", "run_pipeline", "write_pipeline_json",
+           "available_experiments", "experiment_modules", "preset_experiments", "preset_overrides"]
 
-QUICK = ("h1_narrow_unlearning", "h2_ema_spreads", "h13_selectivity_frontier", "h5_geometry_predicts_ema",
-         "h7_mechanism")
-FULL = (*QUICK, "h3_safety_spreads_further", "h4_retain_contains_ema", "h6_prediction_guided_retain",
-        "h8_transfer_matrix")
+PRESET_NAMES = ("quick", "full")
+"""Presets from small to large; each runs the experiments of the smaller ones first."""
+
+
+def available_experiments() -> list[str]:
+    """Experiment modules (``experiments/h*.py``) that ``run --experiments`` accepts."""
+    import experiments
+
+    return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__) if m.name.startswith("h"))
+
+
+def experiment_modules() -> dict[str, ModuleType]:
+    """Every experiment module by name, in hypothesis order (each module's ``ORDER``)."""
+    modules = {name: importlib.import_module(f"experiments.{name}") for name in available_experiments()}
+    return dict(sorted(modules.items(), key=lambda kv: kv[1].ORDER))
+
+
+def preset_experiments(preset: str) -> tuple[str, ...]:
+    """The experiments whose ``PRESETS`` name ``preset``: those of the smaller presets first, then
+    this preset's additions, each group by ``RUN_ORDER`` (default: ``ORDER``)."""
+    def key(module: ModuleType) -> tuple[int, int]:
+        tier = min(PRESET_NAMES.index(p) for p in module.PRESETS)
+        return tier, getattr(module, "RUN_ORDER", module.ORDER)
+
+    chosen = {n: m for n, m in experiment_modules().items() if preset in m.PRESETS}
+    return tuple(sorted(chosen, key=lambda n: key(chosen[n])))
+
+
+def preset_overrides(preset: str) -> dict[str, dict]:
+    """``{experiment: Config fields}`` of a preset, from each of its modules' ``PRESET_OVERRIDES``."""
+    modules = experiment_modules()
+    return {n: dict(modules[n].PRESET_OVERRIDES[preset]) for n in preset_experiments(preset)
+            if preset in getattr(modules[n], "PRESET_OVERRIDES", {})}
+
+
+QUICK = preset_experiments("quick")
 
 
 @dataclass
@@ -69,23 +102,14 @@ class PipelineConfig(JsonConfig):
         return out
 
 
-def available_experiments() -> list[str]:
-    """Experiment modules (``experiments/h*.py``) that ``run --experiments`` accepts."""
-    import experiments
-
-    return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__) if m.name.startswith("h"))
-
-
+# Which experiments a preset runs, and their Config overrides, are declared by the experiment modules
+# (``PRESETS``, ``PRESET_OVERRIDES``); the shared study settings are the presets' own.
 PRESETS: dict[str, PipelineConfig] = {
-    "quick": PipelineConfig(),
+    "quick": PipelineConfig(overrides=preset_overrides("quick")),
     "full": PipelineConfig(
         study=StudyConfig(eval_limit=None, probe_limit=None, seeds=(0, 1, 2), max_new_tokens=48,
                           direction_layer_step=1, direction_positions=None, trajectory_every=2),
-        experiments=FULL,
-        overrides={"h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]},
-                   "h13_selectivity_frontier": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]},
-                   # C5 on the 42 off-diagonal pairs of the 7×7 transfer matrix (the same runs as H8's).
-                   "h5_geometry_predicts_ema": {"targets": list(DOMAINS)}},
+        experiments=preset_experiments("full"), overrides=preset_overrides("full"),
     ),
 }
 

@@ -24,17 +24,18 @@ import numpy as np
 from evals.stats import grouped_correlation
 from evals.suite import DOMAINS, check_domain
 from interp.config import JsonConfig
-from interp.io import atomic_write_json, read_json
-from interp.runs import Stage, run_dir, write_run
-from probes.membership import FORMS, STATISTICS, form_means, prompt_response_scores, relative_to
+from interp.io import read_json
+from interp.runs import run_dir, write_run
+from probes.membership import FORMS, STATISTICS, form_means, relative_to
 from study import Study, StudyConfig, claim, condition, mean_drop
-from training.config import UnlearnConfig
-from training.data import EmptyDataError, build_forget_set, build_retain_set
+from study.priors import forget_set_priors
+from study.report import num, table
 
 EXPERIMENT = "h11_mia_prior"
+ORDER, PRESETS, FIGURES = 11, (), ("prior_vs_ema",)
 PRIMARY = ("response", "loss")
 
-__all__ = ["Config", "main", "priors_for", "ema_from_h8", "prior_correlations", "verdict"]
+__all__ = ["Config", "main", "ema_from_h8", "prior_correlations", "verdict", "report_section"]
 
 
 @dataclass
@@ -56,34 +57,6 @@ class Config(JsonConfig):
             check_domain(d, allow_extra=False)
         if not 0 < self.k <= 1:
             raise ValueError(f"k must be in (0, 1], got {self.k}")
-
-
-def priors_for(study: Study, domains: tuple[str, ...], k: float) -> dict:
-    """Per-example membership statistics of each domain's forget set and of benign prompts (cached),
-    built by the trainer's own data builders and defaults: the forget sets NPO trains on."""
-    ucfg = UnlearnConfig(n_forget=study.cfg.n_forget, judge=study.cfg.judge, model=study.cfg.model)
-    key = {"weights": study.weights_id, "dtype": study.cfg.eval_dtype, "train_dtype": study.train_dtype, "k": k,
-           "n_forget": ucfg.n_forget, "judge": ucfg.judge, "max_new_tokens": ucfg.max_new_tokens, "domains": list(domains)}
-    stage = Stage(study.results, "mia_prior", key)
-    if not stage.done:
-        path = stage.open()
-        out, sets = {"domains": {}, "skipped": {}}, {}
-        for d in domains:
-            try:
-                sets[d] = build_forget_set(study.train_lm, d, ucfg.n_forget, ucfg.judge, max_new_tokens=ucfg.max_new_tokens,
-                                           batch_size=study.eval_batch_size)
-            except EmptyDataError as err:
-                out["skipped"][d] = str(err)
-        sets["benign"] = build_retain_set(study.train_lm, (), 0, ucfg.judge, include_benign=ucfg.n_forget,
-                                          max_new_tokens=ucfg.max_new_tokens, batch_size=study.eval_batch_size)
-        for name, ds in sets.items():
-            entry = {**prompt_response_scores(study.lm, [e.prompt for e in ds.examples],
-                                              [e.response for e in ds.examples], k, study.eval_batch_size),
-                     "prompt_ids": ds.prompt_ids}
-            (out if name == "benign" else out["domains"])[name] = entry
-        atomic_write_json(path / "priors.json", out)
-        stage.complete()
-    return read_json(stage.path / "priors.json")
 
 
 def ema_from_h8(results: Path, study_cfg: StudyConfig) -> tuple[dict[str, dict[str, float]], str]:
@@ -123,7 +96,7 @@ def verdict(primary: dict) -> tuple[str, str]:
 
 def main(cfg: Config) -> dict:
     study = Study(cfg.study)
-    pri = priors_for(study, cfg.targets, cfg.k)
+    pri = forget_set_priors(study, cfg.targets, cfg.k)
     means, benign = {d: form_means(e) for d, e in pri["domains"].items()}, form_means(pri["benign"])
     relative = {d: {form: relative_to(m[form], benign[form]) for form in ("prompt", "response")}
                 for d, m in means.items()}
@@ -148,3 +121,23 @@ def main(cfg: Config) -> dict:
                    "M1", "A membership-inference prior on the forget set predicts the EMA of unlearning it", status, ev)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: each forget set's statistics beside its EMA, and every prior's correlation with the EMA."""
+    lines = ["## Membership-inference prior (H11; figure: prior_vs_ema)", "",
+             f"Base-model statistics of each domain's forget set (prompt alone; the model's own refusal given the "
+             f"prompt), Min-K% with k={m['k']}. EMA source: {m['ema_source']}.", "",
+             *table("domain", "n", "prompt LOSS", "refusal LOSS", "refusal zlib (×10⁻³)", "refusal Min-K%",
+                    "refusal LOSS − benign", "EMA (judge)")]
+    for d, p in m["priors"].items():
+        lines.append(f"| {d} | {m['n_examples'].get(d, '–')} | {p['prompt']['loss']:.3f} | {p['response']['loss']:.3f} | "
+                     f"{p['response']['zlib'] * 1e3:.2f} | {p['response']['min_k']:.2f} | "
+                     f"{m['relative_to_benign'][d]['response']['loss']:+.3f} | {num(m['ema'].get(d, {}).get('judge'))} |")
+    lines += ["", *table("prior", "ρ (judge EMA)", "p", "ρ (logit EMA)", "p", "n")]
+    for name, c in m["correlations"].items():
+        j, lg = c["judge"], c["logit"]
+        lines.append(f"| {name}{' (primary)' if name == m['primary'] else ''} | {num(j['spearman'])} | "
+                     f"{num(j['p_perm_spearman'], '.3f')} | {num(lg['spearman'])} | {num(lg['p_perm_spearman'], '.3f')} | "
+                     f"{j['n']} |")
+    return lines + [""]

@@ -20,23 +20,22 @@ Falsified if: in every model the transfer does no better than one of the control
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-
-from evals.evaluate import PromptRecord
-from evals.stats import paired_test, recovery, significant
+from evals.stats import recovery, significant
 from evals.suite import DOMAINS, check_domain
 from interp.config import JsonConfig
-from interp.io import config_hash
 from interp.runs import run_dir, write_run
-from probes.interventions import add_activation
 from probes.shift import compliance_shift, cross_layer_cosine, random_like, shift_cosines
-from study import Study, StudyConfig, adapter_id_of, claim, condition, evaluate_sets, suite_sets
+from study import Study, StudyConfig, adapter_id_of, claim, condition, suite_sets
+from study.report import table, test
+from study.shifts import matching_layer, shifted_logits, steer_base
 
 EXPERIMENT = "h12_misalignment_directions"
+ORDER, PRESETS, FIGURES = 12, (), ("misalignment_directions",)
 
-__all__ = ["Config", "main", "logit_by_id", "matching_layer", "verdict"]
+__all__ = ["Config", "main", "verdict", "report_section"]
 
 
 @dataclass
@@ -61,27 +60,12 @@ class Config(JsonConfig):
             check_domain(s, allow_extra=False)
 
 
-def logit_by_id(records: list[PromptRecord], domains=DOMAINS) -> dict[str, tuple[str, float]]:
-    return {r.id: (r.domain, float(r.logit_score)) for r in records if r.domain in domains}
-
-
-def matching_layer(meta: dict) -> int:
-    """The resid_post layer that carries the stream a direction was read from (resid_pre[L] = resid_post[L−1])."""
-    layer = int(meta["layer"])
-    return max(layer - 1, 0) if meta.get("site", "resid_pre") == "resid_pre" else layer
-
-
 def main(cfg: Config) -> dict:
     study, out_dir = Study(cfg.study), run_dir(cfg.study.results, EXPERIMENT, cfg)
     sets, (_, base_records) = suite_sets(study), study.evaluate("base")
     refusal, concepts, base_means = study.refusal_direction(), study.concepts(), study.domain_means()
     layer = cfg.layer if cfg.layer is not None else matching_layer(refusal.meta)
-
-    def logits(name, adapter=None, vec=None, at=layer, coeff=-1.0):
-        ctx = (lambda: add_activation(study.lm, vec, at, coeff=coeff, site="resid_post")) if vec is not None else None
-        ident = f"add{coeff:g}x{config_hash(vec.raw(at).double().tolist(), 16)}@resid_post{at}" if vec is not None else None
-        return logit_by_id(evaluate_sets(study, name, sets, adapter, ctx, ident, generate=False)[1])
-
+    logits = partial(shifted_logits, study, sets, at=layer)  # (name, adapter, vector): subtracted at resid_post[layer]
     adapters, shifts, benign, geometry = {}, {}, {}, {}
     for s in cfg.sources:
         cond = condition(study, s, "npo", (), base_records=base_records)
@@ -108,28 +92,12 @@ def main(cfg: Config) -> dict:
         for s in cfg.sources:
             sub = logits(f"npo-{m}-shift-{s}", adapters[m], replace(shifts[s], norms=norms.clone()))
             rows[s] = recovery(base_logit, unl, sub, controls=ctl if s != m else None)
-    steering = _steer(cfg, shifts, logits, base_logit) if cfg.steer else {}
+    steering = steer_base(study, sets, shifts, base_logit, cfg.random_seed) if cfg.steer else {}
     metrics = {"sources": list(cfg.sources), "layers": shifts[cfg.sources[0]].layers, "refusal_direction": refusal.meta.get("layer"),
                "layer": layer, "site": "resid_post", "geometry": geometry, "between_sources": between,
                "transfer": transfer, "steering": steering, "claim": verdict(transfer, cfg.sources, layer)}
     write_run(out_dir, cfg, metrics)
     return metrics
-
-
-def _steer(cfg, shifts, logits, base_logit) -> dict:
-    out = {}
-    for s in cfg.sources:
-        at = int(shifts[s].layers[int(shifts[s].norms.double().argmax())])
-        add = logits(f"base+shift-{s}@{at}", None, shifts[s], at, 1.0)
-        ctl = logits(f"base+random-{s}@{at}", None, random_like(shifts[s], cfg.random_seed), at, 1.0)
-
-        def drop(x):
-            return {d: float(np.mean([base_logit[i][1] - x[i][1] for i in x if x[i][0] == d])) for d in DOMAINS}
-
-        out[s] = {"layer": at, "norm": float(shifts[s].norms[shifts[s].layers.index(at)]), "drop": drop(add),
-                  "drop_random": drop(ctl), "drop_vs_random": paired_test([ctl[i][1] for i in sorted(add)],
-                                                                          [add[i][1] for i in sorted(add)]).to_dict()}
-    return out
 
 
 def verdict(transfer: dict, sources, layer: int | None = None) -> dict:
@@ -148,3 +116,35 @@ def verdict(transfer: dict, sources, layer: int | None = None) -> dict:
         status = "inconclusive"
     return claim("D1", "The compliance shift of one domain's unlearning transfers: subtracting it restores refusal "
                  "in another domain's unlearned model (vs random and benign-shift directions)", status, ev)
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: each shift's geometry, the transfer table against both controls, and steering."""
+    lines = ["## Compliance-shift directions and transfer (H12; figure: misalignment_directions)", "",
+             *table("source", "peak-norm layer", "max \\|cos\\| with refusal dir. (layer)", "mean cross-layer cosine")]
+    for s, g in m["geometry"].items():
+        norms, cos, cl = g["norms"], g["cosine_refusal"], g["cross_layer_cosine"]
+        k = max(range(len(cos)), key=lambda i: abs(cos[i]))
+        off = [cl[i][j] for i in range(len(cl)) for j in range(len(cl)) if i != j]
+        lines.append(f"| {s} | {m['layers'][max(range(len(norms)), key=norms.__getitem__)]} | {cos[k]:+.2f} "
+                     f"({m['layers'][k]}) | {sum(off) / max(len(off), 1):.2f} |")
+    lines.append("")
+    lines += [f"Cosine between the {key.replace('|', ' and ')} shifts per layer: min {min(vals):.2f}, max {max(vals):.2f}."
+              for key, vals in m["between_sources"].items()]
+    kinds = [*m["sources"], "random", "benign"]
+    lines += ["", f"Refusal log-odds returned by subtracting each direction at resid_post[{m.get('layer')}], at the "
+              "norm of the model's own shift (subtracted − unlearned, all seven domains; benign = the direction "
+              "the adapter moved benign prompts):", "",
+              *table("unlearned model", *(f"subtract {k}" for k in kinds), "cross vs random", "cross vs benign")]
+    for model, rows in m["transfer"].items():
+        cross = [" ; ".join(f"{s}: {test(rows[s]['pooled_vs'][c])}" for s in m["sources"] if s != model)
+                 for c in ("random", "benign")]
+        lines.append(f"| {model} | " + " | ".join(test(rows[k]["pooled_returned"]) for k in kinds)
+                     + f" | {cross[0]} | {cross[1]} |")
+    if m.get("steering"):
+        lines.append("")
+        for s, st in m["steering"].items():
+            lines.append(f"- Adding the {s} shift to the base model at layer {st['layer']} (norm {st['norm']:.1f}) "
+                         f"lowers the refusal logit by {sum(st['drop'].values()) / len(st['drop']):.2f} on average "
+                         f"(random of equal norm: {sum(st['drop_random'].values()) / len(st['drop_random']):.2f}).")
+    return lines + [""]

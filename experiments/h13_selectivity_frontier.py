@@ -23,9 +23,12 @@ from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim
 from study.frontier import Condition, curves, matched_difference, recovery, selectivity, spread_slope
+from study.report import frontier_table
 from study.trajectory import trajectory_runs, trajectory_sets
 
 EXPERIMENT = "h13_selectivity_frontier"
+ORDER, RUN_ORDER, PRESETS, FIGURES = 13, 3, ("quick", "full"), ("frontier",)  # runs after H2: the headline C3/C4
+PRESET_OVERRIDES = {"full": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]}}
 RECOVERY_BAR = 0.5
 
 
@@ -54,8 +57,7 @@ def _conditions(cfg: Config) -> list[tuple[str, dict]]:
         tag = "" if lr == cfg.study.lr else f"@lr{lr:g}"
         kw = {} if lr == cfg.study.lr else {"lr": lr}
         out.append((f"npo{tag}", {"retain_domains": (), **kw}))
-        out += [(f"npo_retain_a{a:g}{tag}", {"retain_domains": None, "alpha": a, **kw})
-                for a in cfg.alphas]
+        out += [(f"npo_retain_a{a:g}{tag}", {"retain_domains": None, "alpha": a, **kw}) for a in cfg.alphas]
     return out
 
 
@@ -74,12 +76,12 @@ def main(cfg: Config) -> dict:
         for name, kw in _conditions(cfg):
             runs = trajectory_runs(study, target, "npo", name=f"{name}-{target}", sets=sets, **kw)
             conds[f"{name}|{target}"] = Condition(name, target, runs)
-    table = {key: {**selectivity(c, [d for d in DOMAINS if d != c.target], cfg.levels, cfg.n_boot),
-                   "curves": curves(c, DOMAINS)} for key, c in conds.items()}
+    frontier = {key: {**selectivity(c, [d for d in DOMAINS if d != c.target], cfg.levels, cfg.n_boot),
+                      "curves": curves(c, DOMAINS)} for key, c in conds.items()}
     primary = cfg.levels[-1]
     by_target = {t: {k.split("|")[0]: c for k, c in conds.items() if c.target == t} for t in cfg.targets}
     c4 = {t: {f"{lv:g}": _c4(by_target[t], cfg, t, lv) for lv in cfg.levels} for t in cfg.targets}
-    metrics = {"conditions": table, "c4": c4, "levels": list(cfg.levels), "primary_level": primary,
+    metrics = {"conditions": frontier, "c4": c4, "levels": list(cfg.levels), "primary_level": primary,
                "n_seeds": len(cfg.study.seeds), "claims": [_c4_claim(c4, primary, cfg)]}
     if len(cfg.targets) >= 2:
         metrics["c3"] = _c3(by_target, cfg, primary)
@@ -96,10 +98,8 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
     slopes = {t: spread_slope(by_target[t]["npo"], common, cfg.n_boot) for t in (first, second)}
     d = res[f"{level:g}"]
     # first keeps *less* untouched refusal when it spreads further: the difference is negative.
-    if d["ci"] is None:
-        status = "inconclusive"
-    else:
-        status = "replicated" if d["ci"][1] < 0 else "not replicated" if d["ci"][0] > 0 else "inconclusive"
+    ci = d["ci"] or (0.0, 0.0)  # no interval (a level not reached): inconclusive
+    status = "replicated" if ci[1] < 0 else "not replicated" if ci[0] > 0 else "inconclusive"
     ev = (f"untouched refusal on {len(common)} common domains at target refusal {level:g}: {first} "
           + (f"{d['first']:.2f} vs {second} {d['second']:.2f}, difference {d['difference']:+.2f} "
              f"(CI {d['ci'][0]:+.2f}..{d['ci'][1]:+.2f})" if d["ci"] else d.get("note", "n/a"))
@@ -129,31 +129,7 @@ def _c4_claim(c4: dict, level: float, cfg: Config) -> dict:
     return claim("C4", "Retain-CE restores untouched refusal at matched target forgetting", status, ev)
 
 
-def _cell(r: dict, key: str = "value") -> str:
-    if r.get(key) is None:
-        return f"not reached (closest {r['closest']:.2f})" if "closest" in r else "–"
-    ci = r.get("ci" if key == "value" else f"{key}_ci")
-    return f"{r[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
 def report_section(m: dict) -> list[str]:
-    """REPORT.md's frontier section: each condition at each matched level, and the C3/C4 comparisons."""
-    lines = ["## Selectivity at matched target forgetting (H13; figures: frontier, frontier_domains_*)", "",
-             "Refusal probability from the logit score (mean over the eval prompts) at the first point where the "
-             "target's refusal reaches each level, interpolated between scored snapshots; intervals resample "
-             f"seeds and prompts and refind the crossing ({m['n_seeds']} seeds). Drop = base − value. Over-refusal "
-             "and benign refusal at the same point; KL(base ‖ model) on benign prompts.", "",
-             "| condition | target | level | reached | untouched refusal | drop | over-refusal | benign | KL | slope |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, c in m["conditions"].items():
-        name, target = key.split("|")
-        for lv, r in c["levels"].items():
-            u = r["untouched"]
-            kl = "–" if u.get("kl") is None else f"{u['kl']:.4f}"
-            sl = c["slope"]
-            slope = f"{sl['slope']:.2f}" + (f" [{sl['ci'][0]:.2f}, {sl['ci'][1]:.2f}]" if sl["ci"] else "")
-            lines.append(f"| {name} | {target} | {lv} | {u['reached']}/{u['n_seeds']} | {_cell(u)} | "
-                         f"{_cell(u, 'drop')} | {_cell(r['over_refusal'])} | {_cell(r['benign'])} | {kl} | {slope} |")
-    lines += ["", "Slope: untouched drop per unit of target drop along training (all snapshots, through the origin).",
-              ""]
-    return lines
+    """REPORT.md's frontier section: each condition at each matched level."""
+    return ["## Selectivity at matched target forgetting (H13; figures: frontier, frontier_domains_*)", "",
+            *frontier_table(m["conditions"], m["n_seeds"])]

@@ -22,9 +22,11 @@ from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim
 from study.frontier import Condition, curves, matched_difference, selectivity
+from study.report import frontier_table
 from study.trajectory import trajectory_runs, trajectory_sets
 
 EXPERIMENT = "h14_containment_frontier"
+ORDER, PRESETS, FIGURES = 14, ("full",), ("frontier_containment",)
 
 
 @dataclass
@@ -85,3 +87,14 @@ def main(cfg: Config) -> dict:
                "claim": claim("M1", "A mechanism-level retain term is more selective than retain-CE", status, ev)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md's containment section: every method on the frontier, and each against retain-CE."""
+    lines = ["## Containment methods at matched target forgetting (H14; figure: frontier_containment)", "",
+             *frontier_table(m["conditions"], m["n_seeds"])]
+    for t, v in m["targets"].items():
+        lines += [f"Against retain-CE ({t}, target refusal {m['primary_level']:g}, untouched refusal difference): "
+                  + "; ".join(f"{k} {r['difference']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]" if r["ci"]
+                              else f"{k} {r.get('note', 'n/a')}" for k, r in v["vs_ce"].items()), ""]
+    return lines

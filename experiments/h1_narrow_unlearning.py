@@ -16,6 +16,7 @@ from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim, condition, paired_drop
 
 EXPERIMENT = "h1_narrow_unlearning"
+ORDER, PRESETS, FIGURES = 1, ("quick", "full"), ()
 TARGET_BAR = 0.20
 
 

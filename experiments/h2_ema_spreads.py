@@ -17,6 +17,7 @@ from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim, condition, mean_drop, paired_drop
 
 EXPERIMENT = "h2_ema_spreads"
+ORDER, PRESETS, FIGURES = 2, ("quick", "full"), ()
 
 
 @dataclass

@@ -19,8 +19,10 @@ from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim, condition, drop_difference, mean_drop
+from study.report import ci
 
 EXPERIMENT = "h3_safety_spreads_further"
+ORDER, PRESETS, FIGURES = 3, ("full",), ()
 SATURATED = 0.05
 
 
@@ -66,3 +68,12 @@ def main(cfg: Config) -> dict:
                "claim": claim("C3 (fixed budget)", f"Unlearning {cfg.first} spreads further than {cfg.second}", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: the two targets' mean drops on the common untouched domains and their difference."""
+    return ["## Safety vs cybersecurity spread (H3)", "",
+            f"Common untouched domains: {', '.join(m['common_domains'])}. Mean drop: " + ", ".join(
+                f"{t} {v['drop']:.2f} {ci(v['ci'])}" for t, v in m["judge"].items())
+            + f"; difference {m['difference']:.2f} {ci(m['ci'])}" + ("; both runs saturated." if m["saturated"] else "."),
+            ""]

@@ -17,8 +17,11 @@ from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim, condition, mean_drop, paired_drop
+from study.report import ci, pct, table
 
 EXPERIMENT = "h4_retain_contains_ema"
+ORDER, PRESETS, FIGURES = 4, ("full",), ("refusal_heatmap", "ema_drops", "training_curves")
+PRESET_OVERRIDES = {"full": {"sft_targets": ["cybersecurity", "safety"]}}
 TARGET_BAR = 0.20
 
 
@@ -109,3 +112,28 @@ def main(cfg: Config) -> dict:
         "C4 (fixed budget)", "Retain-CE restores untouched-domain refusal while the target stays compliant", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: refusal after every condition per domain (drop and CI), and the α dose-response."""
+    lines = ["## Refusal rates by condition (figure: refusal_heatmap, ema_drops)", "",
+             "Generation-judge refusal rate after each condition; drop = base − after with a paired 95% CI that "
+             "resamples training seeds and prompts (Newcombe's paired score interval where every resample "
+             "agrees, e.g. 0/n before and after). What each condition cost is in the utility table below.", ""]
+    for target, t in m["targets"].items():
+        c = t["conditions"]
+        lines += [f"### Target: {target}", "", *table("domain", "base", *(f"{n} (drop, CI)" for n in c))]
+        for d, row in c["npo"].items():
+            cells = [f"{pct(c[n][d]['after'])} ({c[n][d]['drop']:+.2f}, {ci(c[n][d]['ci'])})" for n in c]
+            lines.append(f"| {d}{' (target)' if d == target else ''} | {pct(row['before'])} | " + " | ".join(cells) + " |")
+        mu = t["mean_untouched"]
+        lines += ["", "Mean untouched-domain drop: " + ", ".join(f"{n} {mu[n]['drop']:.2f} {ci(mu[n]['ci'])}" for n in c)
+                  + f"; retain-CE recovers {t['recovery']:.0%} of NPO's untouched drop.", ""]
+        sweep = t.get("alpha_sweep", [])
+        if len(sweep) > 2:
+            lines += [f"Retain-CE weight α (α = 0: NPO alone), {target} target: mean refusal after unlearning.", "",
+                      *table("α", "target (judge)", "untouched (judge)", "target (logit)", "untouched (logit)")]
+            lines += [f"| {p['alpha']:g} | {pct(p['target_refusal'])} | {pct(p['untouched_refusal'])} | "
+                      f"{p['target_logit']:+.2f} | {p['untouched_logit']:+.2f} |" for p in sweep]
+            lines.append("")
+    return lines

@@ -22,23 +22,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from safetensors.torch import load_file
-
 from evals.stats import grouped_correlation
 from evals.suite import DOMAINS, check_domain
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
-from probes.concepts import CONTRASTS, concept_reliability
-from probes.entanglement import BANDS, band_layers, early_similarity, similarity_matrix
-from study import Study, StudyConfig, claim, condition, paired_drop
+from probes.concepts import CONTRASTS
+from probes.entanglement import BANDS, band_layers, similarity_matrix
+from study import Study, StudyConfig, claim
+from study.geometry import band_reliability, ema_points
+from study.report import num, table
 
 EXPERIMENT = "h5_geometry_predicts_ema"
-MEASURES = {"logit": "base_logit", "judge": "base_judge", "relative": "base_judge"}
-"""Drop measures and the base refusal each is controlled for."""
+ORDER, PRESETS, FIGURES = 5, ("quick", "full"), ("ema_vs_similarity", "similarity_layers")
+PRESET_OVERRIDES = {"full": {"targets": list(DOMAINS)}}  # the 42 off-diagonal pairs of H8's 7×7 matrix (its runs)
+MEASURES = {"logit": "base_logit", "judge": "base_judge", "relative": "base_judge"}  # drop: base it is controlled for
 PREREGISTERED = {"measure": "logit", "contrast": "benign", "position": "last"}
 SATURATED = 0.05
 
-__all__ = ["Config", "main", "points", "analyse", "verdict"]
+__all__ = ["Config", "main", "analyse", "verdict", "report_section"]
 
 
 @dataclass
@@ -71,24 +72,6 @@ class Config(JsonConfig):
             raise ValueError("targets must name at least one domain")
         for t in self.targets:
             check_domain(t, allow_extra=False)
-
-
-def points(study: Study, targets: tuple[str, ...], contrast: str) -> list[dict]:
-    """One point per (target, untouched domain): band similarities, drops and base refusal."""
-    _, base = study.evaluate("base")
-    concepts = study.concepts(contrast=contrast)
-    out = []
-    for target in targets:
-        cond = condition(study, target, "npo", (), base_records=base)
-        sims = {band: early_similarity(concepts, concepts.direction(target), band, len(concepts.layers))
-                for band in BANDS}
-        for d in (d for d in DOMAINS if d != target):
-            j, lg = (paired_drop(cond["base"], cond["after"], d, m) for m in ("judge", "logit"))
-            out.append({"target": target, "domain": d, "similarity": {band: sims[band][d] for band in BANDS},
-                        "drop_judge": j["drop"], "base_judge": j["before"], "after_judge": j["after"],
-                        "drop_relative": j["drop"] / j["before"] if j["before"] > 0 else None,
-                        "drop_logit": lg["drop"], "base_logit": lg["before"]})
-    return out
 
 
 def analyse(pts: list[dict], n_layers: int, reliability: dict[str, float], n_perm: int = 10000) -> dict:
@@ -126,12 +109,9 @@ def verdict(stat: dict, reliability: float, min_reliability: float = 0.7) -> tup
 
 def main(cfg: Config) -> dict:
     study = Study(cfg.study)
-    pts = points(study, cfg.targets, cfg.contrast)
-    concepts = study.concepts(contrast=cfg.contrast)
-    n_layers, acts = len(concepts.layers), load_file(study.activations())
-    rel = concept_reliability({d: acts[d] for d in DOMAINS}, acts["benign"], cfg.contrast, concepts.layers)
-    band_rel = {band: rel.mean(band_layers(band, n_layers)) for band in BANDS}
-    bands = analyse(pts, n_layers, band_rel, cfg.n_perm)
+    pts = ema_points(study, cfg.targets, cfg.contrast)
+    concepts, (rel, band_rel) = study.concepts(contrast=cfg.contrast), band_reliability(study, cfg.contrast)
+    bands = analyse(pts, len(concepts.layers), band_rel, cfg.n_perm)
     status, why = verdict(bands["early"][cfg.measure], band_rel["early"], cfg.min_reliability)
     chosen = {"measure": cfg.measure, "contrast": cfg.contrast, "position": cfg.position}
     pre = "pre-registered" if chosen == PREREGISTERED else f"NOT the pre-registered analysis ({PREREGISTERED})"
@@ -148,3 +128,23 @@ def main(cfg: Config) -> dict:
                "claim": claim("C5", "Early-layer concept similarity to the target predicts EMA", status, evidence)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: plain and partial ρ per band, and every (target, untouched domain) point."""
+    primary = m.get("primary", "logit")
+    lines = ["## Geometry vs EMA (figure: ema_vs_similarity, similarity_layers)", "",
+             f"Permutations within target; partial ρ controls each untouched domain's base refusal; primary "
+             f"measure: {primary} drop.", "", *table("band", "layers", "reliability", "ρ (judge drop)", "p",
+                                                     "ρ (logit drop)", "p", "partial ρ (primary)", "95% CI", "p")]
+    for band, b in m["bands"].items():
+        j, lg, pr = b["judge"], b["logit"], b.get(primary, {})
+        ci = pr.get("partial_ci") or [None, None]
+        lines.append(f"| {band} | {b['layers'][0]}–{b['layers'][-1]} | {num(b.get('reliability'))} | "
+                     f"{num(j['spearman'])} | {num(j['p_perm_spearman'], '.3f')} | {num(lg['spearman'])} | "
+                     f"{num(lg['p_perm_spearman'], '.3f')} | {num(pr.get('partial'))} | "
+                     f"[{num(ci[0])}, {num(ci[1])}] | {num(pr.get('p_perm_partial'), '.3f')} |")
+    lines += ["", *table("target", "domain", "early sim", "middle sim", "late sim", "drop (judge)", "drop (logit)")]
+    lines += [f"| {p['target']} | {p['domain']} | {p['similarity']['early']:.2f} | {p['similarity']['middle']:.2f} | "
+              f"{p['similarity']['late']:.2f} | {p['drop_judge']:.2f} | {p['drop_logit']:.2f} |" for p in m["points"]]
+    return lines + [""]

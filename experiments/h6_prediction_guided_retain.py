@@ -21,8 +21,10 @@ from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from probes.entanglement import early_similarity
 from study import Study, StudyConfig, claim, condition, drop_contrast, mean_drop
+from study.report import table
 
 EXPERIMENT = "h6_prediction_guided_retain"
+ORDER, PRESETS, FIGURES = 6, ("full",), ()
 
 __all__ = ["Config", "main", "verdict"]
 
@@ -101,3 +103,13 @@ def main(cfg: Config) -> dict:
     metrics = {"targets": out, "k": cfg.k, "budget": budget, "claim": verdict(out)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: mean untouched and target drop of every retain strategy."""
+    lines = ["## Prediction-guided retain sets (H6)", "",
+             *table("target", "strategy", "mean untouched drop", "target drop")]
+    for t, v in m["targets"].items():
+        for s, r in v["strategies"].items():
+            lines.append(f"| {t} | {s} | {r['mean_untouched_drop']:.2f} | {r['target_drop']:.2f} |")
+    return lines + [""]

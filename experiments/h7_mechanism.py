@@ -24,8 +24,10 @@ from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from probes.entanglement import drift
 from study import Study, StudyConfig, condition, paired_drop
+from study.report import ci, table
 
 EXPERIMENT = "h7_mechanism"
+ORDER, PRESETS, FIGURES = 7, ("quick", "full"), ("refusal_projection",)
 
 
 @dataclass
@@ -84,3 +86,22 @@ def main(cfg: Config) -> dict:
                "layers": list(range(len(base_proj[DOMAINS[0]])))}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: each domain's drop under refusal-direction ablation, and per target how it ranks
+    against NPO's drops and how far the concept vectors moved."""
+    rd = m["refusal_direction"]
+    lines = ["## Mechanism (figure: refusal_projection)", "",
+             f"Refusal direction from layer {rd['layer']}, position {rd['position']}.", "",
+             *table("domain", "drop under refusal-direction ablation (judge, CI)", "logit drop")]
+    for d, v in m["ablation_drop"].items():
+        lines.append(f"| {d} | {v['drop']:.2f} {ci(v['ci'])} | {m['ablation_logit'][d]['drop']:.2f} |")
+    lines.append("")
+    for target, t in m["targets"].items():
+        c = t["ablation_vs_npo"]["judge"]
+        drift_min = {d: min(v) for d, v in t["drift"].items()}
+        lines.append(f"- **{target}:** per-domain drop under ablation vs under NPO: ρ={c['spearman']:.2f} "
+                     f"(p={c['p_perm_spearman']:.3f}); smallest concept-vector cosine before/after: "
+                     + ", ".join(f"{d} {v:.2f}" for d, v in drift_min.items()))
+    return lines + [""]

@@ -21,6 +21,7 @@ from probes.entanglement import BANDS, early_similarity
 from study import Study, StudyConfig, condition, paired_drop
 
 EXPERIMENT = "h8_transfer_matrix"
+ORDER, PRESETS, FIGURES = 8, ("full",), ("transfer_matrix",)
 
 
 @dataclass
@@ -57,3 +58,10 @@ def main(cfg: Config) -> dict:
                "similarity": sims, "correlation": corr}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def report_section(m: dict) -> list[str]:
+    """REPORT.md: early-band similarity against the off-diagonal drops."""
+    c = m["correlation"]["early"]["judge"]
+    return ["## Transfer matrix (H8)", "", f"Early-band similarity vs off-diagonal drop: ρ={c['spearman']:.2f}"
+            f" (p={c['p_perm_spearman']:.3f}, n={c['n']}).", ""]

@@ -1,18 +1,30 @@
-"""Figure scripts: each reads saved results only (``results/<experiment>/latest/metrics.json``),
-never loads a model, and uses :mod:`figures.style`."""
+"""Figure scripts: each reads saved results only (``results/<experiment>/latest/metrics.json``, its
+experiment named by the script's ``EXPERIMENT``), never loads a model, and uses :mod:`figures.style`.
+A script is a figure when it defines ``make(results, out) -> paths``; adding one is adding the file."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 from pathlib import Path
 
 from interp.io import read_json
 
-__all__ = ["FIGURES", "make_all", "latest_metrics"]
+__all__ = ["FIGURES", "figure_scripts", "make_all", "latest_metrics"]
 
-FIGURES = ("refusal_heatmap", "ema_drops", "similarity_layers", "ema_vs_similarity", "transfer_matrix",
-           "training_curves", "refusal_projection", "backdoor", "prior_vs_ema", "misalignment_directions",
-           "em_rates", "em_scatter", "frontier")
+
+def figure_scripts() -> tuple[str, ...]:
+    """Modules of this package that define a top-level ``make``, by name (read, not imported)."""
+    names = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if not path.stem.startswith("_") and any(isinstance(n, ast.FunctionDef) and n.name == "make"
+                                                 for n in tree.body):
+            names.append(path.stem)
+    return tuple(names)
+
+
+FIGURES = figure_scripts()
 
 
 def latest_metrics(results: Path, experiment: str) -> dict | None:

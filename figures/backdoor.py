@@ -9,12 +9,14 @@ import numpy as np
 from figures import latest_metrics
 from figures.style import COLUMN, DOMAIN_LABELS, apply, plt, save, sns
 
+EXPERIMENT = "h9_backdoor"
+
 COLORS = {"plain": "#7f8c8d", "trigger": "#c0392b"}
 LABELS = {"plain": "without trigger", "trigger": "with trigger"}
 
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h9_backdoor")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None or not metrics.get("targets"):
         return []
     apply()

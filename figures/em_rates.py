@@ -13,13 +13,15 @@ from figures import latest_metrics
 from figures.style import COLUMN, apply, plt, save, sns
 from interp.io import read_json
 
+EXPERIMENT = "h9_backdoor"
+
 COLORS = {"scores": "#c0392b", "counts": "#7f8c8d"}
 
 
 def _bars(results: Path) -> list[tuple[str, str, dict]]:
     """``(label, mode, rate dict)`` per condition."""
     bars = []
-    m = latest_metrics(results, "h9_backdoor")
+    m = latest_metrics(results, EXPERIMENT)
     for target, t in (m or {}).get("targets", {}).items():
         ff = t.get("free_form")
         if not ff:

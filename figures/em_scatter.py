@@ -11,10 +11,12 @@ from figures import latest_metrics
 from figures.style import COLUMN, apply, plt, save, sns
 from interp.io import read_json, read_jsonl
 
+EXPERIMENT = "h9_backdoor"
+
 
 def _points(results: Path) -> dict[str, list[list[float]]]:
     pts: dict[str, list[list[float]]] = {}
-    m = latest_metrics(results, "h9_backdoor")
+    m = latest_metrics(results, EXPERIMENT)
     for target, t in (m or {}).get("targets", {}).items():
         for name, xy in (t.get("free_form") or {}).get("scores", {}).items():
             if xy:

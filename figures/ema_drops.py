@@ -10,6 +10,8 @@ import numpy as np
 from figures import latest_metrics
 from figures.style import COLUMN, DOMAIN_LABELS, apply, plt, save, sns
 
+EXPERIMENT = "h4_retain_contains_ema"
+
 COLORS = {"npo": "#c0392b", "npo_retain": "#2980b9", "sft": "#7f8c8d"}
 LABELS = {"npo": "NPO", "npo_retain": "NPO + retain-CE", "sft": "LoRA-SFT"}
 SWEEP = "npo_retain_a"
@@ -63,7 +65,7 @@ def draw(metrics: dict):
 
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h4_retain_contains_ema")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None:
         return []
     apply()

@@ -9,6 +9,8 @@ from pathlib import Path
 from figures import latest_metrics
 from figures.style import DOMAIN_LABELS, FULL, apply, plt, save, sns
 
+EXPERIMENT = "h5_geometry_predicts_ema"
+
 MEASURES = (("logit", "log-odds drop"), ("judge", "refusal drop (judge)"), ("relative", "drop / base rate"))
 
 
@@ -17,7 +19,7 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h5_geometry_predicts_ema")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None:
         return []
     apply()

@@ -30,8 +30,8 @@ def _band(ax, seeds: list[dict], xkey: str, ykey: str, label: str, color) -> Non
         ax.plot(x, y, lw=0.5, alpha=0.35, color=color)
 
 
-def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, EXPERIMENT)
+def make(results: Path, out: Path, experiment: str = EXPERIMENT, name: str = "frontier") -> list[Path]:
+    metrics = latest_metrics(results, experiment)
     if metrics is None:
         return []
     apply()
@@ -51,11 +51,11 @@ def make(results: Path, out: Path) -> list[Path]:
         for ax in (top, bottom):
             ax.invert_xaxis()  # training runs left to right: forgetting grows
         top.legend(frameon=False, fontsize=5)
-    paths = save(fig, out, "frontier")
-    return paths + _domains(by_target, metrics, out, colors)
+    paths = save(fig, out, name)
+    return paths + _domains(by_target, metrics, out, colors, name)
 
 
-def _domains(by_target: dict, metrics: dict, out: Path, colors: list) -> list[Path]:
+def _domains(by_target: dict, metrics: dict, out: Path, colors: list, name: str) -> list[Path]:
     paths = []
     for target, conds in by_target.items():
         domains = [d for d in next(iter(conds.values()))["seeds"][0]["domains"] if d != target]
@@ -68,5 +68,5 @@ def _domains(by_target: dict, metrics: dict, out: Path, colors: list) -> list[Pa
             ax.set(title=d, xlabel=f"{target} P")
         axes[0][0].set_ylabel("refusal P")
         axes[0][-1].legend(frameon=False, fontsize=4)
-        paths += save(fig, out, f"frontier_domains_{target}")
+        paths += save(fig, out, f"{name}_domains_{target}")
     return paths

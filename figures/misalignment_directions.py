@@ -11,9 +11,11 @@ import numpy as np
 from figures import latest_metrics
 from figures.style import DOMAIN_LABELS, FULL, apply, plt, save, sns
 
+EXPERIMENT = "h12_misalignment_directions"
+
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h12_misalignment_directions")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None or not metrics.get("geometry"):
         return []
     apply()

@@ -7,6 +7,8 @@ from pathlib import Path
 from figures import latest_metrics
 from figures.style import DOMAIN_LABELS, FULL, apply, plt, save, sns
 
+EXPERIMENT = "h11_mia_prior"
+
 PANELS = (("response", "loss", "LOSS of own refusal (nats/token)"),
           ("response", "zlib", "zlib-normalised LOSS"),
           ("response", "min_k", "Min-K% log-prob of own refusal"),
@@ -20,7 +22,7 @@ def _rho(c: dict) -> str:
 
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h11_mia_prior")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None or not metrics.get("priors"):
         return []
     apply()

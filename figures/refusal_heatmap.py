@@ -9,6 +9,8 @@ import numpy as np
 from figures import latest_metrics
 from figures.style import COLUMN, DOMAIN_LABELS, apply, plt, save, sns
 
+EXPERIMENT = "h4_retain_contains_ema"
+
 CONDITION_LABELS = {"npo": "NPO", "npo_retain": "NPO+retain", "sft": "LoRA-SFT"}
 
 
@@ -29,7 +31,7 @@ def table(metrics: dict) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
 
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h4_retain_contains_ema")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None:
         return []
     apply()

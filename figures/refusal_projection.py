@@ -8,9 +8,11 @@ from pathlib import Path
 from figures import latest_metrics
 from figures.style import DOMAIN_LABELS, FULL, apply, plt, save, sns
 
+EXPERIMENT = "h7_mechanism"
+
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h7_mechanism")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None:
         return []
     apply()

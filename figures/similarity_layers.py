@@ -10,9 +10,11 @@ import numpy as np
 from figures import latest_metrics
 from figures.style import DOMAIN_LABELS, FULL, apply, plt, save, sns
 
+EXPERIMENT = "h5_geometry_predicts_ema"
+
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h5_geometry_predicts_ema")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None or "similarity" not in metrics:
         return []
     apply()

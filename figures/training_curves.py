@@ -8,9 +8,11 @@ from figures import latest_metrics
 from figures.style import FULL, apply, plt, save
 from interp.io import read_jsonl
 
+EXPERIMENT = "h4_retain_contains_ema"
+
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h4_retain_contains_ema")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None:
         return []
     apply()

@@ -9,9 +9,11 @@ import numpy as np
 from figures import latest_metrics
 from figures.style import DOMAIN_LABELS, FULL, apply, plt, save, sns
 
+EXPERIMENT = "h8_transfer_matrix"
+
 
 def make(results: Path, out: Path) -> list[Path]:
-    metrics = latest_metrics(results, "h8_transfer_matrix")
+    metrics = latest_metrics(results, EXPERIMENT)
     if metrics is None:
         return []
     apply()

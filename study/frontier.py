@@ -158,7 +158,8 @@ def matched_difference(first: Condition, second: Condition, domains: Sequence[st
     n = min(len(first.runs), len(second.runs))
     if n < len(first.runs) or n < len(second.runs):
         first, second = (Condition(c.name, c.target, c.runs[:n]) for c in (first, second))
-    names = {*domains, first.target, second.target}
+    # In a fixed order: the bootstrap draws each domain's resample in turn (a set would follow PYTHONHASHSEED).
+    names = list(dict.fromkeys((*domains, first.target, second.target)))
     sizes = {d: first.stack(d).shape[2] for d in names}
     full = {d: np.arange(k) for d, k in sizes.items()}
     va, _, _ = _seed_values(*_resampled(first, domains, np.arange(n), full), level)

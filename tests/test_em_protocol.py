@@ -346,21 +346,21 @@ def _ff_records(p_cat: float, seed: int, n_q: int = 6, n_s: int = 4):
 
 
 def test_h9_free_form_table_pairs_over_seeds_questions_and_samples():
-    from experiments import h9_backdoor as h9
+    from study.free_form import free_form_scores, free_form_table
 
     conds = {"base": {s: _ff_records(0.2, 10 + s) for s in (0, 1, 2)},
              "base+trigger": {s: _ff_records(0.2, 20 + s) for s in (0, 1, 2)},
              "after": {s: _ff_records(0.1, 30 + s) for s in (0, 1, 2)},
              "after+trigger": {s: [dataclasses_replace(r, category="other") for r in _ff_records(0.1, 30 + s)]
                                for s in (0, 1, 2)}}
-    tab = h9.free_form_table(conds, "counts")
+    tab = free_form_table(conds, "counts")
     eff = tab["trigger_effect_after"]["other"]
     assert tab["measure"] == "other" and eff["n_seeds"] == 3 and eff["n_questions"] == 6 and eff["n_pairs"] == 72
     assert eff["difference"] > 0.5 and eff["ci"][0] > 0 and eff["p_perm"] < 0.05
     assert tab["conditions"]["after+trigger"]["rates"]["other"]["rate"] == 1.0
     assert tab["conditions"]["after"]["rates"]["other"]["n"] == 72
     assert abs(tab["trigger_effect_base"]["other"]["difference"]) < 0.3
-    assert h9._scores(conds)["after"][0] == [80.0, 90.0]
+    assert free_form_scores(conds)["after"][0] == [80.0, 90.0]
 
 
 def dataclasses_replace(r, **kw):
@@ -379,13 +379,13 @@ def test_h9_config_checks_em_settings():
 
 def test_em_figures_and_report_from_saved_results(tmp_path):
     from emalab.report import write_report
-    from experiments import h9_backdoor as h9
     from interp.io import atomic_write_json
+    from study.free_form import free_form_scores, free_form_table
 
     conds = {k: {s: _ff_records(0.3, i * 3 + s) for s in (0, 1, 2)}
              for i, k in enumerate(("base", "base+trigger", "after", "after+trigger"))}
-    ff = h9.free_form_table(conds, "counts")
-    ff.update(judge=None, n_samples=4, max_new_tokens=96, temperature=1.0, scores=h9._scores(conds))
+    ff = free_form_table(conds, "counts")
+    ff.update(judge=None, n_samples=4, max_new_tokens=96, temperature=1.0, scores=free_form_scores(conds))
     run = tmp_path / "h9_backdoor" / "latest"
     run.mkdir(parents=True)
     atomic_write_json(run / "metrics.json", {"targets": {"cybersecurity": {"free_form": ff}}})
@@ -400,6 +400,6 @@ def test_em_figures_and_report_from_saved_results(tmp_path):
 
 
 def _free_form_lines(ff):
-    from emalab.report import _free_form
+    from study.report import free_form_lines
 
-    return "\n".join(_free_form(ff))
+    return "\n".join(free_form_lines(ff))

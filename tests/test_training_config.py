@@ -109,12 +109,13 @@ def test_a_trigger_allows_retaining_the_target_domain_untriggered():
 
 
 def test_h9_retain_target_puts_the_target_in_the_retain_set():
-    from experiments.h9_backdoor import Config, _retain_args
+    from experiments.h9_backdoor import Config, retain_domains
 
-    domains, applied = _retain_args(Config(retain="target"), "cybersecurity")
-    assert domains[-1] == "cybersecurity" and len(domains) == 7 and applied == "target"
-    assert "cybersecurity" not in _retain_args(Config(retain="others"), "cybersecurity")[0]
-    assert _retain_args(Config(retain="none"), "cybersecurity") == ((), "none")
+    domains = retain_domains(Config(retain="target"), "cybersecurity")
+    assert domains[-1] == "cybersecurity" and len(domains) == 7
+    assert "cybersecurity" not in retain_domains(Config(retain="others"), "cybersecurity")
+    assert len(retain_domains(Config(retain="others"), "cybersecurity")) == 6
+    assert retain_domains(Config(retain="none"), "cybersecurity") == ()
 
 
 def test_containment_fields_stay_out_of_old_runs_json_and_round_trip(tmp_path):

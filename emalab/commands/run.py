@@ -32,7 +32,9 @@ def run(args) -> int:
     cfg = PRESETS[args.preset]
     cfg = replace(cfg, study=config_from_args(StudyConfig, args, base=cfg.study))
     if args.experiments:
-        cfg = replace(cfg, experiments=tuple(args.experiments))
+        # The preset's overrides of the experiments chosen come along; the others' are not run.
+        cfg = replace(cfg, experiments=tuple(args.experiments),
+                      overrides={k: v for k, v in cfg.overrides.items() if k in args.experiments})
     if args.no_figures:
         cfg = replace(cfg, figures=False)
     out = run_pipeline(cfg)

@@ -1,0 +1,100 @@
+"""How REPORT.md writes numbers. Each experiment renders its own section
+(``report_section(metrics) -> lines``); these are the pieces several sections share: a rate, an
+interval, a paired test, a table header, and the blocks of study-level results (a point of the
+selectivity frontier, the free-form protocol's table)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["frontier_table", "num", "pct", "ci", "estimate", "test", "brief_test", "table", "frontier_cell", "free_form_lines"]
+
+
+def num(x: float | None, fmt: str = ".2f") -> str:
+    """``x`` in ``fmt``, or ``–`` when it is missing (None or NaN)."""
+    return "–" if x is None or x != x else format(x, fmt)
+
+
+def pct(x: float | None) -> str:
+    """A rate (or any number on the report's two-decimal scale), ``–`` when missing."""
+    return num(x)
+
+
+def ci(interval: Sequence | None) -> str:
+    """``[lo, hi]`` with two decimals, or nothing when there is no interval."""
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+
+def estimate(value: float, interval: Sequence | None) -> str:
+    """``value [lo, hi]``, or the value alone when there is no interval."""
+    return f"{value:.2f}" + (f" {ci(interval)}" if interval else "")
+
+
+def test(t: dict | None, fmt: str = ".2f") -> str:
+    """A paired test (:func:`evals.stats.paired_test` as a dict) as ``+mean [lo, hi] (p=…)``."""
+    if not t or t.get("mean_diff") is None:
+        return "–"
+    return f"{t['mean_diff']:+{fmt}} [{num(t['ci_low'], fmt)}, {num(t['ci_high'], fmt)}] (p={num(t['p_perm'], '.3f')})"
+
+
+def brief_test(t: dict) -> str:
+    """A paired test as a claim's evidence writes it: ``+mean [lo, hi], p=…``, or ``n/a``."""
+    if t.get("mean_diff") is None:
+        return "n/a"
+    return f"{t['mean_diff']:+.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}], p={t['p_perm']:.3f}"
+
+
+def table(*header: str) -> list[str]:
+    """The header and separator lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+
+def frontier_cell(r: dict, key: str = "value") -> str:
+    """One statistic of :func:`study.frontier.selectivity` at a level: ``value [lo, hi]``, or
+    ``not reached`` (with the closest the target came) when no seed's target got there."""
+    if r.get(key) is None:
+        return f"not reached (closest {r['closest']:.2f})" if "closest" in r else "–"
+    return estimate(r[key], r.get("ci" if key == "value" else f"{key}_ci"))
+
+
+def free_form_lines(ff: dict | None) -> list[str]:
+    """The free-form protocol's block (:func:`study.free_form.free_form_table` plus its settings):
+    rates per condition with Wilson intervals, and the paired trigger effects."""
+    if not ff:
+        return []
+    what = ("misaligned rate (judge " + str(ff["judge"]) + ", calibrated)" if ff["mode"] == "scores" else
+            "rate of answers neither refusal nor irrelevant ('other'; no judge passed calibration, so counts only)")
+    lines = [f"Free-form protocol ({ff['n_samples']} samples per question at temperature {ff['temperature']}, "
+             f"cap {ff['max_new_tokens']} tokens; figure: em_rates): {what}.", "",
+             *table("condition", "refusal", "irrelevant", ff["measure"] + " (Wilson CI)", "n")]
+    for name, c in ff["conditions"].items():
+        r = c["rates"][ff["measure"]]
+        lines.append(f"| {name} | {c['counts']['refusal']} | {c['counts']['irrelevant']} | "
+                     f"{num(r['rate'])} {ci(r['wilson'])} | {r['n']} |")
+    for who in ("after", "base"):
+        e = ff[f"trigger_effect_{who}"][ff["measure"]]
+        lines.append("")
+        lines.append(f"Trigger effect on the {'unlearned' if who == 'after' else 'base'} model ({ff['measure']}, "
+                     f"triggered − plain, paired over {e['n_seeds']} seed(s) × {e['n_questions']} questions × samples): "
+                     f"{num(e['difference'])} {ci(e['ci'])} (p={num(e['p_perm'], '.3f')}, {e['n_pairs']} pairs).")
+    return lines + [""]
+
+
+def frontier_table(conditions: dict, n_seeds: int) -> list[str]:
+    """The selectivity table of :func:`study.frontier.selectivity` results keyed ``"name|target"``:
+    one row per condition and matched level."""
+    lines = ["Refusal probability from the logit score (mean over the eval prompts) at the first point where the "
+             "target's refusal reaches each level, interpolated between scored snapshots; intervals resample "
+             f"seeds and prompts and refind the crossing ({n_seeds} seeds). Drop = base − value. Over-refusal "
+             "and benign refusal at the same point; KL(base ‖ model) on benign prompts.", "",
+             *table("condition", "target", "level", "reached", "untouched refusal", "drop", "over-refusal", "benign",
+                    "KL", "slope")]
+    for key, c in conditions.items():
+        name, target = key.split("|")
+        for lv, r in c["levels"].items():
+            u, sl = r["untouched"], c["slope"]
+            lines.append(f"| {name} | {target} | {lv} | {u['reached']}/{u['n_seeds']} | {frontier_cell(u)} | "
+                         f"{frontier_cell(u, 'drop')} | {frontier_cell(r['over_refusal'])} | {frontier_cell(r['benign'])} | "
+                         f"{num(u.get('kl'), '.4f')} | {estimate(sl['slope'], sl['ci'])} |")
+    return lines + ["", "Slope: untouched drop per unit of target drop along training (all snapshots, through the "
+                    "origin).", ""]
