@@ -143,9 +143,11 @@ def test_sections_come_in_hypothesis_order(tmp_path, monkeypatch):
     plant(tmp_path, monkeypatch)
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "frontier.png").write_bytes(b"")
-    owners = [(m.ORDER, line) for name, m in experiment_modules().items() if hasattr(m, "report_section")
+    owners = [(m.ORDER, line) for name, m in experiment_modules().items()
+              if hasattr(m, "report_section") and latest_metrics(tmp_path, name)
               for line in m.report_section(latest_metrics(tmp_path, name)) if line.startswith("## ")]
-    assert [o for o, _ in owners] == list(range(3, 14))  # h1 and h2 report through the claims table only
+    # h1 and h2 report through the claims table only; an experiment without results has no section.
+    assert [o for o, _ in owners] == list(range(3, 14))
     heads = [h for h in sections(render_report(tmp_path)) if h]
     assert heads == ["## Claims", "## Setup", *(h for _, h in owners),
                      "## Free-form judge calibration (emergent-misalignment protocol)",
@@ -178,7 +180,8 @@ def test_presets_keep_their_membership():
              "h7_mechanism")
     assert PRESETS["quick"].experiments == quick and PRESETS["quick"].overrides == {}
     assert PRESETS["full"].experiments == (*quick, "h3_safety_spreads_further", "h4_retain_contains_ema",
-                                           "h6_prediction_guided_retain", "h8_transfer_matrix")
+                                           "h6_prediction_guided_retain", "h8_transfer_matrix",
+                                           "h14_containment_frontier")
     assert PRESETS["full"].overrides == {
         "h4_retain_contains_ema": {"sft_targets": ["cybersecurity", "safety"]},
         "h13_selectivity_frontier": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]},
@@ -240,9 +243,9 @@ def test_a_new_experiment_file_is_discovered(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "__path__", [*experiments.__path__, str(pkg)])
     monkeypatch.delitem(sys.modules, "experiments.h99_planted", raising=False)
     try:
-        assert pipeline.preset_experiments("full")[-5:] == ("h99_planted", "h3_safety_spreads_further",
+        assert pipeline.preset_experiments("full")[-6:] == ("h99_planted", "h3_safety_spreads_further",
                                                             "h4_retain_contains_ema", "h6_prediction_guided_retain",
-                                                            "h8_transfer_matrix")
+                                                            "h8_transfer_matrix", "h14_containment_frontier")
         assert "h99_planted" not in pipeline.preset_experiments("quick")
         assert pipeline.preset_overrides("full")["h99_planted"] == {"k": 2}
         cfg = pipeline.PipelineConfig(experiments=pipeline.preset_experiments("full"),
