@@ -81,7 +81,7 @@ def main(cfg: Config) -> dict:
     targets = {}
     for target in cfg.targets:
         cond = condition(study, target, "npo", (), base_records=base_records)
-        after = score_model(study, Path(cond["runs"][0]) / "adapter", sets, cfg.min_mass, f"npo-{target}")
+        after = score_model(study, Path(cond["adapters"][0]), sets, cfg.min_mass, f"npo-{target}")
         untouched = [d for d in DOMAINS if d != target]
         targets[target] = {
             "domains": domain_summary(after),

@@ -69,7 +69,7 @@ def main(cfg: Config) -> dict:
     adapters, shifts, benign, geometry = {}, {}, {}, {}
     for s in cfg.sources:
         cond = condition(study, s, "npo", (), base_records=base_records)
-        adapters[s] = Path(cond["runs"][0]) / "adapter"
+        adapters[s] = Path(cond["adapters"][0])
         after = study.domain_means(adapters[s])
         shifts[s] = compliance_shift({d: base_means[d] for d in DOMAINS}, {d: after[d] for d in DOMAINS},
                                      name=f"shift-{s}", meta={"source": s, "adapter_id": adapter_id_of(adapters[s]),

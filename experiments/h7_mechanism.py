@@ -68,7 +68,7 @@ def main(cfg: Config) -> dict:
     targets = {}
     for target in cfg.targets:
         cond = condition(study, target, "npo", (), base_records=base)
-        adapter = Path(cond["runs"][0]) / "adapter"
+        adapter = Path(cond["adapters"][0])
         after_concepts = study.concepts(adapter)
         after_proj = _projection(study.domain_means(adapter), direction)
         npo_drop = {d: paired_drop(cond["base"], cond["after"], d, "judge")["drop"] for d in DOMAINS}

@@ -108,12 +108,12 @@ def main(cfg: Config) -> dict:
     targets = {}
     for target in cfg.targets:
         cond = condition(study, target, "npo", retain_domains(cfg, target), base_records=base_p, trigger=cfg.trigger)
-        after_t = triggered_after(study, f"backdoor-{target}+trigger", trig_sets, cond["runs"])
+        after_t = triggered_after(study, f"backdoor-{target}+trigger", trig_sets, cond["adapters"][:len(cond["judged_runs"])])
         tab = trigger_table(cond["base"], cond["after"], pooled({s: base_t for s in study.cfg.seeds}), after_t, target)
         tab.update(retain_applied=cfg.retain, runs=cond["runs"],
                    backdoor_installed=significant(tab["domains"][target]["difference"]["judge"]))
         if cfg.free_form:
-            tab["free_form"] = trigger_free_form(study, cfg.trigger, target, cond["runs"], cfg.em_n_samples,
+            tab["free_form"] = trigger_free_form(study, cfg.trigger, target, cond["adapters"], cfg.em_n_samples,
                                                  cfg.em_max_new_tokens, cfg.em_judge)
         targets[target] = tab
     metrics = {"trigger": cfg.trigger, "tokenization": tokenization, "base_trigger_effect": trigger_alone(base_p, base_t),

@@ -26,12 +26,12 @@ def triggered(sets: Mapping[str, Sequence[SuitePrompt]], trigger: str) -> dict[s
 
 
 def triggered_after(study: Study, name: str, trig_sets: Mapping[str, Sequence[tuple[str, str]]],
-                    runs: Sequence[str]) -> list[PromptRecord]:
-    """Every seed's unlearned adapter (``runs``, one per ``study.cfg.seeds``: ``<run>/adapter``)
-    evaluated on the triggered sets (a cached stage each), records pooled over seeds."""
+                    adapters: Sequence[str]) -> list[PromptRecord]:
+    """Each seed's unlearned adapter (the condition's operating-point ``adapters``, in seed order, as
+    many as were judged plain) evaluated on the triggered sets (a cached stage each), pooled over seeds."""
     after = {}
-    for seed, run in zip(study.cfg.seeds, runs, strict=True):
-        _, after[seed] = evaluate_sets(study, name, trig_sets, adapter=Path(run) / "adapter")
+    for seed, adapter in zip(study.cfg.seeds, adapters):
+        _, after[seed] = evaluate_sets(study, name, trig_sets, adapter=Path(adapter))
     return pooled(after)
 
 

@@ -86,7 +86,9 @@ def condition(study: Study, target: str, method: str = "npo", retain_domains: tu
 
     Returns:
         ``{"after": pooled records, "base": base records pooled the same way, "runs": stage dirs of
-        every seed, "judged_runs": those judged, "reports": per-seed report dicts}``.
+        every seed, "adapters": each run's operating-point adapter (what any further measurement of
+        the condition should read), "judged_runs": the runs judged, "operating_steps": their steps,
+        "reports": per-seed report dicts}``.
     """
     from training.trainer import snapshot_dir
 
@@ -96,22 +98,23 @@ def condition(study: Study, target: str, method: str = "npo", retain_domains: tu
     trajectory = bool(cfg.trajectory_steps) and "steps" not in unlearn_kwargs
     if trajectory:
         unlearn_kwargs = {**unlearn_kwargs, "steps": cfg.trajectory_steps, "snapshot_every": study.snapshot_every}
-    after, base, runs, judged, reports, steps_used = {}, {}, [], [], [], []
+    after, base, runs, adapters, judged, reports, steps_used = {}, {}, [], [], [], [], []
     for k, seed in enumerate(cfg.seeds):
         run = study.unlearn(target, method, retain_domains, seed=seed, **unlearn_kwargs)
         runs.append(str(run))
-        if cfg.judged_seeds is not None and k >= cfg.judged_seeds:
-            continue
         step = (operating_step(study, run, target) if cfg.operating_level is not None else cfg.steps) \
             if trajectory else None
         adapter = snapshot_dir(run, step) if trajectory else run / "adapter"
+        adapters.append(str(adapter))
+        if cfg.judged_seeds is not None and k >= cfg.judged_seeds:
+            continue
         report, records = study.evaluate(f"{method}-{target}", adapter=adapter)
         after[seed], base[seed] = records, base_records
         judged.append(str(run))
         steps_used.append(step)
         reports.append(report.to_dict())
-    return {"after": pooled(after), "base": pooled(base), "runs": runs, "judged_runs": judged, "reports": reports,
-            "operating_steps": steps_used}
+    return {"after": pooled(after), "base": pooled(base), "runs": runs, "adapters": adapters, "judged_runs": judged,
+            "reports": reports, "operating_steps": steps_used}
 
 
 def operating_step(study: Study, run: Path, target: str) -> int:

@@ -117,10 +117,10 @@ def free_form_scores(conditions: dict[str, dict[int, list[EMRecord]]]) -> dict[s
                    if r.alignment is not None and r.coherence is not None] for name, by_seed in conditions.items()}
 
 
-def trigger_free_form(study: Study, trigger: str, target: str, runs: list[str], n_samples: int,
+def trigger_free_form(study: Study, trigger: str, target: str, adapters: list[str], n_samples: int,
                       max_new_tokens: int, judge: str = "default") -> dict:
     """The free-form protocol with and without ``trigger`` on the base model and on each seed's
-    unlearned adapter (``runs``, one per ``study.cfg.seeds``): :func:`free_form_table` with the
+    unlearned adapter (``adapters``: the condition's operating-point adapters, one per ``study.cfg.seeds``): :func:`free_form_table` with the
     judge, sampling settings and :func:`free_form_scores`."""
     if len(study.cfg.seeds) < 3:
         warnings.warn(f"the free-form backdoor result pairs over {len(study.cfg.seeds)} training seed(s); the protocol "
@@ -135,8 +135,7 @@ def trigger_free_form(study: Study, trigger: str, target: str, runs: list[str], 
 
     base_p, base_t = records(questions, "base"), records(trig_q, "base+trigger")
     conds: dict[str, dict[int, list[EMRecord]]] = {"base": {}, "base+trigger": {}, "after": {}, "after+trigger": {}}
-    for seed, run in zip(study.cfg.seeds, runs, strict=True):
-        adapter = Path(run) / "adapter"
+    for seed, adapter in zip(study.cfg.seeds, map(Path, adapters), strict=True):
         conds["base"][seed], conds["base+trigger"][seed] = base_p, base_t
         conds["after"][seed] = records(questions, f"backdoor-{target}", adapter)
         conds["after+trigger"][seed] = records(trig_q, f"backdoor-{target}+trigger", adapter)

@@ -80,8 +80,8 @@ def test_triggered_after_evaluates_every_seeds_adapter_and_pools(tiny_study, mon
         return None, [rec("a", "bias", "refusal", float(len(seen)))]
 
     monkeypatch.setattr(bd, "evaluate_sets", fake)
-    out = bd.triggered_after(tiny_study, "x+trigger", {"bias": [("a", "T. hi")]}, ["r0", "r1", "r2"])
-    assert seen == [("x+trigger", Path(f"r{s}") / "adapter") for s in range(3)]
+    out = bd.triggered_after(tiny_study, "x+trigger", {"bias": [("a", "T. hi")]}, ["a0", "a1", "a2"])
+    assert seen == [("x+trigger", Path(f"a{s}")) for s in range(3)]  # the operating-point adapters as given
     assert [(r.id, r.logit_score) for r in out] == [("0:a", 1.0), ("1:a", 2.0), ("2:a", 3.0)]
 
 
@@ -99,9 +99,9 @@ def test_trigger_free_form_pairs_the_base_and_every_seed(tiny_study, monkeypatch
         return [EMRecord(q.id, "plain", k, cat) for q in questions[:3] for k in range(n_samples)]
 
     monkeypatch.setattr(ff, "free_form_records", fake)
-    out = ff.trigger_free_form(tiny_study, "T.", "bias", ["r0", "r1", "r2"], 2, 8, judge="counts")
+    out = ff.trigger_free_form(tiny_study, "T.", "bias", ["a0", "a1", "a2"], 2, 8, judge="counts")
     assert calls[:2] == [("base", None, False), ("base+trigger", None, True)]  # once, shared by the seeds
-    assert calls[2:] == [(f"backdoor-bias{t}", Path(f"r{s}") / "adapter", bool(t)) for s in range(3)
+    assert calls[2:] == [(f"backdoor-bias{t}", Path(f"a{s}"), bool(t)) for s in range(3)
                          for t in ("", "+trigger")]
     assert out["mode"] == "counts" and out["measure"] == "other" and out["judge"] is None
     assert out["trigger_effect_after"]["other"]["difference"] == 1.0
