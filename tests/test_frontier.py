@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import planted_trajectory
 
 from evals.suite import DOMAINS
 from study.frontier import Condition, at_level, crossing, matched_difference, spread_slope
@@ -14,17 +15,7 @@ STEPS = [0, 4, 8, 12]
 
 def _traj(target: str, target_curve, untouched_curve, n: int = 6, noise: float = 0.0, seed: int = 0,
           kl=None) -> Trajectory:
-    """Every prompt of the target follows ``target_curve``, every untouched prompt ``untouched_curve``
-    (plus optional per-prompt noise that averages out over prompts)."""
-    rng = np.random.default_rng(seed)
-    p = {}
-    for d in (*DOMAINS, "benign", "over_refusal"):
-        curve = np.asarray(target_curve if d == target else untouched_curve, dtype=float)
-        jitter = rng.normal(0, noise, (len(STEPS), n)) if noise else np.zeros((len(STEPS), n))
-        jitter -= jitter.mean(axis=1, keepdims=True)  # the set mean stays exactly on the curve
-        p[d] = np.clip(curve[:, None] + jitter, 0, 1)
-    ids = {d: [f"{d}-{i}" for i in range(n)] for d in p}
-    return Trajectory(run="planted", steps=STEPS, prompt_ids=ids, p=p, kl=kl or [0.0, 0.1, 0.2, 0.3])
+    return planted_trajectory(target, target_curve, untouched_curve, STEPS, n, noise, seed, kl or [0.0, 0.1, 0.2, 0.3])
 
 
 def test_crossing_interpolates_the_first_bracket_and_reports_never():

@@ -3,26 +3,15 @@ refusal at matched forgetting, not replicated when it only slows forgetting; C3 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from conftest import planted_trajectory
 
 import experiments.h13_selectivity_frontier as h13
-from evals.suite import DOMAINS
 from study import StudyConfig
-from study.trajectory import Trajectory
-
-STEPS = [0, 4, 8, 12, 16]
 
 
-def _traj(target, target_curve, untouched_curve, seed, n=5):
-    rng = np.random.default_rng(seed)
-    p = {}
-    for d in (*DOMAINS, "benign", "over_refusal"):
-        curve = np.asarray(target_curve if d == target else untouched_curve, dtype=float)
-        noise = rng.normal(0, 0.03, (len(STEPS), n))
-        p[d] = np.clip(curve[:, None] + noise - noise.mean(1, keepdims=True), 0, 1)
-    return Trajectory(run=f"planted-{seed}", steps=STEPS, prompt_ids={d: [f"{d}{i}" for i in range(n)] for d in p},
-                      p=p, kl=[0.0, 0.01, 0.02, 0.03, 0.04])
+def _traj(target, target_curve, untouched_curve, seed):
+    return planted_trajectory(target, target_curve, untouched_curve, seed=seed)
 
 
 def _run(monkeypatch, tmp_path, curves):

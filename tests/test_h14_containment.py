@@ -3,26 +3,16 @@ retain-CE at matched forgetting wins; one that never reaches the level is not co
 
 from __future__ import annotations
 
-import numpy as np
+from conftest import planted_trajectory
 
 import experiments.h14_containment_frontier as h14
-from evals.suite import DOMAINS
 from study import StudyConfig
-from study.trajectory import Trajectory
 
-STEPS = [0, 4, 8, 12, 16]
 FAST = [0.8, 0.4, 0.1, 0.0, 0.0]
 
 
-def _traj(target, t_curve, u_curve, seed, n=5):
-    rng = np.random.default_rng(seed)
-    p = {}
-    for d in (*DOMAINS, "benign", "over_refusal"):
-        c = np.asarray(t_curve if d == target else u_curve, dtype=float)
-        e = rng.normal(0, 0.03, (len(STEPS), n))
-        p[d] = np.clip(c[:, None] + e - e.mean(1, keepdims=True), 0, 1)
-    return Trajectory(run=f"p{seed}", steps=STEPS, prompt_ids={d: [f"{d}{i}" for i in range(n)] for d in p}, p=p,
-                      kl=[0.0, 0.01, 0.02, 0.03, 0.04])
+def _traj(target, target_curve, untouched_curve, seed):
+    return planted_trajectory(target, target_curve, untouched_curve, seed=seed)
 
 
 def _run(monkeypatch, tmp_path, curves):
