@@ -53,7 +53,13 @@ def _setup(results: Path) -> list[str]:
             f"- **Model:** `{s['model']}`" + (f" ({spec.hf_equivalent}, GGUF sha256 `{spec.sha256[:16]}…`, "
                                                f"from PyPI `{spec.package_prefix}1..{spec.n_parts}=={spec.version}`)"
                                                if spec else ""),
-            f"- **dtype:** {_dtypes(p, s)}; **seeds:** {s['seeds']}; **NPO:** {s['steps']} steps, lr {s['lr']}, "
+            f"- **dtype:** {_dtypes(p, s)}; **seeds:** {s['seeds']}"
+            + (f" (judged: first {s['judged_seeds']})" if s.get("judged_seeds") else "") + "; **NPO:** "
+            + (f"{s['trajectory_steps']} steps per run, a snapshot scored every {s['trajectory_every']}; judged at "
+               + (f"the first snapshot whose dev-split target refusal is ≤ {s['operating_level']}"
+                  if s.get("operating_level") is not None else f"step {s['steps']}")
+               if s.get("trajectory_steps") else f"{s['steps']} steps")
+            + f", lr {s['lr']}, "
             f"β {s['beta']}, batch {s['batch_size']}, {s['n_forget']} forget prompts; retain-CE α {s['alpha']}, "
             f"{s['n_retain_per_domain']} retain prompts per domain",
             f"- **Evaluation:** {s['eval_limit'] or 'all'} eval prompts per domain, greedy {s['max_new_tokens']} "
