@@ -217,7 +217,7 @@ def concept_reliability(
     halves and from the second halves alone (so the two share no item, the contrast's included),
     and their per-layer cosine is corrected with Spearman-Brown (:func:`evals.stats.spearman_brown`).
     """
-    from evals.stats import spearman_brown, split_half
+    from evals.grouped_stats import spearman_brown, split_half
 
     _check_inputs(harmful, benign, contrast)
     layers = _layers_of(harmful, benign, layers)

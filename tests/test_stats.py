@@ -127,7 +127,7 @@ def test_newcombe_paired_ci_never_collapses_is_antisymmetric_and_covers():
 
 
 def test_exact_within_group_permutation_p_by_hand():
-    from evals.stats import grouped_correlation
+    from evals.grouped_stats import grouped_correlation
 
     x = y = [1.0, 2.0, 3.0, 4.0]
     # One group: 4! = 24 orderings; |ρ| >= 1 only for the identity and the reversal.
@@ -139,7 +139,7 @@ def test_exact_within_group_permutation_p_by_hand():
 
 
 def test_within_group_permutations_enumerate_or_sample_and_keep_groups():
-    from evals.stats import within_group_permutations
+    from evals.grouped_stats import within_group_permutations
 
     groups = np.array(["a", "b", "a", "b", "a"])
     perms, exact = within_group_permutations(groups, 5)
@@ -152,7 +152,7 @@ def test_within_group_permutations_enumerate_or_sample_and_keep_groups():
 
 
 def test_partial_correlation_matches_the_closed_form_and_vanishes_when_the_covariate_explains():
-    from evals.stats import grouped_correlation, partial_correlation
+    from evals.grouped_stats import grouped_correlation, partial_correlation
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=60)
@@ -168,7 +168,7 @@ def test_partial_correlation_matches_the_closed_form_and_vanishes_when_the_covar
 
 
 def test_partial_correlation_keeps_a_direct_effect():
-    from evals.stats import grouped_correlation
+    from evals.grouped_stats import grouped_correlation
 
     rng = np.random.default_rng(1)
     x, z = rng.normal(size=50), rng.normal(size=50)
@@ -178,7 +178,7 @@ def test_partial_correlation_keeps_a_direct_effect():
 
 
 def test_group_offsets_are_not_evidence_under_within_group_permutation():
-    from evals.stats import grouped_correlation
+    from evals.grouped_stats import grouped_correlation
 
     rng = np.random.default_rng(2)
     groups = np.repeat(["a", "b", "c"], 8)
@@ -191,7 +191,7 @@ def test_group_offsets_are_not_evidence_under_within_group_permutation():
 
 
 def test_grouped_correlation_degenerate_cases():
-    from evals.stats import grouped_correlation
+    from evals.grouped_stats import grouped_correlation
 
     assert grouped_correlation([1, 2, 3, 4], [1, 2, 4, 3], covariates=[1, 1, 2, 2]).inconclusive  # n < 4 + 1
     assert "constant" in grouped_correlation([1, 2, 3, 4, 5], [1, 1, 1, 1, 1]).note
@@ -203,7 +203,7 @@ def test_grouped_correlation_degenerate_cases():
 
 
 def test_split_half_and_spearman_brown():
-    from evals.stats import spearman_brown, split_half
+    from evals.grouped_stats import spearman_brown, split_half
 
     a, b = split_half(5)
     assert a.tolist() == [0, 2, 4] and b.tolist() == [1, 3]
