@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.stats import grouped_correlation
+from evals.grouped_stats import grouped_correlation
 from evals.suite import DOMAINS, check_domain
 from interp.config import JsonConfig
 from interp.io import read_json

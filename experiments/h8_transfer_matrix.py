@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from evals.stats import grouped_correlation
+from evals.grouped_stats import grouped_correlation
 from evals.suite import DOMAINS
 from interp.config import JsonConfig
 from interp.runs import run_dir, write_run

@@ -213,9 +213,9 @@ def concept_reliability(
     """Split-half reliability of :func:`concept_vectors` per concept per layer.
 
     Every set (each domain, and benign) is split into its even and odd items
-    (:func:`evals.stats.split_half`, so deterministic); concept vectors are built from the first
+    (:func:`evals.grouped_stats.split_half`, so deterministic); concept vectors are built from the first
     halves and from the second halves alone (so the two share no item, the contrast's included),
-    and their per-layer cosine is corrected with Spearman-Brown (:func:`evals.stats.spearman_brown`).
+    and their per-layer cosine is corrected with Spearman-Brown (:func:`evals.grouped_stats.spearman_brown`).
     """
     from evals.grouped_stats import spearman_brown, split_half
 
