@@ -19,7 +19,7 @@ reached" with the closest level it got to, never an extrapolation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class Condition:
     name: str
     target: str
     runs: list[Trajectory]
+    _stacks: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -67,11 +68,14 @@ class Condition:
                 raise ValueError(f"condition {self.name!r}: seeds were measured on different prompts")
 
     def stack(self, name: str) -> np.ndarray:
-        """``seeds × steps × prompts`` of set ``name`` (seeds must share their step grid)."""
-        grids = {tuple(t.steps) for t in self.runs}
-        if len(grids) != 1:
-            raise ValueError(f"condition {self.name!r}: seeds have different snapshot steps {sorted(grids)}")
-        return np.stack([t.p[name] for t in self.runs])
+        """``seeds × steps × prompts`` of set ``name`` (seeds must share their step grid); built once,
+        since every bootstrap resample indexes it."""
+        if name not in self._stacks:
+            grids = {tuple(t.steps) for t in self.runs}
+            if len(grids) != 1:
+                raise ValueError(f"condition {self.name!r}: seeds have different snapshot steps {sorted(grids)}")
+            self._stacks[name] = np.stack([t.p[name] for t in self.runs])
+        return self._stacks[name]
 
     def kl(self) -> np.ndarray:
         """``seeds × steps`` KL to base on benign prompts."""
