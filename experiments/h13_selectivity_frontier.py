@@ -24,7 +24,7 @@ from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim
 from study.frontier import Condition, curves, matched_difference, recovery, selectivity, spread_slope
 from study.report import frontier_table
-from study.trajectory import trajectory_runs, trajectory_sets
+from study.trajectory import forget_sizes, trajectory_runs, trajectory_sets
 
 EXPERIMENT = "h13_selectivity_frontier"
 ORDER, RUN_ORDER, PRESETS, FIGURES = 13, 3, ("quick", "full"), ("frontier",)  # runs after H2: the headline C3/C4
@@ -61,11 +61,11 @@ def _conditions(cfg: Config) -> list[tuple[str, dict]]:
     return out
 
 
-def _c4(by_name: dict, cfg: Config, target: str, level: float) -> dict:
+def _c4(by_name: dict, cfg: Config, target: str, level: float, rule: str = "first") -> dict:
     """Each NPO+retain-CE condition against NPO at the same learning rate, at matched forgetting."""
     untouched = [d for d in DOMAINS if d != target]
     return {n: recovery(c, by_name["npo" + (n[n.index("@"):] if "@" in n else "")], untouched, level,
-                        RECOVERY_BAR, cfg.n_boot) for n, c in by_name.items() if n.startswith("npo_retain")}
+                        RECOVERY_BAR, cfg.n_boot, rule=rule) for n, c in by_name.items() if n.startswith("npo_retain")}
 
 
 def main(cfg: Config) -> dict:
@@ -81,8 +81,10 @@ def main(cfg: Config) -> dict:
     primary = cfg.levels[-1]
     by_target = {t: {k.split("|")[0]: c for k, c in conds.items() if c.target == t} for t in cfg.targets}
     c4 = {t: {f"{lv:g}": _c4(by_target[t], cfg, t, lv) for lv in cfg.levels} for t in cfg.targets}
-    metrics = {"conditions": frontier, "c4": c4, "levels": list(cfg.levels), "primary_level": primary,
-               "n_seeds": len(cfg.study.seeds), "claims": [_c4_claim(c4, primary, cfg)]}
+    # Secondary (not pre-registered): the envelope credits untouched refusal restored after the crossing.
+    envelope = {t: {f"{primary:g}": _c4(by_target[t], cfg, t, primary, "best")} for t in cfg.targets}
+    metrics = {"conditions": frontier, "c4": c4, "c4_envelope": envelope, "levels": list(cfg.levels), "primary_level": primary,
+               "n_seeds": len(cfg.study.seeds), "claims": [_c4_claim(c4, primary, cfg, envelope)]}
     if len(cfg.targets) >= 2:
         metrics["c3"] = _c3(by_target, cfg, primary)
         metrics["claims"].insert(0, metrics["c3"]["claim"])
@@ -97,6 +99,8 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
            for lv in cfg.levels}
     slopes = {t: spread_slope(by_target[t]["npo"], common, cfg.n_boot) for t in (first, second)}
     d = res[f"{level:g}"]
+    sizes = {t: sorted({n for n in forget_sizes(by_target[t]["npo"].runs) if n is not None}) for t in (first, second)}
+    equal = all(len(v) == 1 for v in sizes.values()) and sizes[first] == sizes[second]
     # first keeps *less* untouched refusal when it spreads further: the difference is negative.
     ci = d["ci"] or (0.0, 0.0)  # no interval (a level not reached): inconclusive
     status = "replicated" if ci[1] < 0 else "not replicated" if ci[0] > 0 else "inconclusive"
@@ -104,12 +108,17 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
           + (f"{d['first']:.2f} vs {second} {d['second']:.2f}, difference {d['difference']:+.2f} "
              f"(CI {d['ci'][0]:+.2f}..{d['ci'][1]:+.2f})" if d["ci"] else d.get("note", "n/a"))
           + f"; slope of untouched vs target drop {first} {slopes[first]['slope']:.2f}, {second} "
-          f"{slopes[second]['slope']:.2f}; {len(cfg.study.seeds)} seeds")
-    return {"levels": res, "slopes": slopes, "claim": claim(
+          f"{slopes[second]['slope']:.2f}; forget sets {first} {_sizes(sizes[first])}, {second} "
+          f"{_sizes(sizes[second])}" + ("" if equal else " (NOT equal in size)") + f"; {len(cfg.study.seeds)} seeds")
+    return {"levels": res, "slopes": slopes, "forget_sizes": sizes, "equal_forget_sets": equal, "claim": claim(
         "C3", f"Unlearning {first} spreads further than {second} (at matched target forgetting)", status, ev)}
 
 
-def _c4_claim(c4: dict, level: float, cfg: Config) -> dict:
+def _sizes(ns: list[int]) -> str:
+    return "/".join(map(str, ns)) if ns else "unrecorded"
+
+
+def _c4_claim(c4: dict, level: float, cfg: Config, envelope: dict) -> dict:
     lv = f"{level:g}"
     passing = {t: [n for n, r in c4[t][lv].items() if r["passes"]] for t in c4}
     no_ema = all(not r["npo_drop"] or r["npo_drop"] <= 0 for t in c4 for r in c4[t][lv].values())
@@ -124,8 +133,11 @@ def _c4_claim(c4: dict, level: float, cfg: Config) -> dict:
                                           f"(difference {r['difference']:+.2f}, CI {r['ci'][0]:+.2f}..{r['ci'][1]:+.2f})"
                                           if r["recovery"] is not None else r.get("note", "no NPO drop")))
     lrs = ", ".join(f"{x:g}" for x in (cfg.study.lr, *cfg.lrs))
+    best = [f"{t} {n} {r['recovery']:.0%}" for t, rows in envelope.items() for n, r in rows[lv].items()
+            if r["recovery"] is not None]
     ev = (f"at target refusal {level:g} (lr {lrs}, {cfg.study.trajectory_steps} steps, {len(cfg.study.seeds)} seeds): "
-          + "; ".join(parts) + ("" if status == "replicated" else "; at these budgets"))
+          + "; ".join(parts) + ("" if status == "replicated" else "; at these budgets")
+          + (f"; envelope (best point at or below the level, secondary): {', '.join(best)}" if best else ""))
     return claim("C4", "Retain-CE restores untouched refusal at matched target forgetting", status, ev)
 
 

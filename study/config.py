@@ -63,8 +63,14 @@ class StudyConfig(JsonConfig):
     of a forget token: ~12x less for a typical ~12-token refusal (UnlearnConfig.retain_weighting
     per_token removes the factor). Measured: α=1 does nothing (cybersecurity, 10 steps); α=10
     restores part of the refusal, α=30 restores all of it, the target's included."""
-    n_forget: int = 24
-    """Forget prompts (target domain, unlearn split) per run."""
+    n_forget: int = 16
+    """Forget prompts (target domain, unlearn split) per run: refusals kept or candidates (``forget_size``)."""
+    forget_size: str = "kept"
+    """What ``n_forget`` counts (``UnlearnConfig.forget_size``): ``kept`` draws candidates until that many
+    base refusals are kept, so the targets' forget sets are equal in size (C3 compares them); a target
+    whose unlearn split holds fewer refusals gets a smaller set, with a warning, and the report says
+    so. ``candidates``: the set shrinks with the base refusal rate (cybersecurity kept 19 of 24,
+    safety 13 of 24 on the 0.5B model). SFT runs always count candidates."""
     n_retain_per_domain: int = 6
     """Retain prompts per retain domain (retain split)."""
     batch_size: int = 8
@@ -103,6 +109,8 @@ class StudyConfig(JsonConfig):
             raise ValueError(f"operating_level must be in (0, 1) or None, got {self.operating_level}")
         if self.trajectory_every < 1:
             raise ValueError("trajectory_every must be >= 1")
+        if self.forget_size not in ("candidates", "kept"):
+            raise ValueError(f"StudyConfig.forget_size: must be 'candidates' or 'kept', got {self.forget_size!r}")
         if self.judged_seeds is not None and self.judged_seeds < 1:
             raise ValueError("judged_seeds must be >= 1 (or None for every seed)")
         from interp.batching import check_batch_size

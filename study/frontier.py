@@ -25,7 +25,7 @@ import numpy as np
 
 from study.trajectory import Trajectory
 
-__all__ = ["crossing", "Condition", "at_level", "matched_difference", "spread_slope", "selectivity",
+__all__ = ["RULES", "crossing", "Condition", "at_level", "matched_difference", "spread_slope", "selectivity",
            "recovery", "curves"]
 
 
@@ -82,9 +82,16 @@ class Condition:
         return np.asarray([[np.nan if v is None else v for v in t.kl] for t in self.runs], dtype=np.float64)
 
 
+RULES = ("first", "best")
+"""Where a seed's trajectory is read at a level: ``first`` the first crossing (interpolated);
+``best`` the frontier's envelope, the highest untouched refusal among the crossing and every later
+scored point whose target refusal is still at or below the level (credits a counter-term that
+restores untouched refusal after the target is forgotten)."""
+
+
 def _seed_values(target: np.ndarray, others: list[np.ndarray], level: float,
-                 extra: np.ndarray | None = None) -> tuple[list[float], list[float], float]:
-    """Per seed: the untouched mean (and ``extra``) at the target's crossing of ``level``.
+                 extra: np.ndarray | None = None, rule: str = "first") -> tuple[list[float], list[float], float]:
+    """Per seed: the untouched mean (and ``extra``) where the target is read at ``level`` (``rule``).
 
     ``target``: seeds × steps (mean over its prompts); ``others``: each seeds × steps."""
     untouched = np.mean(others, axis=0)  # seeds × steps
@@ -93,10 +100,20 @@ def _seed_values(target: np.ndarray, others: list[np.ndarray], level: float,
         c = crossing(target[s], level)
         if c is None:
             continue
-        vals.append(_interp(untouched[s], c))
+        points = [(_interp(untouched[s], c), c)]
+        if rule == "best":
+            points += [(float(untouched[s][j]), (j, 1.0)) for j in range(c[0] + 1, target.shape[1])
+                       if target[s][j] <= level]
+        value, where = max(points, key=lambda p: p[0])
+        vals.append(value)
         if extra is not None:
-            extras.append(_interp(extra[s], c))
+            extras.append(_interp(extra[s], where))
     return vals, extras, float(target.min())
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown reading rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
 def _resampled(cond: Condition, domains: Sequence[str], rows: np.ndarray, cols: dict[str, np.ndarray]):
@@ -105,20 +122,23 @@ def _resampled(cond: Condition, domains: Sequence[str], rows: np.ndarray, cols: 
     return target, others
 
 
-def at_level(cond: Condition, domains: Sequence[str], level: float, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Untouched refusal of ``cond`` (mean over ``domains``) at matched target refusal ``level``.
+def at_level(cond: Condition, domains: Sequence[str], level: float, n_boot: int = 2000, seed: int = 0,
+             rule: str = "first") -> dict:
+    """Untouched refusal of ``cond`` (mean over ``domains``) at matched target refusal ``level``, each
+    seed read by ``rule`` (:data:`RULES`).
 
     Returns ``value`` (mean over the seeds that reach the level), its CI, ``drop`` from the base
     (step 0) with CI, the KL to base at the crossing, ``reached`` (seeds that got there of all), and
     ``closest`` (the lowest target refusal seen) when none did.
     """
+    _check_rule(rule)
     domains = [d for d in domains if d != cond.target]
     n_seeds = len(cond.runs)
     full = {d: np.arange(cond.stack(d).shape[2]) for d in (*domains, cond.target)}
     target, others = _resampled(cond, domains, np.arange(n_seeds), full)
     base = float(np.mean([o[:, 0].mean() for o in others]))
-    vals, kls, closest = _seed_values(target, others, level, cond.kl())
-    out = {"level": level, "base_untouched": base, "reached": len(vals), "n_seeds": n_seeds,
+    vals, kls, closest = _seed_values(target, others, level, cond.kl(), rule)
+    out = {"level": level, "rule": rule, "base_untouched": base, "reached": len(vals), "n_seeds": n_seeds,
            "base_target": float(target[:, 0].mean())}
     notes = []
     if out["base_target"] <= level:
@@ -135,7 +155,7 @@ def at_level(cond: Condition, domains: Sequence[str], level: float, n_boot: int 
     for _ in range(n_boot):
         rows = rng.integers(0, n_seeds, n_seeds)
         cols = {d: rng.integers(0, len(ix), len(ix)) for d, ix in full.items()}
-        v, _, _ = _seed_values(*_resampled(cond, domains, rows, cols), level)
+        v, _, _ = _seed_values(*_resampled(cond, domains, rows, cols), level, rule=rule)
         if v:
             boots.append((float(np.mean(v)), float(np.mean([cond.stack(d)[rows][:, 0][:, cols[d]].mean()
                                                              for d in domains]))))
@@ -151,13 +171,15 @@ def at_level(cond: Condition, domains: Sequence[str], level: float, n_boot: int 
 
 
 def matched_difference(first: Condition, second: Condition, domains: Sequence[str], level: float,
-                       n_boot: int = 2000, seed: int = 0) -> dict:
+                       n_boot: int = 2000, seed: int = 0, rule: str = "first") -> dict:
     """Untouched refusal of ``first`` minus ``second`` at matched target refusal ``level``, over the
     ``domains`` untouched by both, paired: seed k with seed k, the same prompt draws for both.
 
     With different targets (C3) each condition's crossing is found on its own target's curve; the
-    untouched domains and their prompts are shared. Positive: ``first`` keeps more refusal.
+    untouched domains and their prompts are shared. Positive: ``first`` keeps more refusal. Both are
+    read by ``rule`` (:data:`RULES`).
     """
+    _check_rule(rule)
     domains = [d for d in domains if d not in (first.target, second.target)]
     n = min(len(first.runs), len(second.runs))
     if n < len(first.runs) or n < len(second.runs):
@@ -166,9 +188,9 @@ def matched_difference(first: Condition, second: Condition, domains: Sequence[st
     names = list(dict.fromkeys((*domains, first.target, second.target)))
     sizes = {d: first.stack(d).shape[2] for d in names}
     full = {d: np.arange(k) for d, k in sizes.items()}
-    va, _, _ = _seed_values(*_resampled(first, domains, np.arange(n), full), level)
-    vb, _, _ = _seed_values(*_resampled(second, domains, np.arange(n), full), level)
-    out = {"level": level, "domains": domains, "n_seeds": n, "reached": [len(va), len(vb)]}
+    va, _, _ = _seed_values(*_resampled(first, domains, np.arange(n), full), level, rule=rule)
+    vb, _, _ = _seed_values(*_resampled(second, domains, np.arange(n), full), level, rule=rule)
+    out = {"level": level, "rule": rule, "domains": domains, "n_seeds": n, "reached": [len(va), len(vb)]}
     if not va or not vb:
         return {**out, "difference": None, "ci": None,
                 "note": "not reached by " + " and ".join(c.name for c, v in ((first, va), (second, vb)) if not v)}
@@ -177,8 +199,8 @@ def matched_difference(first: Condition, second: Condition, domains: Sequence[st
     for _ in range(n_boot):
         rows = rng.integers(0, n, n)
         cols = {d: rng.integers(0, k, k) for d, k in sizes.items()}
-        a, _, _ = _seed_values(*_resampled(first, domains, rows, cols), level)
-        b, _, _ = _seed_values(*_resampled(second, domains, rows, cols), level)
+        a, _, _ = _seed_values(*_resampled(first, domains, rows, cols), level, rule=rule)
+        b, _, _ = _seed_values(*_resampled(second, domains, rows, cols), level, rule=rule)
         if a and b:
             boots.append(np.mean(a) - np.mean(b))
     diff = float(np.mean(va) - np.mean(vb))
@@ -220,12 +242,12 @@ def selectivity(cond: Condition, domains: Sequence[str], levels: Sequence[float]
 
 
 def recovery(retain: Condition, npo: Condition, domains: Sequence[str], level: float, bar: float = 0.5,
-             n_boot: int = 2000) -> dict:
+             n_boot: int = 2000, rule: str = "first") -> dict:
     """How much of NPO's untouched drop a counter-term keeps, at matched target refusal: the paired
     difference (retain − NPO) over NPO's drop from base; ``passes`` when it is at least ``bar`` and
-    the difference's CI is above zero."""
-    diff = matched_difference(retain, npo, domains, level, n_boot)
-    drop = at_level(npo, domains, level, n_boot=0)["drop"]
+    the difference's CI is above zero. Both conditions are read by ``rule``, NPO's drop too."""
+    diff = matched_difference(retain, npo, domains, level, n_boot, rule=rule)
+    drop = at_level(npo, domains, level, n_boot=0, rule=rule)["drop"]
     rec = diff["difference"] / drop if diff["difference"] is not None and drop and drop > 0 else None
     return {**diff, "npo_drop": drop, "recovery": rec,
             "passes": rec is not None and rec >= bar and diff["ci"] is not None and diff["ci"][0] > 0}

@@ -12,6 +12,7 @@ interpolated at matched levels (:mod:`study.frontier`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from evals.suite import DOMAINS, load_prompts
 from study.conditions import evaluate_sets
 from study.core import Study
 
-__all__ = ["Trajectory", "trajectory_sets", "refusal_probability", "trajectory", "trajectory_runs"]
+__all__ = ["Trajectory", "trajectory_sets", "refusal_probability", "trajectory", "trajectory_runs", "forget_sizes"]
 
 
 @dataclass
@@ -116,4 +117,17 @@ def trajectory_runs(study: Study, target: str, method: str = "npo", retain_domai
         run = study.unlearn(target, method, retain_domains, seed=seed, steps=cfg.trajectory_steps,
                             snapshot_every=study.snapshot_every, **unlearn_kwargs)
         out.append(trajectory(study, run, sets, f"{name}-s{seed}", every=cfg.trajectory_every))
+    return out
+
+
+def forget_sizes(runs: list[Trajectory]) -> list[int | None]:
+    """Each run's forget-set size (refusals kept, from the run's ``data_manifest.json``; ``None`` when
+    the run directory does not record one)."""
+    out = []
+    for t in runs:
+        path = Path(t.run) / "data_manifest.json"
+        try:
+            out.append(int(json.loads(path.read_text())["forget"]["kept"]))
+        except (OSError, KeyError, TypeError, ValueError):
+            out.append(None)
     return out

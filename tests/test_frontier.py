@@ -119,3 +119,22 @@ def test_matched_difference_interval_does_not_follow_the_hash_seed():
     outs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(outs) == 1 and outs.pop().startswith("[-")
+
+
+def test_best_rule_reads_the_envelope_after_the_crossing_and_ignores_points_above_the_level():
+    # Target crosses 0.4 halfway between steps 4 and 8 (untouched 0.25 there), stays below it at step 8
+    # (untouched 0.2) but rebounds above it at step 12, where untouched is highest (0.6): that point
+    # is not at matched forgetting. A recovery after the crossing (a run that stays low) is credited.
+    rebound = [_traj("safety", [0.8, 0.6, 0.2, 0.5], [0.7, 0.3, 0.2, 0.6], seed=s) for s in range(3)]
+    recover = [_traj("safety", [0.8, 0.6, 0.2, 0.1], [0.7, 0.3, 0.2, 0.45], seed=s) for s in range(3)]
+    first = at_level(Condition("a", "safety", rebound), DOMAINS, 0.4, n_boot=0)
+    best_rebound = at_level(Condition("a", "safety", rebound), DOMAINS, 0.4, n_boot=0, rule="best")
+    best_recover = at_level(Condition("b", "safety", recover), DOMAINS, 0.4, n_boot=0, rule="best")
+    assert first["value"] == pytest.approx(0.25)
+    assert best_rebound["value"] == pytest.approx(0.25)
+    assert best_recover["value"] == pytest.approx(0.45) and best_recover["kl"] == pytest.approx(0.3)
+    diff = matched_difference(Condition("b", "safety", recover), Condition("a", "safety", rebound), DOMAINS, 0.4,
+                              n_boot=50, rule="best")
+    assert diff["difference"] == pytest.approx(0.2) and diff["rule"] == "best"
+    with pytest.raises(ValueError, match="reading rule"):
+        at_level(Condition("a", "safety", rebound), DOMAINS, 0.4, rule="last")

@@ -248,3 +248,32 @@ def test_batch_order_is_seeded_and_covers_epochs():
     assert batch_order(n, bs, 4, seed=5) == batch_order(n, bs, 4, seed=5)
     assert [batch_order(n, bs, s, 5) for s in range(3)] != [batch_order(n, bs, s, 6) for s in range(3)]
     assert len(batch_order(2, 5, 0, 0)) == 5  # batch larger than the set wraps into the next epoch
+
+
+def _refuses_every_third(prompts, responses):
+    """A per-prompt judge (its label depends on the prompt, not on its position in a call)."""
+    order = {p.text: i for i, p in enumerate(load_prompts("cybersecurity", "unlearn"))}
+    return ["refusal" if order[p] % 3 == 0 else "compliance" for p in prompts]
+
+
+def test_forget_set_of_kept_size_draws_until_n_refusals(tiny_qwen, cache):
+    split = load_prompts("cybersecurity", "unlearn")
+    ds = build_forget_set(tiny_qwen, "cybersecurity", 4, _refuses_every_third, max_new_tokens=4, batch_size=2,
+                          cache_dir=cache, progress=False, size="kept")
+    assert ds.prompt_ids == [p.id for p in split[0::3][:4]]  # the first four refusals in split order
+    assert ds.manifest["kept"] == 4 and ds.manifest["size"] == "kept"
+    assert ds.manifest["candidates"] >= 10  # refusals sit at 0, 3, 6, 9: at least ten candidates were drawn
+    again = build_forget_set(tiny_qwen, "cybersecurity", 4, _refuses_every_third, max_new_tokens=4, batch_size=2,
+                             cache_dir=cache, progress=False, size="kept")
+    assert again.prompt_ids == ds.prompt_ids and again.manifest["from_cache"]
+
+
+def test_forget_set_of_kept_size_reports_a_short_split(tiny_qwen, cache, caplog):
+    n_refusals = len(load_prompts("cybersecurity", "unlearn")[0::3])
+    with caplog.at_level("WARNING"):
+        ds = build_forget_set(tiny_qwen, "cybersecurity", n_refusals + 5, _refuses_every_third, max_new_tokens=4,
+                              batch_size=8, cache_dir=cache, progress=False, size="kept")
+    assert len(ds) == n_refusals and ds.manifest["kept"] == n_refusals
+    assert "fewer than the" in caplog.text
+    with pytest.raises(ValueError, match="forget set size"):
+        build_forget_set(tiny_qwen, "cybersecurity", 4, _refuses_every_third, size="refusals", cache_dir=cache)

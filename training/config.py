@@ -43,7 +43,7 @@ RESUME_EXEMPT_FIELDS = ("output_dir", "checkpoint_every", "gradient_checkpointin
 # their defaults, so every existing run keeps its id.
 _OMITTED_AT_DEFAULT = ("gradient_checkpointing", "snapshot_every", "retain_weighting", "repr_layers", "repr_distance",
                        "retain_direction", "concept_gate", "gate_vector", "gate_layer", "gate_bias",
-                       "gate_temperature")
+                       "gate_temperature", "forget_size")
 
 
 @dataclass
@@ -111,7 +111,10 @@ class UnlearnConfig(JsonConfig):
     include_benign: int = 0
     """Number of benign prompts (with the model's own answers) added to the retain set."""
     n_forget: int = 32
-    """Candidate forget prompts (before the judge drops non-refusals)."""
+    """Forget prompts: candidates before the judge drops non-refusals, or refusals kept (``forget_size``)."""
+    forget_size: str = "candidates"
+    """What ``n_forget`` counts: ``candidates`` (the set shrinks with the model's refusal rate) or ``kept``
+    (candidates are drawn until ``n_forget`` refusals are kept: equal-size sets across targets)."""
     n_retain_per_domain: int = 8
     """Candidate retain prompts per retain domain (before the judge drops non-refusals)."""
     steps: int = 10
@@ -225,6 +228,10 @@ class UnlearnConfig(JsonConfig):
             bad("retain_mode", f"the {self.retain_mode} retain term needs the reference policy, i.e. a LoRA adapter "
                 "to disable; use retain_mode 'ce' for full fine-tuning")
         self._validate_containment(bad)
+        if self.forget_size not in ("candidates", "kept"):
+            bad("forget_size", f"must be 'candidates' or 'kept', got {self.forget_size!r}")
+        if self.forget_size == "kept" and self.method == "sft":
+            bad("forget_size", "'kept' counts the model's refusals; method sft trains on compliances, use 'candidates'")
         if self.scheduler not in SCHEDULERS:
             bad("scheduler", f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.dtype not in DTYPES:

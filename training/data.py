@@ -91,7 +91,7 @@ def build_data(
                                       max_new_tokens=cfg.max_new_tokens, progress=progress)
     else:
         forget = build_forget_set(lm, cfg.target_domains, cfg.n_forget, judge,
-                                  max_new_tokens=cfg.max_new_tokens, progress=progress)
+                                  max_new_tokens=cfg.max_new_tokens, progress=progress, size=cfg.forget_size)
     retain = None
     if cfg.needs_retain_data:
         retain = build_retain_set(lm, cfg.resolved_retain_domains, cfg.n_retain_per_domain, judge,
