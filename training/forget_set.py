@@ -5,18 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals.suite import check_domain
 from interp.loading import LoadedModel
 from training.dataset import DataSet
-from training.responses import (
-    REFUSAL,
-    JudgeLike,
-    empty_set_error,
-    generate_cached,
-    keep_judged,
-    set_manifest,
-    suite_candidates,
-)
+from training.responses import REFUSAL, JudgeLike, checked_domains, judged_unlearn_set
 
 __all__ = ["build_forget_set"]
 
@@ -42,15 +33,6 @@ def build_forget_set(
     Raises:
         EmptyDataError: No response was judged a refusal; the message gives the counts.
     """
-    domains = (domains,) if isinstance(domains, str) else tuple(domains)
-    for d in domains:
-        check_domain(d, allow_extra=False)
-    cands, _ = suite_candidates(domains, "unlearn", n)
     gen = {"max_new_tokens": max_new_tokens, "kind": "own"}
-    responses, cached = generate_cached(lm, cands, gen, cache_dir, batch_size, progress)
-    kept, dropped, reasons = keep_judged(cands, responses, judge, REFUSAL, lm)
-    manifest = set_manifest("forget", n, cands, kept, dropped, reasons, cached, gen, domains=list(domains),
-                         split="unlearn")
-    if not kept:
-        raise empty_set_error("forget", manifest, REFUSAL)
-    return DataSet(kept, manifest)
+    return judged_unlearn_set(lm, "forget", checked_domains(domains), n, judge, REFUSAL, gen, cache_dir, batch_size,
+                              progress)
