@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import rankdata
 
-from evals.stats import _CHUNK, EXACT_MAX, MIN_N, _as_pair, _pearson_rows
+from evals.stats import CHUNK, EXACT_MAX, MIN_N, finite_pairs, pearson_rows
 
 __all__ = ["GroupedCorrelation", "partial_correlation", "within_group_permutations", "grouped_correlation", "split_half", "spearman_brown"]
 
@@ -61,13 +61,13 @@ def _partial_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray | None) -> np.ndar
     """Pearson correlation of each row of ``x`` and ``y`` after regressing ``z`` out of both; NaN
     where a residual vanishes (the covariates explain a variable entirely)."""
     if z is None or z.shape[-1] == 0:
-        return _pearson_rows(x, y)
+        return pearson_rows(x, y)
     m = _residual_maker(z)
     rx = np.einsum("...ij,...j->...i", m, x)
     ry = np.einsum("...ij,...j->...i", m, y)
     tiny = 1e-9 * np.maximum(np.abs(x).max(-1), np.abs(y).max(-1)) + 1e-300
     dead = (np.abs(rx).max(-1) < tiny) | (np.abs(ry).max(-1) < tiny)
-    return np.where(dead, np.nan, _pearson_rows(rx, ry))
+    return np.where(dead, np.nan, pearson_rows(rx, ry))
 
 
 def _covariates(covariates: ArrayLike | None, n: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def partial_correlation(x: ArrayLike, y: ArrayLike, covariates: ArrayLike | None
     ranked first). Without covariates it is the plain correlation. NaN when undefined."""
     if method not in ("spearman", "pearson"):
         raise ValueError(f"method must be spearman or pearson, got {method!r}")
-    x, y = _as_pair(x, y)
+    x, y = finite_pairs(x, y)
     z = _covariates(covariates, x.size)
     if method == "spearman":
         x, y, z = _ranks(x), _ranks(y), _ranks(z.T).T if z.size else z
@@ -170,15 +170,15 @@ def grouped_correlation(
     hits = 0
     resid = _residual_maker(zr) if q else np.eye(n)
     ex = resid @ rx
-    for start in range(0, len(perms), _CHUNK):
-        ey = ry[perms[start:start + _CHUNK]] @ resid.T
-        hits += int((np.abs(_pearson_rows(ex[None], ey)) >= abs(r) - 1e-12).sum())
+    for start in range(0, len(perms), CHUNK):
+        ey = ry[perms[start:start + CHUNK]] @ resid.T
+        hits += int((np.abs(pearson_rows(ex[None], ey)) >= abs(r) - 1e-12).sum())
     p = hits / len(perms) if exact else (1 + hits) / (1 + len(perms))
     rng = np.random.default_rng(seed + 1)
     boots = []
     members = [np.flatnonzero(g == label) for label in dict.fromkeys(g.tolist())]
-    for start in range(0, n_boot, _CHUNK):
-        m = min(_CHUNK, n_boot - start)
+    for start in range(0, n_boot, CHUNK):
+        m = min(CHUNK, n_boot - start)
         idx = np.concatenate([rng.choice(mem, size=(m, mem.size)) for mem in members], axis=1)
         zb = z[idx]  # m n q
         zb = np.stack([rank(zb[..., k]) for k in range(q)], -1) if q else None

@@ -22,6 +22,9 @@ from evals.evaluate import bootstrap_ci as _bootstrap_ci
 __all__ = [
     "MIN_N",
     "EXACT_MAX",
+    "CHUNK",
+    "pearson_rows",
+    "finite_pairs",
     "CorrelationResult",
     "PairedResult",
     "correlate",
@@ -39,7 +42,8 @@ MIN_N = 4
 EXACT_MAX = 20000
 """Permutation tests enumerate every permutation when there are at most this many."""
 
-_CHUNK = 2048  # resamples per vectorised block: bounds memory at _CHUNK × n floats
+CHUNK = 2048
+"""Resamples per vectorised block: bounds memory at ``CHUNK × n`` floats."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class PairedResult:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray | np.floating:
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray | np.floating:
     """Pearson correlation of each row of ``x`` with the matching row of ``y`` (broadcasting)."""
     xc = x - x.mean(-1, keepdims=True)
     yc = y - y.mean(-1, keepdims=True)
@@ -97,7 +101,12 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray | np.floating:
         return np.clip(num / den, -1.0, 1.0)
 
 
-def _as_pair(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def finite_pairs(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` flattened to float64, keeping the pairs where both are finite.
+
+    Raises:
+        ValueError: ``x`` and ``y`` differ in length.
+    """
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
@@ -110,9 +119,9 @@ def _perm_p(stat: float, x: np.ndarray, y: np.ndarray, n_perm: int, rng: np.rand
     hits = 0
     done = 0
     while done < n_perm:
-        m = min(_CHUNK, n_perm - done)
+        m = min(CHUNK, n_perm - done)
         idx = rng.permuted(np.broadcast_to(np.arange(y.size), (m, y.size)), axis=1)
-        hits += int((np.abs(_pearson_rows(x[None], y[idx])) >= abs(stat) - 1e-12).sum())
+        hits += int((np.abs(pearson_rows(x[None], y[idx])) >= abs(stat) - 1e-12).sum())
         done += m
     return (1 + hits) / (1 + n_perm)
 
@@ -132,7 +141,7 @@ def correlate(
     """
     if n_perm < 1 or n_boot < 1:
         raise ValueError(f"n_perm and n_boot must be >= 1, got {n_perm} and {n_boot}")
-    x, y = _as_pair(x, y)
+    x, y = finite_pairs(x, y)
     n = int(x.size)
     nan = float("nan")
 
@@ -145,16 +154,16 @@ def correlate(
         return empty("one variable is constant; the correlation is undefined")
     rng = np.random.default_rng(seed)
     rx, ry = rankdata(x), rankdata(y)
-    rho = float(_pearson_rows(rx, ry))
-    r = float(_pearson_rows(x, y))
+    rho = float(pearson_rows(rx, ry))
+    r = float(pearson_rows(x, y))
     p_rho = _perm_p(rho, rx, ry, n_perm, rng)
     p_r = _perm_p(r, x, y, n_perm, rng)
     boots = []
     done = 0
     while done < n_boot:
-        m = min(_CHUNK, n_boot - done)
+        m = min(CHUNK, n_boot - done)
         idx = rng.integers(0, n, size=(m, n))
-        boots.append(_pearson_rows(rankdata(x[idx], axis=1), rankdata(y[idx], axis=1)))
+        boots.append(pearson_rows(rankdata(x[idx], axis=1), rankdata(y[idx], axis=1)))
         done += m
     b = np.concatenate(boots)
     b = b[np.isfinite(b)]  # a resample with a constant column has no correlation
@@ -174,7 +183,7 @@ def bootstrap_ci(
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     x = x[np.isfinite(x)]
-    return _bootstrap_ci(x, n_boot, seed, alpha, chunk=_CHUNK * max(1, x.size), stat=stat)
+    return _bootstrap_ci(x, n_boot, seed, alpha, chunk=CHUNK * max(1, x.size), stat=stat)
 
 
 def cluster_bootstrap_ci(
@@ -202,7 +211,7 @@ def cluster_bootstrap_ci(
     ok = np.isfinite(x)
     filled = np.where(ok, x, 0.0)
     stats = np.empty(n_boot)
-    step = max(1, _CHUNK * 64 // max(1, n_s * n_p))
+    step = max(1, CHUNK * 64 // max(1, n_s * n_p))
     for start in range(0, n_boot, step):
         m = min(step, n_boot - start)
         rows = rng.integers(0, n_s, size=(m, n_s))
@@ -259,7 +268,7 @@ def paired_test(
 ) -> PairedResult:
     """Is ``a`` different from ``b``, pair by pair? Sign-flip permutation test of the mean
     difference, exact sign test, and a bootstrap CI of the mean difference."""
-    a, b = _as_pair(a, b)
+    a, b = finite_pairs(a, b)
     d = a - b
     n = int(d.size)
     n_pos, n_neg = int((d > 0).sum()), int((d < 0).sum())
@@ -271,7 +280,7 @@ def paired_test(
     hits = 0
     done = 0
     while done < n_perm:
-        m = min(_CHUNK, n_perm - done)
+        m = min(CHUNK, n_perm - done)
         signs = rng.choice(np.array([-1.0, 1.0]), size=(m, n))
         hits += int((np.abs((signs * d).mean(1)) >= obs - 1e-12).sum())
         done += m

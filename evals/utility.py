@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.chat import format_prompts, iter_batches
-from interp.loading import LoadedModel, adapter_disabled
+from interp.loading import LoadedModel, adapter_disabled, hook_state
 
 __all__ = ["kl_to_base", "carries_adapter"]
 
@@ -82,7 +82,7 @@ def kl_to_base(
     # (every snapshot of a trajectory): computed once and reused while the same hooks are in place
     # (an intervention's hook is a new registration, hence a new key).
     key = (lm.weights_id, str(next(lm.model.parameters()).dtype), tuple(texts), n_tokens, batch_size,
-           max_prompt_tokens, _hooks(lm))
+           max_prompt_tokens, hook_state(lm.model))
     with _unmerged(lm):
         for k, batch in enumerate(iter_batches(tok, texts, batch_size, max_prompt_tokens)):
             out[torch.as_tensor(batch.index)] = _batch_kl(lm, batch, n_tokens, None if key is None else (*key, k))
@@ -91,12 +91,6 @@ def kl_to_base(
 
 _BASE_OPENINGS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 _MAX_CACHED = 4  # batches (a benign row of 24 prompts is 2 at the default batch size; ~75 MB each)
-
-
-def _hooks(lm: LoadedModel) -> tuple:
-    """The forward hooks in place (each registration has its own id): part of what the base answers."""
-    return tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in lm.model.modules()
-                 if m._forward_hooks or m._forward_pre_hooks)
 
 
 def _base_opening(lm: LoadedModel, ids: Tensor, mask: Tensor, n_tokens: int, key: tuple | None

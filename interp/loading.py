@@ -17,7 +17,7 @@ from interp.adapter import family_of, spec_of
 from interp.io import config_hash
 from interp.registry import DEFAULT_MODEL, EMBEDDED_MODELS, fetch_embedded
 
-__all__ = ["LoadedModel", "load_model", "check_model_source", "state_id", "adapter_disabled", "resolve_dtype",
+__all__ = ["LoadedModel", "load_model", "check_model_source", "state_id", "hook_state", "adapter_disabled", "resolve_dtype",
            "resolve_device", "ModelLoadError", "position_ids_from_mask", "DeviceUnavailableError", "offloaded_layers",
            "default_attn_implementation"]
 
@@ -281,6 +281,14 @@ def state_id(lm: LoadedModel) -> str:
     """Identifies the *current* weights: base weights plus the active adapter, if any."""
     adapter = lm.extra.get("adapter_id")
     return f"{lm.weights_id}+{adapter}" if adapter else lm.weights_id
+
+
+def hook_state(model: nn.Module) -> tuple:
+    """The forward (pre-)hooks in place on ``model``'s modules, as a hashable key: with :func:`state_id`,
+    what a cache of model outputs is keyed on. Every registration has its own handle id, so an
+    intervention's hook makes a new key."""
+    return tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules()
+                 if m._forward_hooks or m._forward_pre_hooks)
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interp.chat import Batch, format_prompts
-from interp.loading import LoadedModel, position_ids_from_mask, state_id
+from interp.loading import LoadedModel, hook_state, position_ids_from_mask, state_id
 
 __all__ = ["PREFIX_CACHE_ENV", "prefix_cache_enabled", "shared_prefix_ids", "PrefixKV", "build_prefix",
            "PrefixedBatch", "split_prefix", "prefixed_inputs"]
@@ -91,11 +91,6 @@ def sliding_window(model) -> int | None:
     return int(window)
 
 
-def _hooks(model) -> tuple:
-    return tuple((id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules()
-                 if m._forward_hooks or m._forward_pre_hooks)
-
-
 @torch.inference_mode()
 def build_prefix(lm: LoadedModel, system: str | None = None, raw: bool = False,
                  model: torch.nn.Module | None = None) -> PrefixKV | None:
@@ -113,7 +108,7 @@ def build_prefix(lm: LoadedModel, system: str | None = None, raw: bool = False,
     out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
     if getattr(out, "past_key_values", None) is None:
         return None
-    key = (state_id(lm), _hooks(lm.model), lm.model.training, system, raw)
+    key = (state_id(lm), hook_state(lm.model), lm.model.training, system, raw)
     return PrefixKV(ids, out.past_key_values, key)
 
 

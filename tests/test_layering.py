@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("interp", "evals", "study", "probes", "training")
+MAX_MODULE_LINES = 400
+"""A library module longer than this holds more than one concept and is split by concept (issue #19)."""
 APP = ("experiments", "figures", "emalab", "benchmarks", "tests")
 
 
@@ -59,6 +61,12 @@ def test_library_modules_declare_all():
     missing = [str(p.relative_to(ROOT)) for p in _py_files(*LIBRARY)
                if p.name != "__init__.py" and "__all__" not in p.read_text(encoding="utf-8")]
     assert not missing, f"library modules without __all__: {missing}"
+
+
+def test_library_modules_stay_small():
+    long = {str(p.relative_to(ROOT)): n for p in _py_files(*LIBRARY)
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"library modules over {MAX_MODULE_LINES} lines (split them by concept): {long}"
 
 
 def _module_level_imports(path: Path) -> set[str]:

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import training.loop
 import training.trainer as trainer_mod
 from interp.adapter import site_hook, unembed_module
 from training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
@@ -101,7 +102,7 @@ def test_finished_run_is_reused(tiny_qwen, tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished run must not be retrained")
 
-    monkeypatch.setattr(trainer_mod, "train_step", no_training)
+    monkeypatch.setattr(training.loop, "train_step", no_training)
     fresh = make_tiny_loaded("qwen2")
     again = unlearn(fresh, cfg, tmp_path / "run", progress=False, data=tiny_data())
     assert again.adapter_id == first.adapter_id == fresh.extra["adapter_id"]

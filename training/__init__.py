@@ -7,7 +7,8 @@ Modules: ``losses`` (pure objectives), ``data`` (the sets a config asks for; re-
 adapters), ``checkpoint`` (atomic, resumable), ``containment`` (representation / direction retain
 terms, per-token retain weight, the concept-gated adapter), ``step`` (one training step),
 ``reference`` (NPO's cached reference log-probs), ``run_files`` (metrics, resume checks, snapshots,
-the result), ``distributed`` (data parallelism), ``trainer`` (the loop: ``unlearn``).
+the result), ``distributed`` (data parallelism), ``loop`` (the optimisation loop) and ``trainer`` (setting a run
+up: ``unlearn``).
 """
 
 from training.config import UnlearnConfig

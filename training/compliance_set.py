@@ -7,18 +7,9 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from evals.suite import check_domain
 from interp.loading import LoadedModel
 from training.dataset import DataSet
-from training.responses import (
-    COMPLIANCE,
-    JudgeLike,
-    empty_set_error,
-    generate_cached,
-    keep_judged,
-    set_manifest,
-    suite_candidates,
-)
+from training.responses import COMPLIANCE, JudgeLike, checked_domains, judged_unlearn_set
 
 __all__ = ["build_compliance_set"]
 
@@ -43,17 +34,9 @@ def build_compliance_set(
             restores it on exit.
         ablation_id: identifies the ablation (e.g. a direction hash) for the generation cache key.
     """
-    domains = (domains,) if isinstance(domains, str) else tuple(domains)
-    for d in domains:
-        check_domain(d, allow_extra=False)
+    domains = checked_domains(domains)
     if not callable(ablation_ctx):
         raise TypeError("ablation_ctx must be a zero-argument callable returning a context manager")
-    cands, _ = suite_candidates(domains, "unlearn", n)
     gen = {"max_new_tokens": max_new_tokens, "kind": "ablated", "ablation": str(ablation_id)}
-    responses, cached = generate_cached(lm, cands, gen, cache_dir, batch_size, progress, context=ablation_ctx)
-    kept, dropped, reasons = keep_judged(cands, responses, judge, COMPLIANCE, lm)
-    manifest = set_manifest("compliance", n, cands, kept, dropped, reasons, cached, gen, domains=list(domains),
-                         split="unlearn")
-    if not kept:
-        raise empty_set_error("compliance", manifest, COMPLIANCE)
-    return DataSet(kept, manifest)
+    return judged_unlearn_set(lm, "compliance", domains, n, judge, COMPLIANCE, gen, cache_dir, batch_size, progress,
+                              context=ablation_ctx)

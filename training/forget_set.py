@@ -7,14 +7,15 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals.suite import check_domain
 from interp.loading import LoadedModel
 from training.dataset import DataSet
 from training.responses import (
     REFUSAL,
     JudgeLike,
+    checked_domains,
     empty_set_error,
     generate_cached,
+    judged_unlearn_set,
     keep_judged,
     set_manifest,
     suite_candidates,
@@ -55,21 +56,16 @@ def build_forget_set(
     Raises:
         EmptyDataError: No response was judged a refusal; the message gives the counts.
     """
-    domains = (domains,) if isinstance(domains, str) else tuple(domains)
-    for d in domains:
-        check_domain(d, allow_extra=False)
+    domains = checked_domains(domains)
     if size not in FORGET_SIZES:
         raise ValueError(f"forget set size must count one of {FORGET_SIZES}, got {size!r}")
     gen = {"max_new_tokens": max_new_tokens, "kind": "own"}
     if size == "candidates":
-        cands, _ = suite_candidates(domains, "unlearn", n)
-        responses, cached = generate_cached(lm, cands, gen, cache_dir, batch_size, progress)
-        kept, dropped, reasons = keep_judged(cands, responses, judge, REFUSAL, lm)
-    else:
-        cands, kept, dropped, reasons, cached = _draw_until_kept(lm, domains, n, judge, gen, cache_dir,
-                                                                 batch_size, progress)
+        return judged_unlearn_set(lm, "forget", domains, n, judge, REFUSAL, gen, cache_dir, batch_size, progress)
+    cands, kept, dropped, reasons, cached = _draw_until_kept(lm, domains, n, judge, gen, cache_dir, batch_size,
+                                                             progress)
     manifest = set_manifest("forget", n, cands, kept, dropped, reasons, cached, gen, domains=list(domains),
-                         split="unlearn", size=size)
+                            split="unlearn", size=size)
     if not kept:
         raise empty_set_error("forget", manifest, REFUSAL)
     return DataSet(kept, manifest)

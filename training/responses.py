@@ -12,17 +12,17 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from evals.judge import Judge, get_judge
-from evals.suite import EmptySplitError, SuitePrompt, load_prompts
+from evals.suite import EmptySplitError, SuitePrompt, check_domain, load_prompts
 from interp.generate import generate
 from interp.io import read_jsonl, write_jsonl
 from interp.loading import LoadedModel, state_id
 from interp.registry import cache_root
-from training.dataset import EmptyDataError, Example
+from training.dataset import DataSet, EmptyDataError, Example
 
 __all__ = [
     "REFUSAL",
@@ -37,6 +37,8 @@ __all__ = [
     "set_manifest",
     "empty_set_error",
     "suite_candidates",
+    "checked_domains",
+    "judged_unlearn_set",
 ]
 
 REFUSAL, COMPLIANCE = "refusal", "compliance"
@@ -116,11 +118,7 @@ def generate_cached(
         if [r["id"] for r in rows] == [p.id for p in prompts]:
             return [r["response"] for r in rows], True
     texts = [p.text for p in prompts]
-    if context is not None:
-        with context():
-            responses = generate(lm, texts, max_new_tokens=gen["max_new_tokens"], batch_size=batch_size,
-                                 progress=progress)
-    else:
+    with context() if context is not None else nullcontext():
         responses = generate(lm, texts, max_new_tokens=gen["max_new_tokens"], batch_size=batch_size,
                              progress=progress)
     write_jsonl(path, [{"id": p.id, "domain": p.domain, "response": r} for p, r in zip(prompts, responses, strict=True)])
@@ -192,3 +190,41 @@ def suite_candidates(domains: Sequence[str], split: str, n: int) -> tuple[list[S
             shortfall[d] = n
     cands = interleave(groups)[:n]
     return cands, shortfall
+
+
+def checked_domains(domains: str | Sequence[str]) -> tuple[str, ...]:
+    """``domains`` as a tuple, each checked to be a suite domain (extra domains not allowed)."""
+    domains = (domains,) if isinstance(domains, str) else tuple(domains)
+    for d in domains:
+        check_domain(d, allow_extra=False)
+    return domains
+
+
+def judged_unlearn_set(
+    lm: LoadedModel,
+    kind: str,
+    domains: Sequence[str],
+    n: int,
+    judge: JudgeLike,
+    want: str,
+    gen: dict[str, Any],
+    cache_dir: Path | None,
+    batch_size: int,
+    progress: bool,
+    context: Callable[[], AbstractContextManager] | None = None,
+) -> DataSet:
+    """``n`` ``unlearn``-split prompts round-robin over ``domains`` with the model's responses (generated
+    under ``context()`` when given, cached), kept where the judge says ``want``; the forget and the
+    compliance sets. ``kind`` names the set in its manifest and errors.
+
+    Raises:
+        EmptyDataError: no response was judged ``want``; the message gives the counts.
+    """
+    cands, _ = suite_candidates(domains, "unlearn", n)
+    responses, cached = generate_cached(lm, cands, gen, cache_dir, batch_size, progress, context=context)
+    kept, dropped, reasons = keep_judged(cands, responses, judge, want, lm)
+    manifest = set_manifest(kind, n, cands, kept, dropped, reasons, cached, gen, domains=list(domains),
+                            split="unlearn")
+    if not kept:
+        raise empty_set_error(kind, manifest, want)
+    return DataSet(kept, manifest)

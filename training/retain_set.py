@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evals.suite import DOMAINS, EmptySplitError, SuitePrompt, check_domain, load_prompts
+from evals.suite import DOMAINS, EmptySplitError, SuitePrompt, load_prompts
 from interp.loading import LoadedModel
 from training.dataset import DataSet
 from training.responses import (
     COMPLIANCE,
     REFUSAL,
     JudgeLike,
+    checked_domains,
     empty_set_error,
     generate_cached,
     keep_judged,
@@ -50,9 +51,7 @@ def build_retain_set(
         EmptyDataError: nothing survived judging.
     """
     targets = set(target_domains)
-    domains = tuple(d for d in DOMAINS if d not in targets) if domains is None else tuple(domains)
-    for d in domains:
-        check_domain(d, allow_extra=False)
+    domains = checked_domains(tuple(d for d in DOMAINS if d not in targets) if domains is None else tuple(domains))
     clash = sorted(targets & set(domains))
     if clash and not allow_targets:
         raise ValueError(f"retain domain(s) {clash} are also target domains; a domain cannot be both "
