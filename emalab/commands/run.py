@@ -15,8 +15,9 @@ def add_arguments(parser) -> None:
     from study import StudyConfig
 
     parser.add_argument("--preset", choices=["quick", "full"], default="quick",
-                        help="quick: one seed, 24 prompts per domain (measured 17 min on 2 CPU cores); "
-                             "full: 3 seeds, whole splits, adds H6 and H8 (hours on CPU)")
+                        help="quick: H1, H2, H13, H5, H7 with 3 training seeds (the first judged), 24 eval "
+                             "prompts per domain, 16-step trajectories (README: measured cost); full: every "
+                             "experiment, whole splits, the α × lr grid, seven targets (many hours on CPU)")
     parser.add_argument("--experiments", nargs="+", help="run only these experiment modules")
     parser.add_argument("--no-figures", action="store_true", help="skip figure generation")
     add_config_arguments(parser, StudyConfig)
