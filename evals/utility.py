@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.chat import format_prompts, iter_batches
+from interp.gating import gate_rows
 from interp.loading import LoadedModel, adapter_disabled
 
 __all__ = ["kl_to_base", "carries_adapter"]
@@ -94,9 +95,14 @@ _MAX_CACHED = 4  # batches (a benign row of 24 prompts is 2 at the default batch
 
 
 def _hooks(lm: LoadedModel) -> tuple:
-    """The forward hooks in place (each registration has its own id): part of what the base answers."""
-    return tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in lm.model.modules()
-                 if m._forward_hooks or m._forward_pre_hooks)
+    """The forward hooks in place (each registration has its own id): part of what the base answers.
+    Hooks that only run with the adapter on (a gate's LoRA scaling) do not change the base."""
+    out = []
+    for m in lm.model.modules():
+        fwd = tuple(k for k, fn in m._forward_hooks.items() if not getattr(fn, "adapter_only", False))
+        if fwd or m._forward_pre_hooks:
+            out.append((fwd, tuple(m._forward_pre_hooks)))
+    return tuple(out)
 
 
 def _base_opening(lm: LoadedModel, ids: Tensor, mask: Tensor, n_tokens: int, key: tuple | None
@@ -121,9 +127,10 @@ def _base_opening(lm: LoadedModel, ids: Tensor, mask: Tensor, n_tokens: int, key
 
 def _batch_kl(lm: LoadedModel, batch, n_tokens: int, key: tuple | None = None) -> Float[Tensor, " batch"]:
     ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
-    ids, mask, base = _base_opening(lm, ids, mask, n_tokens, key)
-    base = base.double()
-    # Positions -n-1 .. -2 predict the n opening tokens; the last one predicts beyond them.
-    adapted = _logprobs(lm, ids, mask, n_tokens + 1)[:, :-1]
+    with gate_rows(lm, ids, mask):  # a gated adapter: each row's gate is its prompt's, as in generation
+        ids, mask, base = _base_opening(lm, ids, mask, n_tokens, key)
+        base = base.double()
+        # Positions -n-1 .. -2 predict the n opening tokens; the last one predicts beyond them.
+        adapted = _logprobs(lm, ids, mask, n_tokens + 1)[:, :-1]
     kl = (base.exp() * (base - adapted)).sum(-1).clamp(min=0.0)
     return kl.mean(-1).cpu()

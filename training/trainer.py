@@ -12,7 +12,8 @@ computed once for the whole forget set and cached in the run directory. A run di
     metrics.jsonl          one row per step: loss, its components, diagnostics
     checkpoints/step-N/    latest resumable checkpoints (atomic)
     snapshots/step-N/      the adapter every ``snapshot_every`` steps and at the end (trajectories)
-    adapter/               the finished adapter, standard PEFT format + emalab_adapter.json
+    adapter/               the finished adapter, standard PEFT format + emalab_adapter.json (a gated
+                           run's adapters and snapshots also keep their gate: gate.safetensors)
     result.json            summary (steps, adapter id, seconds per step, peak RSS)
 
 Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the same loop runs data-parallel
@@ -53,7 +54,7 @@ from training.checkpoint import (
 )
 from training.collate import batch_order, collate_rows
 from training.config import UnlearnConfig
-from training.containment import Containment, calibrate_concept_gate
+from training.containment import Containment, calibrate_concept_gate, gate_files
 from training.data import JudgeLike, UnlearnData, build_data
 from training.distributed import DataParallel, check_parallel
 from training.lora import (
@@ -340,6 +341,7 @@ def _train(
         return path
 
     forward_model = dp.prepare(lm.model)
+    gate = containment.gate if containment is not None else None
     last_good = ckpt_path
     step_times: list[float] = []
     lm.model.train()
@@ -389,7 +391,7 @@ def _train(
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 last_good = checkpoint(step + 1)
             if cfg.snapshot_every and ((step + 1) % cfg.snapshot_every == 0 or step + 1 == cfg.steps):
-                save_snapshot(lm, cfg, run_dir, step + 1, dp)
+                save_snapshot(lm, cfg, run_dir, step + 1, dp, gate)
             bar.update(1)
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **{k: f"{v:.4f}" for k, v in out.losses.items()}})
             if on_step is not None:
@@ -407,12 +409,15 @@ def _train(
         adapter_dir = run_dir / "model"
     if dp.is_main:
         if has_adapter(lm):
-            save_adapter(lm, adapter_dir, meta)
+            gate_meta, gate_tensors = gate_files(gate)  # the gate goes with the adapter it gates
+            save_adapter(lm, adapter_dir, {**meta, **gate_meta}, gate_tensors)
         else:
             from interp.adapter import base_model
 
             base_model(lm.model).save_pretrained(str(adapter_dir))
     lm.extra["adapter_id"] = _final_adapter_id(lm)
+    if gate is not None:
+        lm.extra["adapter_gated"] = True  # merged_adapter refuses it
     result = UnlearnResult(
         run_dir=run_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, config=cfg, steps=cfg.steps,
         adapter_id=lm.extra["adapter_id"], history=history,
