@@ -48,6 +48,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "activations": ("interp.loading", "interp.chat", "evals.suite", *_ADAPTER, "interp.activations"),
     "unlearn": (*_GENERATION, *_ADAPTER, "evals.refusal", "training"),
     "refusal_direction": (*_GENERATION, *_ADAPTER, "interp.activations", "evals.refusal", "probes"),
+    "gate_accuracy": ("interp.loading", "interp.chat", "interp.activations", *_ADAPTER, "evals.suite",
+                      "training.containment"),
 }
 """Modules (or whole packages) whose source determines each library stage's output."""
 

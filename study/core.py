@@ -197,6 +197,17 @@ class Study:
         benign = acts.pop("benign")
         return concept_vectors({d: acts[d] for d in DOMAINS}, benign, contrast=contrast)
 
+    def concept_file(self, domain: str, contrast: str = "benign") -> Path:
+        """The base model's concept vector of ``domain`` at every layer as a Direction file (what a
+        concept gate reads: ``UnlearnConfig.gate_vector``), derived from the activations stage and
+        kept beside it."""
+        check_domain(domain, allow_extra=False)
+        acts = self.activations()
+        path = acts.parent / f"concept-{domain}-{contrast}.safetensors"
+        if not path.exists():
+            self.concepts(contrast=contrast).direction(domain).save(path)
+        return path
+
     def domain_means(self, adapter: Path | None = None) -> dict:
         """Mean probe-split activation per domain: ``{domain: layer × d_model}``."""
         from safetensors.torch import load_file

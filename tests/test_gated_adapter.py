@@ -231,3 +231,26 @@ def test_a_gated_runs_snapshots_are_evaluated_through_study_with_their_gate(gate
     assert (torch.as_tensor(t.p["privacy"][-1]) - p_refuse(ungated, "privacy")).abs().max() > 1e-4
     assert t.kl[-1] == pytest.approx(by_hand.utility["kl_to_base"], rel=1e-4)
     assert t.kl[-1] < ungated.utility["kl_to_base"]  # the gate shuts the adapter on the benign prompts
+
+
+def test_the_gate_report_and_concept_file_of_a_gated_run_are_cached_stages(gated_run):
+    from evals.suite import DOMAINS, load_prompts
+    from study.gate import gate_report
+    from training.containment import gate_accuracy
+
+    study, run = gated_run
+    report = gate_report(study, run, "cybersecurity")
+    on = [p.text for p in load_prompts("cybersecurity", "eval", limit=4)]
+    off = [p.text for d in DOMAINS if d != "cybersecurity" for p in load_prompts(d, "eval", limit=4)]
+    direct = gate_accuracy(study.lm, adapter_gate(run / "adapter"), on, off)
+    assert report["n_target"] == 4 and report["n_untouched"] == 4 * (len(DOMAINS) - 1)
+    assert report["accuracy"] == direct.accuracy and report["target_mean"] == pytest.approx(direct.target_mean)
+    assert gate_report(study, run, "cybersecurity") == report
+    assert len(list((study.results / "stages" / "gate_accuracy").glob("*/DONE.json"))) == 1
+    with pytest.raises(ValueError, match="not a concept-gated run"):
+        (run / "plain" / "adapter").mkdir(parents=True)
+        gate_report(study, run / "plain", "cybersecurity")
+    path = study.concept_file("cybersecurity", "rest")
+    d = Direction.load(path, study.lm.model)
+    assert d.layers == [0, 1, 2, 3] and path == study.concept_file("cybersecurity", "rest")
+    torch.testing.assert_close(d.vectors, study.concepts(contrast="rest").direction("cybersecurity").vectors)

@@ -303,6 +303,10 @@ class GateReport:
     """Fraction of prompts on the right side of one half (targets above, untouched below)."""
     n_target: int
     n_untouched: int
+    target_accuracy: float = float("nan")
+    """Fraction of target prompts whose gate is above one half (open)."""
+    untouched_accuracy: float = float("nan")
+    """Fraction of untouched prompts whose gate is below one half (shut)."""
 
 
 def gate_accuracy(
@@ -328,8 +332,9 @@ def gate_accuracy(
         return out
 
     t, u = values(target_prompts), values(untouched_prompts)
-    correct = int((t > 0.5).sum()) + int((u < 0.5).sum())
-    return GateReport(float(t.mean()), float(u.mean()), correct / (len(t) + len(u)), len(t), len(u))
+    opened, shut = int((t > 0.5).sum()), int((u < 0.5).sum())
+    return GateReport(float(t.mean()), float(u.mean()), (opened + shut) / (len(t) + len(u)), len(t), len(u),
+                      opened / len(t), shut / len(u))
 
 
 # -- what a run gets beyond its config ------------------------------------------------------------
