@@ -66,6 +66,7 @@ def kl_to_base(
     """Mean next-token ``KL(base || adapted)`` over the first ``n_tokens`` response positions, per prompt.
 
     ``lm`` carries a PEFT adapter (the base is its disabled state); a model without one gives zeros.
+    Under a gated adapter (:mod:`interp.gating`) each row is gated by its prompt.
     The response positions are those of the base model's own greedy opening, so both models are read
     on the same, in-distribution text.
 

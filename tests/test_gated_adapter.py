@@ -254,3 +254,26 @@ def test_the_gate_report_and_concept_file_of_a_gated_run_are_cached_stages(gated
     d = Direction.load(path, study.lm.model)
     assert d.layers == [0, 1, 2, 3] and path == study.concept_file("cybersecurity", "rest")
     torch.testing.assert_close(d.vectors, study.concepts(contrast="rest").direction("cybersecurity").vectors)
+
+
+def test_a_gate_missing_or_altered_beside_its_adapter_is_refused(tmp_path):
+    from training.containment import gate_files
+    from training.lora import ADAPTER_META, save_adapter
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / ADAPTER_META).write_text('{"config": {"concept_gate": true}}')
+    with pytest.raises(ValueError, match="not saved with it"):
+        adapter_gate(tmp_path / "old")
+    lm = make_tiny_loaded("qwen2")
+    attach_lora(lm, rank=2)
+    gate = ConceptGate(torch.nn.functional.normalize(torch.randn(64), dim=0), 1, 0.5, 2.0)
+    meta, tensors = gate_files(gate)
+    save_adapter(lm, tmp_path / "new", meta, tensors)
+    assert adapter_gate(tmp_path / "new").describe() == gate.describe()
+    save_adapter(lm, tmp_path / "plain")
+    assert adapter_gate(tmp_path / "plain") is None
+    from interp.io import atomic_save_safetensors
+
+    atomic_save_safetensors(tmp_path / "new" / "gate.safetensors", {"vector": -gate.vector})
+    with pytest.raises(ValueError, match="does not match"):
+        adapter_gate(tmp_path / "new")
