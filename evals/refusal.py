@@ -11,6 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.chat import format_prompts, iter_batches, refusal_token_ids
+from interp.gating import gate_active, gate_rows
 from interp.loading import LoadedModel, position_ids_from_mask
 from interp.prefix import build_prefix, prefix_cache_enabled, prefixed_inputs, split_prefix
 
@@ -50,18 +51,20 @@ def last_token_logprobs(
     """
     tok = lm.tokenizer
     texts = format_prompts(tok, prompts, system=system, raw=raw)
-    prefix = build_prefix(lm, system, raw) if prefix_cache_enabled(prefix_cache) else None
+    # A gated adapter gates each row by its prompt; the prefix's cache would differ per row (uncached).
+    prefix = build_prefix(lm, system, raw) if prefix_cache_enabled(prefix_cache) and not gate_active(lm) else None
     out: Tensor | None = None
     for batch in tqdm(list(iter_batches(tok, texts, batch_size, max_prompt_tokens)), desc="logit score",
                       unit="batch", disable=not progress, leave=False):
         batch = batch.to(lm.device)
         pb = split_prefix(batch, prefix, lm.model)
-        if pb is not None:
-            logits = lm.model(**prefixed_inputs(pb, prefix), use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        else:
-            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=position_ids_from_mask(batch.attention_mask),
-                              logits_to_keep=1).logits[:, -1, :]
+        with gate_rows(lm, batch.input_ids, batch.attention_mask):
+            if pb is not None:
+                logits = lm.model(**prefixed_inputs(pb, prefix), use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            else:
+                logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  position_ids=position_ids_from_mask(batch.attention_mask),
+                                  logits_to_keep=1).logits[:, -1, :]
         lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         if out is None:
             out = torch.empty(len(texts), lp.shape[-1])

@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.chat import format_prompts, iter_batches
+from interp.gating import gate_rows
 from interp.loading import LoadedModel, adapter_disabled, hook_state
 
 __all__ = ["kl_to_base", "carries_adapter"]
@@ -65,6 +66,7 @@ def kl_to_base(
     """Mean next-token ``KL(base || adapted)`` over the first ``n_tokens`` response positions, per prompt.
 
     ``lm`` carries a PEFT adapter (the base is its disabled state); a model without one gives zeros.
+    Under a gated adapter (:mod:`interp.gating`) each row is gated by its prompt.
     The response positions are those of the base model's own greedy opening, so both models are read
     on the same, in-distribution text.
 
@@ -82,7 +84,7 @@ def kl_to_base(
     # (every snapshot of a trajectory): computed once and reused while the same hooks are in place
     # (an intervention's hook is a new registration, hence a new key).
     key = (lm.weights_id, str(next(lm.model.parameters()).dtype), tuple(texts), n_tokens, batch_size,
-           max_prompt_tokens, hook_state(lm.model))
+           max_prompt_tokens, hook_state(lm.model, adapter_hooks=False))
     with _unmerged(lm):
         for k, batch in enumerate(iter_batches(tok, texts, batch_size, max_prompt_tokens)):
             out[torch.as_tensor(batch.index)] = _batch_kl(lm, batch, n_tokens, None if key is None else (*key, k))
@@ -115,9 +117,10 @@ def _base_opening(lm: LoadedModel, ids: Tensor, mask: Tensor, n_tokens: int, key
 
 def _batch_kl(lm: LoadedModel, batch, n_tokens: int, key: tuple | None = None) -> Float[Tensor, " batch"]:
     ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
-    ids, mask, base = _base_opening(lm, ids, mask, n_tokens, key)
-    base = base.double()
-    # Positions -n-1 .. -2 predict the n opening tokens; the last one predicts beyond them.
-    adapted = _logprobs(lm, ids, mask, n_tokens + 1)[:, :-1]
+    with gate_rows(lm, ids, mask):  # a gated adapter: each row's gate is its prompt's, as in generation
+        ids, mask, base = _base_opening(lm, ids, mask, n_tokens, key)
+        base = base.double()
+        # Positions -n-1 .. -2 predict the n opening tokens; the last one predicts beyond them.
+        adapted = _logprobs(lm, ids, mask, n_tokens + 1)[:, :-1]
     kl = (base.exp() * (base - adapted)).sum(-1).clamp(min=0.0)
     return kl.mean(-1).cpu()

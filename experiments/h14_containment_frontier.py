@@ -9,8 +9,12 @@ retain-CE's with a paired seeds × prompts CI above zero.
 Falsified if: no method beats retain-CE (every paired CI spans or is below zero): then retain-CE is
 the most selective of those tried, at these budgets and weights. A method that never reaches the
 level cannot be compared there and says so. Weights are not tuned (the same α for every method,
-written in the config); the concept-gated adapter is trained by ``emalab unlearn --concept-gate`` but
-not compared here, because a gated adapter cannot be merged for evaluation.
+written in the config). The concept-gated adapter (``gate``: NPO whose LoRA update is scaled per
+prompt by the target's concept score at ``gate_layer``, no retain term; the untouched prompts only
+calibrate the gate) is evaluated unmerged through its gate, every prompt gated by itself
+(:func:`training.containment.gated_adapter`); the gate's accuracy on the target's and the untouched
+domains' eval prompts (base model) is reported beside the frontier, so a gate that routes badly is
+seen as the cause of a poor point.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from interp.config import JsonConfig
 from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim
 from study.frontier import Condition, curves, matched_difference, selectivity
+from study.gate import gate_report
 from study.report import frontier_table
 from study.trajectory import trajectory_runs, trajectory_sets
 
@@ -37,19 +42,28 @@ class Config(JsonConfig):
     """Shared model, evaluation and training settings."""
     targets: tuple[str, ...] = ("cybersecurity",)
     """Domains to unlearn."""
-    methods: tuple[str, ...] = ("ce", "kl", "repr", "direction")
-    """Retain terms compared (``UnlearnConfig.retain_mode``); ``ce`` is the reference."""
+    methods: tuple[str, ...] = ("ce", "kl", "repr", "direction", "gate")
+    """Retain terms compared (``UnlearnConfig.retain_mode``), and ``gate``, the concept-gated adapter;
+    ``ce`` is the reference."""
     alpha: float = 10.0
     """Weight of every retain term (untuned; the same for all)."""
     repr_layers: tuple[int, ...] = (4, 8, 12)
     """Layers the representation term keeps (early to middle, where C5 places the shared component)."""
+    gate_layer: int = 4
+    """Early layer whose stream the concept gate scores (untuned)."""
+    gate_contrast: str = "rest"
+    """The gate's concept vector: the target's mean stream minus the other domains' (``rest``) or the
+    benign prompts' (``benign``), from the probe split (:meth:`Study.concept_file`)."""
     levels: tuple[float, ...] = (0.25, 0.10)
     """Matched target refusal levels; the last is primary."""
     n_boot: int = 1000
     """Bootstrap resamples."""
 
 
-def _kwargs(study: Study, cfg: Config, method: str) -> dict:
+def _kwargs(study: Study, cfg: Config, method: str, target: str) -> dict:
+    if method == "gate":
+        return {"retain_domains": None, "retain_mode": "none", "concept_gate": True, "gate_layer": cfg.gate_layer,
+                "gate_vector": study.concept_file(target, cfg.gate_contrast)}
     kw = {"retain_domains": None, "alpha": cfg.alpha, "retain_mode": method}
     if method == "repr":
         kw.update(repr_layers=tuple(cfg.repr_layers), repr_distance="cosine")
@@ -66,7 +80,8 @@ def main(cfg: Config) -> dict:
         untouched = [d for d in DOMAINS if d != target]
         conds = {"npo": Condition("npo", target, trajectory_runs(study, target, "npo", (), f"npo-{target}", sets))}
         for m in cfg.methods:
-            runs = trajectory_runs(study, target, "npo", name=f"npo_{m}-{target}", sets=sets, **_kwargs(study, cfg, m))
+            runs = trajectory_runs(study, target, "npo", name=f"npo_{m}-{target}", sets=sets,
+                                   **_kwargs(study, cfg, m, target))
             conds[m] = Condition(f"npo+{m}", target, runs)
         table = {n: {**selectivity(c, untouched, cfg.levels, cfg.n_boot), "curves": curves(c, DOMAINS)}
                  for n, c in conds.items()}
@@ -75,6 +90,8 @@ def main(cfg: Config) -> dict:
         vs_npo = {m: matched_difference(conds[m], conds["npo"], untouched, primary, cfg.n_boot) for m in cfg.methods}
         wins += [(target, m) for m, r in vs_ce.items() if r["ci"] is not None and r["ci"][0] > 0]
         out[target] = {"conditions": table, "vs_ce": vs_ce, "vs_npo": vs_npo}
+        if "gate" in conds:
+            out[target]["gate"] = _gate_summary([gate_report(study, t.run, target) for t in conds["gate"].runs])
     compared = [r for t in out.values() for r in t["vs_ce"].values() if r["ci"] is not None]
     status = "replicated" if wins else ("not replicated" if compared else "inconclusive")
     ev = "; ".join(
@@ -83,10 +100,16 @@ def main(cfg: Config) -> dict:
         for t, v in out.items() for m, r in v["vs_ce"].items())
     ev += f"; α {cfg.alpha:g} for every term, {len(cfg.study.seeds)} seeds" + ("" if wins else ", at these budgets")
     metrics = {"targets": out, "levels": list(cfg.levels), "primary_level": primary, "n_seeds": len(cfg.study.seeds),
+               "gate_setting": {"layer": cfg.gate_layer, "contrast": cfg.gate_contrast},
                "conditions": {f"{n}|{t}": c for t, v in out.items() for n, c in v["conditions"].items()},
                "claim": claim("M1", "A mechanism-level retain term is more selective than retain-CE", status, ev)}
     write_run(run_dir(cfg.study.results, EXPERIMENT, cfg), cfg, metrics)
     return metrics
+
+
+def _gate_summary(per_seed: list[dict]) -> dict:
+    keys = ("accuracy", "target_accuracy", "untouched_accuracy", "target_mean", "untouched_mean")
+    return {**{k: sum(r[k] for r in per_seed) / len(per_seed) for k in keys}, "per_seed": per_seed}
 
 
 def report_section(m: dict) -> list[str]:
@@ -97,4 +120,11 @@ def report_section(m: dict) -> list[str]:
         lines += [f"Against retain-CE ({t}, target refusal {m['primary_level']:g}, untouched refusal difference): "
                   + "; ".join(f"{k} {r['difference']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]" if r["ci"]
                               else f"{k} {r.get('note', 'n/a')}" for k, r in v["vs_ce"].items()), ""]
+        if "gate" in v:
+            g, n, at = v["gate"], len(v["gate"]["per_seed"]), m.get("gate_setting", {})
+            lines += [f"Concept gate ({t}; layer {at.get('layer', '?')}, target − {at.get('contrast', '?')} vector; eval "
+                      f"prompts, base model, mean of {n} seeds' gates): accuracy "
+                      f"{g['accuracy']:.2f}; open on {g['target_accuracy']:.0%} of target prompts (mean gate "
+                      f"{g['target_mean']:.2f}), shut on {g['untouched_accuracy']:.0%} of untouched prompts (mean gate "
+                      f"{g['untouched_mean']:.2f}).", ""]
     return lines

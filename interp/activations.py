@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from interp.adapter import base_model, check_layers, check_site, site_capture, site_hook, site_value
 from interp.chat import Batch, format_prompts, iter_batches, post_instruction_length
+from interp.gating import gate_rows
 from interp.io import atomic_save_safetensors, atomic_write_json, config_hash, ensure_writable_dir, read_json
 from interp.loading import LoadedModel, position_ids_from_mask, state_id
 
@@ -180,7 +181,9 @@ def collect_activations(
     out: Tensor | None = None
     batches = list(iter_batches(lm.tokenizer, texts, batch_size, max_prompt_tokens))
     for batch in tqdm(batches, desc=f"activations {site}", unit="batch", disable=not progress, leave=False):
-        acts = trace_batch(nlm, batch.to(lm.device), layers, site, n_last, remote=remote)
+        batch = batch.to(lm.device)
+        with gate_rows(lm, batch.input_ids, batch.attention_mask):  # a gated adapter: each row's gate
+            acts = trace_batch(nlm, batch, layers, site, n_last, remote=remote)
         if position == "post_instruction":
             acts = acts.float()
             _check_finite(acts.flatten(0, 1), layers, site)

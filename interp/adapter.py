@@ -260,26 +260,38 @@ def site_capture(model: nn.Module, site: str, layers: Iterable[int]) -> Iterator
 
 
 @contextmanager
-def lora_row_scale(model: nn.Module, scale: Tensor) -> Iterator[int]:
+def lora_row_scale(model: nn.Module, scale: Tensor | Callable[[int], Tensor]) -> Iterator[int]:
     """Scale every LoRA update per batch row for the forwards inside the block: row ``b`` of a LoRA
     layer computes ``W x + scale[b] · B A x`` (a concept gate: 0 is the base model, 1 the adapter).
 
     Hooks the output of each (unmerged) LoRA layer's ``lora_B``; ``scale`` is ``(batch,)`` and is
-    not trained through. Yields the number of hooked modules; hooks are removed on exit.
+    not trained through, or a callable ``scale(n_rows) -> (n_rows,)`` asked at every LoRA call (the
+    rows of a forward can change from one forward to the next: :mod:`interp.gating`). The hooks only
+    run while the adapter is enabled, so they never change the base model (``adapter_only``). Yields
+    the number of hooked modules; hooks are removed on exit.
 
     Raises:
         ValueError: the model has no unmerged LoRA layer, or a forward's batch is not ``len(scale)``.
     """
-    if scale.ndim != 1:
-        raise ValueError(f"scale must be one factor per row (batch,), got shape {tuple(scale.shape)}")
-    factors = scale.detach()
+    if callable(scale):
+        factors_for = scale
+    else:
+        if scale.ndim != 1:
+            raise ValueError(f"scale must be one factor per row (batch,), got shape {tuple(scale.shape)}")
+        fixed = scale.detach()
+
+        def factors_for(n_rows: int) -> Tensor:
+            if n_rows != fixed.shape[0]:
+                raise ValueError(f"a forward of {n_rows} rows under a LoRA row scale of {fixed.shape[0]} rows")
+            return fixed
+
     handles = []
 
     def hook(_module, _inputs, output: Tensor) -> Tensor:
-        if output.shape[0] != factors.shape[0]:
-            raise ValueError(f"a forward of {output.shape[0]} rows under a LoRA row scale of {factors.shape[0]} rows")
+        factors = factors_for(output.shape[0])
         return output * factors.to(output.device, output.dtype).view(-1, *([1] * (output.ndim - 1)))
 
+    hook.adapter_only = True  # type: ignore[attr-defined]
     try:
         for module in model.modules():
             lora_b = getattr(module, "lora_B", None)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.chat import Batch, format_prompts, iter_batches
+from interp.gating import gate_active, gate_rows, select_gate_rows
 from interp.loading import LoadedModel, position_ids_from_mask
 from interp.prefix import build_prefix, prefix_cache_enabled, prefixed_inputs, sliding_window, split_prefix
 
@@ -42,6 +43,12 @@ def _decode_batch(lm: LoadedModel, batch: Batch, prefix, max_new_tokens: int, st
                   eos: set[int], first: dict[int, torch.Tensor] | None = None) -> tuple[list[list[int]], int]:
     """Greedy tokens of each row of ``batch`` (EOS excluded) and the prompt tokens prefilled; the
     prefill's next-token log-probs go to ``first[batch.index]`` when it is given."""
+    with gate_rows(lm, batch.input_ids, batch.attention_mask):  # a gated adapter: each row's gate
+        return _decode_rows(lm, batch, prefix, max_new_tokens, stop, eos, first)
+
+
+def _decode_rows(lm: LoadedModel, batch: Batch, prefix, max_new_tokens: int, stop: StopRule | None,
+                 eos: set[int], first: dict[int, torch.Tensor] | None) -> tuple[list[list[int]], int]:
     tok = lm.tokenizer
     pb = split_prefix(batch, prefix, lm.model)
     if pb is not None:
@@ -80,6 +87,7 @@ def _decode_batch(lm: LoadedModel, batch: Batch, prefix, max_new_tokens: int, st
         if len(keep) < len(rows):
             sel = torch.tensor(keep, device=nxt.device)
             cache.batch_select_indices(sel)
+            select_gate_rows(lm, sel)
             mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
             rows = [rows[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -122,7 +130,8 @@ def generate(
     """Greedy completions for user ``prompts`` (in input order), decoded without special tokens.
 
     Interventions (ablation, steering, adapters) active on ``lm.model`` apply: every forward runs
-    the model itself.
+    the model itself. Under a gated adapter (:mod:`interp.gating`) each row carries its prompt's
+    gate through prefill and decoding, and the shared-prefix cache is off.
 
     Args:
         stop: ends a row early once ``stop(text so far)`` is true (the text is then returned as it
@@ -148,8 +157,9 @@ def generate(
     out: list[str | None] = [None] * len(texts)
     batches = list(iter_batches(tok, texts, batch_size, max_length=max_prompt_tokens))
     counts = {"generated_tokens": 0, "prefill_tokens": 0, "rows": len(texts)}
-    prefix = (build_prefix(lm, system, raw) if engine == "emalab" and prefix_cache_enabled(prefix_cache)
-              else None)
+    # Under a gated adapter the prefix's keys and values differ per row: no shared cache (exact).
+    prefix = (build_prefix(lm, system, raw)
+              if engine == "emalab" and prefix_cache_enabled(prefix_cache) and not gate_active(lm) else None)
     eos = _eos_ids(lm)
     window = sliding_window(lm.model)
     first: dict[int, torch.Tensor] | None = {} if first_logprobs is not None else None
@@ -159,15 +169,16 @@ def generate(
         # exact there (tested against single prompts); HF's generate is, and the stop rule is then
         # applied to its output, which greedy decoding makes the same text.
         if engine == "hf" or (window is not None and batch.input_ids.shape[1] + max_new_tokens > window):
-            if first is not None:  # HF's generate does not hand its prefill back: one forward for it
-                logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  position_ids=position_ids_from_mask(batch.attention_mask),
-                                  logits_to_keep=1).logits[:, -1]
-                first.update(zip(batch.index, torch.log_softmax(logits.float(), dim=-1).cpu(), strict=True))
-            seqs = lm.model.generate(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
-            )
+            with gate_rows(lm, batch.input_ids, batch.attention_mask):
+                if first is not None:  # HF's generate does not hand its prefill back: one forward for it
+                    logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=position_ids_from_mask(batch.attention_mask),
+                                      logits_to_keep=1).logits[:, -1]
+                    first.update(zip(batch.index, torch.log_softmax(logits.float(), dim=-1).cpu(), strict=True))
+                seqs = lm.model.generate(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+                )
             new = seqs[:, batch.input_ids.shape[1]:]
             counts["prefill_tokens"] += int(batch.attention_mask.sum())
             for row, i in enumerate(batch.index):
@@ -239,8 +250,9 @@ def sample(
         batch = batch.to(lm.device)
         kw = ({"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if greedy else
               {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0})
-        seqs = lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
+        with gate_rows(lm, batch.input_ids, batch.attention_mask):
+            seqs = lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
         new = seqs[:, batch.input_ids.shape[1]:]
         for row, i in enumerate(batch.index):
             out[i] = tok.decode(new[row], skip_special_tokens=True)

@@ -283,12 +283,17 @@ def state_id(lm: LoadedModel) -> str:
     return f"{lm.weights_id}+{adapter}" if adapter else lm.weights_id
 
 
-def hook_state(model: nn.Module) -> tuple:
+def hook_state(model: nn.Module, adapter_hooks: bool = True) -> tuple:
     """The forward (pre-)hooks in place on ``model``'s modules, as a hashable key: with :func:`state_id`,
     what a cache of model outputs is keyed on. Every registration has its own handle id, so an
-    intervention's hook makes a new key."""
-    return tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules()
-                 if m._forward_hooks or m._forward_pre_hooks)
+    intervention's hook makes a new key. ``adapter_hooks=False`` leaves out hooks marked
+    ``adapter_only`` (a gate's LoRA scaling): they cannot change what the base model computes."""
+    out = []
+    for m in model.modules():
+        fwd = tuple(k for k, fn in m._forward_hooks.items() if adapter_hooks or not getattr(fn, "adapter_only", False))
+        if fwd or m._forward_pre_hooks:
+            out.append((fwd, tuple(m._forward_pre_hooks)))
+    return tuple(out)
 
 
 @contextmanager

@@ -34,8 +34,9 @@ LIBRARY: tuple[str, ...] = ("interp", "evals", "study", "probes", "training")
 _GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge", "evals.judgement",
                "evals.coherence", "evals.opening", "evals.rebuttal", "evals.keyword_judge", "evals.model_judge",
                "evals.suite")
-# The adapter is the site mapping (interp.adapter) on the module-tree basics and the family discovery.
-_ADAPTER = ("interp.adapter", "interp.module_tree", "interp.family_discovery")
+# The adapter is the site mapping (interp.adapter) on the module-tree basics and the family discovery,
+# and a gated LoRA adapter's per-row scaling (interp.gating).
+_ADAPTER = ("interp.adapter", "interp.module_tree", "interp.family_discovery", "interp.gating")
 # The evaluation is the loop (evals.evaluate), its result types and its per-row statistics.
 _EVALUATION = ("evals.evaluate", "evals.report_types", "evals.domain_summary", "evals.refusal", "evals.utility")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
@@ -47,6 +48,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "activations": ("interp.loading", "interp.chat", "evals.suite", *_ADAPTER, "interp.activations"),
     "unlearn": (*_GENERATION, *_ADAPTER, "evals.refusal", "training"),
     "refusal_direction": (*_GENERATION, *_ADAPTER, "interp.activations", "evals.refusal", "probes"),
+    "gate_accuracy": ("interp.loading", "interp.chat", "interp.activations", *_ADAPTER, "evals.suite",
+                      "training.containment"),
 }
 """Modules (or whole packages) whose source determines each library stage's output."""
 

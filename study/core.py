@@ -13,7 +13,7 @@ from pathlib import Path
 
 from evals.evaluate import EvalConfig, EvalReport, PromptRecord, evaluate
 from evals.suite import DOMAINS, check_domain, load_prompts
-from interp.io import read_json, read_jsonl
+from interp.io import config_hash, read_json, read_jsonl
 from interp.loading import LoadedModel, load_model
 from interp.registry import EMBEDDED_MODELS
 from interp.runs import Stage
@@ -141,16 +141,20 @@ class Study:
     @contextlib.contextmanager
     def with_adapter(self, adapter: Path | None) -> Iterator[LoadedModel]:
         """The measurement model with ``adapter`` merged in (the base weights for ``None``), restored
-        bit-exactly on exit."""
+        bit-exactly on exit. A concept-gated adapter (its gate saved with it) stays unmerged and
+        runs through its gate: each prompt's LoRA update scaled by that prompt's gate
+        (:func:`training.containment.gated_adapter`)."""
         if adapter is None:
             yield self.lm
             return
+        from training.containment import adapter_gate, gated_adapter
         from training.lora import detach_lora, load_adapter, merged_adapter
 
+        gate = adapter_gate(adapter)
         load_adapter(self.lm, adapter)
         try:
             # Merged LoRA weights run at base-model speed; unmerging restores the base bit-exactly.
-            with merged_adapter(self.lm):
+            with gated_adapter(self.lm, gate) if gate is not None else merged_adapter(self.lm):
                 yield self.lm
         finally:
             detach_lora(self.lm)
@@ -192,6 +196,17 @@ class Study:
         acts = load_file(self.activations(adapter))
         benign = acts.pop("benign")
         return concept_vectors({d: acts[d] for d in DOMAINS}, benign, contrast=contrast)
+
+    def concept_file(self, domain: str, contrast: str = "benign") -> Path:
+        """The base model's concept vector of ``domain`` at every layer as a Direction file (what a
+        concept gate reads: ``UnlearnConfig.gate_vector``), derived from the activations stage and
+        kept beside it."""
+        check_domain(domain, allow_extra=False)
+        acts = self.activations()
+        path = acts.parent / f"concept-{domain}-{contrast}.safetensors"
+        if not path.exists():
+            self.concepts(contrast=contrast).direction(domain).save(path)
+        return path
 
     def domain_means(self, adapter: Path | None = None) -> dict:
         """Mean probe-split activation per domain: ``{domain: layer × d_model}``."""
@@ -292,9 +307,18 @@ class Study:
 
 def adapter_id_of(adapter: Path | None) -> str | None:
     """What identifies an adapter in a stage key: the ``adapter_id`` of the run that wrote it, the
-    content hash of a foreign PEFT adapter, else its path; ``None`` for the base weights."""
+    content hash of a foreign PEFT adapter, else its path; ``None`` for the base weights. A gated
+    adapter's id carries its gate's settings and vector hash (the same weights gated otherwise
+    measure otherwise)."""
     if adapter is None:
         return None
+    meta = Path(adapter) / "emalab_adapter.json"
+    gate = read_json(meta).get("gate") if meta.exists() else None
+    found = _weights_id_of(Path(adapter))
+    return found if gate is None else f"{found}+gate-{config_hash(gate, 12)}"
+
+
+def _weights_id_of(adapter: Path) -> str:
     done = Path(adapter).parent / "DONE.json"
     if done.exists():
         return read_json(done).get("adapter_id")

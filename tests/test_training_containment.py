@@ -311,8 +311,10 @@ def test_gate_opens_on_the_concept_and_stays_shut_elsewhere(tiny_qwen):
     gate = ConceptGate.from_direction(d, None, bias, temp, tiny_qwen.model)
     report = gate_accuracy(tiny_qwen, gate, TARGET, UNTOUCHED, batch_size=4)
     assert report.target_mean > 0.9 and report.untouched_mean < 0.1 and report.accuracy == 1.0
+    assert report.target_accuracy == 1.0 and report.untouched_accuracy == 1.0
     flipped = gate_accuracy(tiny_qwen, ConceptGate(-gate.vector, gate.layer, -bias, temp), TARGET, UNTOUCHED)
     assert flipped.target_mean < 0.1 and flipped.untouched_mean > 0.9  # the sign of the vector matters
+    assert flipped.target_accuracy == 0.0 and flipped.untouched_accuracy == 0.0
     with pytest.raises(ValueError, match="does not separate"):
         calibrate_gate(u, t)
 

@@ -11,7 +11,11 @@ per-token weighting of the retain term, and the concept gate (a LoRA update scal
   stays at its base value (:func:`projection_loss`).
 * concept gate: ``g = sigmoid((score − b)/T)``, ``score`` the base model's last-prompt-token stream
   at an early layer projected on a concept vector (target − benign); the LoRA update of each row is
-  multiplied by its ``g`` (:func:`gated`, through :func:`interp.adapter.lora_row_scale`).
+  multiplied by its ``g`` (:func:`gated`, through :func:`interp.adapter.lora_row_scale`). The gate is
+  saved with the adapter (``gate.safetensors`` and ``emalab_adapter.json``'s ``gate``:
+  :func:`gate_files`, :func:`adapter_gate`), and :func:`gated_adapter` applies it at evaluation time:
+  every prompt of a generation, logit score, activation or KL measurement is gated by its own
+  prompt, as in training (:mod:`interp.gating`).
 
 Activations come from :func:`interp.activations.stream_activations`; the base model is the same
 weights with the adapter disabled (:func:`interp.loading.adapter_disabled`).
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,11 +40,13 @@ from interp.activations import stream_activations
 from interp.adapter import check_layers, lora_row_scale
 from interp.chat import format_prompts, iter_batches
 from interp.direction import Direction, unit
+from interp.gating import GateFn, row_gated_adapter
+from interp.io import load_safetensors, read_json
 from interp.loading import LoadedModel, adapter_disabled
 from training.collate import collate_rows
 from training.config import REPR_DISTANCES, UnlearnConfig
 from training.dataset import DataSet
-from training.lora import tensor_hash
+from training.lora import ADAPTER_META, tensor_hash
 
 __all__ = [
     "retain_token_scale",
@@ -50,6 +56,10 @@ __all__ = [
     "ConceptGate",
     "calibrate_gate",
     "gated",
+    "GATE_FILE",
+    "gate_files",
+    "adapter_gate",
+    "gated_adapter",
     "GateReport",
     "gate_accuracy",
     "Containment",
@@ -176,6 +186,16 @@ class ConceptGate:
         return {"layer": self.layer, "bias": self.bias, "temperature": self.temperature,
                 "vector_id": _tensor_id(self.vector)}
 
+    def prompt_fn(self, lm: LoadedModel) -> GateFn:
+        """The gate of left-padded prompt batches (:data:`interp.gating.GateFn`): each row scored
+        at its last position, its last prompt token, as :func:`gated` scores a training row."""
+
+        def gate(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+            return self.values(self.scores(lm, input_ids, attention_mask, last))
+
+        return gate
+
     @classmethod
     def from_direction(cls, direction: Direction, layer: int | None, bias: float, temperature: float,
                        model: torch.nn.Module | None = None) -> ConceptGate:
@@ -229,6 +249,50 @@ def gated(
         yield g
 
 
+GATE_FILE = "gate.safetensors"
+"""The gate's concept vector, beside a gated adapter (its settings are ``emalab_adapter.json``'s ``gate``)."""
+
+
+def gate_files(gate: ConceptGate | None) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """``(meta, tensors)`` that :func:`training.lora.save_adapter` writes with a gated adapter (empty
+    for ``None``)."""
+    if gate is None:
+        return {}, {}
+    return {"gate": {**gate.describe(), "file": GATE_FILE}}, {GATE_FILE: {"vector": gate.vector.float()}}
+
+
+def adapter_gate(directory: str | Path) -> ConceptGate | None:
+    """The concept gate saved with an adapter, ``None`` for an ungated one.
+
+    Raises:
+        ValueError: the adapter was trained with a concept gate that was not saved with it (trained
+            before gates were saved), or its gate file does not match the recorded gate.
+    """
+    meta_path = Path(directory) / ADAPTER_META
+    meta = read_json(meta_path) if meta_path.exists() else {}
+    record = meta.get("gate")
+    if record is None:
+        if (meta.get("config") or {}).get("concept_gate"):
+            raise ValueError(f"adapter {directory} was trained with a concept gate that was not saved with it; "
+                             "retrain it to evaluate it with its gate")
+        return None
+    tensors, _ = load_safetensors(Path(directory) / record["file"], what="concept gate")
+    gate = ConceptGate(tensors["vector"].float(), int(record["layer"]), float(record["bias"]),
+                       float(record["temperature"]))
+    if gate.describe() != {k: v for k, v in record.items() if k != "file"}:
+        raise ValueError(f"adapter {directory}: {record['file']} does not match the gate recorded in {ADAPTER_META}")
+    return gate
+
+
+def gated_adapter(lm: LoadedModel, gate: ConceptGate) -> AbstractContextManager[LoadedModel]:
+    """Evaluate ``lm``'s loaded (unmerged) adapter through ``gate``: within the block every forward of
+    the measurement paths (generation, logit score, activations, KL to base) scales each row's LoRA
+    update by its prompt's gate, computed on the base model at the gate's layer and the last prompt
+    token, as in training; a path that cannot carry a per-row gate raises
+    :class:`interp.gating.UngatedForwardError`."""
+    return row_gated_adapter(lm, gate.prompt_fn(lm))
+
+
 @dataclass
 class GateReport:
     """How a gate splits two prompt sets."""
@@ -239,6 +303,10 @@ class GateReport:
     """Fraction of prompts on the right side of one half (targets above, untouched below)."""
     n_target: int
     n_untouched: int
+    target_accuracy: float = float("nan")
+    """Fraction of target prompts whose gate is above one half (open)."""
+    untouched_accuracy: float = float("nan")
+    """Fraction of untouched prompts whose gate is below one half (shut)."""
 
 
 def gate_accuracy(
@@ -264,8 +332,9 @@ def gate_accuracy(
         return out
 
     t, u = values(target_prompts), values(untouched_prompts)
-    correct = int((t > 0.5).sum()) + int((u < 0.5).sum())
-    return GateReport(float(t.mean()), float(u.mean()), correct / (len(t) + len(u)), len(t), len(u))
+    opened, shut = int((t > 0.5).sum()), int((u < 0.5).sum())
+    return GateReport(float(t.mean()), float(u.mean()), (opened + shut) / (len(t) + len(u)), len(t), len(u),
+                      opened / len(t), shut / len(u))
 
 
 # -- what a run gets beyond its config ------------------------------------------------------------

@@ -24,7 +24,7 @@ from interp.loading import LoadedModel
 from training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from training.collate import batch_order, collate_rows
 from training.config import UnlearnConfig
-from training.containment import Containment
+from training.containment import Containment, gate_files
 from training.data import UnlearnData
 from training.distributed import DataParallel
 from training.lora import (
@@ -137,6 +137,7 @@ def train_loop(
         return path
 
     forward_model = dp.prepare(lm.model)
+    gate = containment.gate if containment is not None else None
     last_good = ckpt_path
     step_times: list[float] = []
     lm.model.train()
@@ -186,7 +187,7 @@ def train_loop(
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 last_good = checkpoint(step + 1)
             if cfg.snapshot_every and ((step + 1) % cfg.snapshot_every == 0 or step + 1 == cfg.steps):
-                save_snapshot(lm, cfg, run_dir, step + 1, dp)
+                save_snapshot(lm, cfg, run_dir, step + 1, dp, gate)
             bar.update(1)
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **{k: f"{v:.4f}" for k, v in out.losses.items()}})
             if on_step is not None:
@@ -204,12 +205,15 @@ def train_loop(
         adapter_dir = run_dir / "model"
     if dp.is_main:
         if has_adapter(lm):
-            save_adapter(lm, adapter_dir, meta)
+            gate_meta, gate_tensors = gate_files(gate)  # the gate goes with the adapter it gates
+            save_adapter(lm, adapter_dir, {**meta, **gate_meta}, gate_tensors)
         else:
             from interp.adapter import base_model
 
             base_model(lm.model).save_pretrained(str(adapter_dir))
     lm.extra["adapter_id"] = _final_adapter_id(lm)
+    if gate is not None:
+        lm.extra["adapter_gated"] = True  # merged_adapter refuses it
     result = UnlearnResult(
         run_dir=run_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, config=cfg, steps=cfg.steps,
         adapter_id=lm.extra["adapter_id"], history=history,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from interp.adapter import base_model, layer_module, lora_target_types, unembed_module
-from interp.io import atomic_write_json, git_commit, read_json
+from interp.io import atomic_save_safetensors, atomic_write_json, git_commit, read_json
 from interp.loading import LoadedModel
 
 __all__ = [
@@ -134,16 +134,25 @@ def detach_lora(lm: LoadedModel) -> LoadedModel:
     if has_adapter(lm):
         lm.model = lm.model.unload()
     lm.extra.pop("adapter_id", None)
+    lm.extra.pop("adapter_gated", None)
     return lm
 
 
 @contextmanager
 def merged_adapter(lm: LoadedModel) -> Iterator[LoadedModel]:
     """Merge the adapter into the base weights for faster evaluation; on exit the base weights are
-    restored bit-exactly (merge/unmerge in bf16 alone would leave rounding error behind)."""
+    restored bit-exactly (merge/unmerge in bf16 alone would leave rounding error behind).
+
+    Raises:
+        ValueError: the adapter was trained with a concept gate, which merged weights drop
+            (evaluate it under :func:`training.containment.gated_adapter`).
+    """
     if not has_adapter(lm):
         yield lm
         return
+    if lm.extra.get("adapter_gated"):
+        raise ValueError(f"adapter {lm.extra.get('adapter_dir')} is concept-gated and merging drops its gate; "
+                         "evaluate it under training.containment.gated_adapter (Study.with_adapter does)")
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in lm.model.modules() if isinstance(m, LoraLayer)]
@@ -195,9 +204,15 @@ def adapter_id(lm: LoadedModel) -> str:
     return tensor_hash(get_peft_model_state_dict(lm.model))
 
 
-def save_adapter(lm: LoadedModel, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+def save_adapter(lm: LoadedModel, directory: str | Path, meta: dict[str, Any] | None = None,
+                 tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Save the adapter in standard PEFT format (``save_pretrained``) plus ``emalab_adapter.json``
-    (base model, base weights id, adapter id, git commit and ``meta``), atomically."""
+    (base model, base weights id, adapter id, git commit and ``meta``), atomically.
+
+    Args:
+        tensors: further safetensors files written beside it, ``{file name: {name: tensor}}`` (a
+            concept gate's vector).
+    """
     if not has_adapter(lm):
         raise ValueError("the model carries no adapter to save")
     directory = Path(directory)
@@ -210,6 +225,8 @@ def save_adapter(lm: LoadedModel, directory: str | Path, meta: dict[str, Any] | 
             "base_model": lm.name, "base_weights_id": lm.weights_id, "adapter_id": aid,
             "git_commit": git_commit(), **(meta or {}),
         })
+        for name, content in (tensors or {}).items():
+            atomic_save_safetensors(tmp / name, content)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
@@ -303,4 +320,6 @@ def load_adapter(lm: LoadedModel, directory: str | Path, trainable: bool = False
                          "were modified or are corrupt")
     lm.extra["adapter_id"] = aid
     lm.extra["adapter_dir"] = str(directory)
+    if meta is not None and (meta.get("gate") or (meta.get("config") or {}).get("concept_gate")):
+        lm.extra["adapter_gated"] = True  # merged_adapter refuses it: merging would drop the gate
     return lm

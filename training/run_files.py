@@ -16,7 +16,7 @@ from typing import Any
 from interp.io import git_commit
 from interp.loading import LoadedModel
 from training.config import RESUME_EXEMPT_FIELDS, UnlearnConfig, config_diff
-from training.containment import Containment
+from training.containment import ConceptGate, Containment, gate_files
 from training.distributed import DataParallel
 from training.lora import has_adapter, save_adapter
 
@@ -140,11 +140,15 @@ def snapshots(run_dir: Path) -> dict[int, Path]:
     return found
 
 
-def save_snapshot(lm: LoadedModel, cfg: UnlearnConfig, run_dir: Path, step: int, dp: DataParallel) -> None:
-    """Keep the adapter of ``step`` in :func:`snapshot_dir` (rank 0 writes; every rank waits)."""
+def save_snapshot(lm: LoadedModel, cfg: UnlearnConfig, run_dir: Path, step: int, dp: DataParallel,
+                  gate: ConceptGate | None = None) -> None:
+    """Keep the adapter of ``step`` in :func:`snapshot_dir` (rank 0 writes; every rank waits), with
+    the concept gate it is trained through."""
     # Written atomically by rank 0; a resumed run rewrites the same step with the same weights.
     if dp.is_main and has_adapter(lm):
-        save_adapter(lm, snapshot_dir(run_dir, step), {"config": cfg.to_dict(), "step": step})
+        gate_meta, gate_tensors = gate_files(gate)
+        save_adapter(lm, snapshot_dir(run_dir, step), {"config": cfg.to_dict(), "step": step, **gate_meta},
+                     gate_tensors)
     dp.barrier()
 
 

@@ -12,7 +12,8 @@ computed once for the whole forget set and cached in the run directory. A run di
     metrics.jsonl          one row per step: loss, its components, diagnostics
     checkpoints/step-N/    latest resumable checkpoints (atomic)
     snapshots/step-N/      the adapter every ``snapshot_every`` steps and at the end (trajectories)
-    adapter/               the finished adapter, standard PEFT format + emalab_adapter.json
+    adapter/               the finished adapter, standard PEFT format + emalab_adapter.json (a gated
+                           run's adapters and snapshots also keep their gate: gate.safetensors)
     result.json            summary (steps, adapter id, seconds per step, peak RSS)
 
 Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the same loop runs data-parallel

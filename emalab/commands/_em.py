@@ -77,11 +77,13 @@ def parse_conditions(specs: list[str], lm, seed: int = 0) -> tuple[dict, dict]:
 def _adapter_factory(lm, path: Path):
     @contextlib.contextmanager
     def ctx():
+        from training.containment import adapter_gate, gated_adapter
         from training.lora import detach_lora, load_adapter, merged_adapter
 
+        gate = adapter_gate(path)  # a gated adapter runs unmerged, each prompt through its gate
         load_adapter(lm, path)
         try:
-            with merged_adapter(lm):
+            with gated_adapter(lm, gate) if gate is not None else merged_adapter(lm):
                 yield lm
         finally:
             detach_lora(lm)

@@ -90,9 +90,6 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    if cfg.concept_gate and args.eval:
-        raise ValueError("--eval scores the merged adapter, which has no concept gate; evaluate a gated adapter "
-                         "under training.containment.gated instead")
 
     from interp.io import ensure_writable_dir
     from training.checkpoint import run_dir_lock
@@ -113,6 +110,7 @@ def _run(args: argparse.Namespace, cfg, out: Path) -> int:
     from evals.suite import DOMAINS, load_prompts
     from interp.loading import load_model
     from interp.precision import EVAL_DTYPE
+    from training.containment import adapter_gate, gated_adapter
     from training.lora import load_adapter, merged_adapter
     from training.trainer import unlearn
 
@@ -136,7 +134,8 @@ def _run(args: argparse.Namespace, cfg, out: Path) -> int:
     if evals:
         if eval_lm is not lm:
             load_adapter(eval_lm, result.adapter_dir)
-        with merged_adapter(eval_lm):
+        gate = adapter_gate(result.adapter_dir)  # a gated adapter is scored unmerged, each prompt through its gate
+        with gated_adapter(eval_lm, gate) if gate is not None else merged_adapter(eval_lm):
             after = _logit_means(eval_lm, evals)
         print(f"{'domain':<18} {'logit before':>12} {'after':>8}")
         for d in evals:
