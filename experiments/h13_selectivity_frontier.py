@@ -100,7 +100,8 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
     slopes = {t: spread_slope(by_target[t]["npo"], common, cfg.n_boot) for t in (first, second)}
     d = res[f"{level:g}"]
     sizes = {t: sorted({n for n in forget_sizes(by_target[t]["npo"].runs) if n is not None}) for t in (first, second)}
-    equal = all(len(v) == 1 for v in sizes.values()) and sizes[first] == sizes[second]
+    recorded = all(sizes.values())
+    equal = recorded and all(len(v) == 1 for v in sizes.values()) and sizes[first] == sizes[second]
     # first keeps *less* untouched refusal when it spreads further: the difference is negative.
     ci = d["ci"] or (0.0, 0.0)  # no interval (a level not reached): inconclusive
     status = "replicated" if ci[1] < 0 else "not replicated" if ci[0] > 0 else "inconclusive"
@@ -109,7 +110,7 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
              f"(CI {d['ci'][0]:+.2f}..{d['ci'][1]:+.2f})" if d["ci"] else d.get("note", "n/a"))
           + f"; slope of untouched vs target drop {first} {slopes[first]['slope']:.2f}, {second} "
           f"{slopes[second]['slope']:.2f}; forget sets {first} {_sizes(sizes[first])}, {second} "
-          f"{_sizes(sizes[second])}" + ("" if equal else " (NOT equal in size)") + f"; {len(cfg.study.seeds)} seeds")
+          f"{_sizes(sizes[second])}" + ("" if equal or not recorded else " (NOT equal in size)") + f"; {len(cfg.study.seeds)} seeds")
     return {"levels": res, "slopes": slopes, "forget_sizes": sizes, "equal_forget_sets": equal, "claim": claim(
         "C3", f"Unlearning {first} spreads further than {second} (at matched target forgetting)", status, ev)}
 

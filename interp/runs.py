@@ -49,7 +49,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "unlearn": (*_GENERATION, *_ADAPTER, "evals.refusal", "training"),
     "refusal_direction": (*_GENERATION, *_ADAPTER, "interp.activations", "evals.refusal", "probes"),
     "gate_accuracy": ("interp.loading", "interp.chat", "interp.activations", *_ADAPTER, "evals.suite",
-                      "training.containment"),
+                      "training.containment", "training.concept_gate"),
 }
 """Modules (or whole packages) whose source determines each library stage's output."""
 
