@@ -24,7 +24,7 @@ from interp.runs import run_dir, write_run
 from study import Study, StudyConfig, claim
 from study.frontier import Condition, curves, matched_difference, recovery, selectivity, spread_slope
 from study.report import frontier_table
-from study.trajectory import forget_sizes, trajectory_runs, trajectory_sets
+from study.trajectory import forget_sizes, training_metric, trajectory_runs, trajectory_sets
 
 EXPERIMENT = "h13_selectivity_frontier"
 ORDER, RUN_ORDER, PRESETS, FIGURES = 13, 3, ("quick", "full"), ("frontier",)  # runs after H2: the headline C3/C4
@@ -77,14 +77,16 @@ def main(cfg: Config) -> dict:
             runs = trajectory_runs(study, target, "npo", name=f"{name}-{target}", sets=sets, **kw)
             conds[f"{name}|{target}"] = Condition(name, target, runs)
     frontier = {key: {**selectivity(c, [d for d in DOMAINS if d != c.target], cfg.levels, cfg.n_boot),
-                      "curves": curves(c, DOMAINS)} for key, c in conds.items()}
+                      "curves": curves(c, DOMAINS), "grad_cos": training_metric(c.runs, "grad_cos_forget_retain")}
+                for key, c in conds.items()}
     primary = cfg.levels[-1]
     by_target = {t: {k.split("|")[0]: c for k, c in conds.items() if c.target == t} for t in cfg.targets}
     c4 = {t: {f"{lv:g}": _c4(by_target[t], cfg, t, lv) for lv in cfg.levels} for t in cfg.targets}
     # Secondary (not pre-registered): the envelope credits untouched refusal restored after the crossing.
     envelope = {t: {f"{primary:g}": _c4(by_target[t], cfg, t, primary, "best")} for t in cfg.targets}
-    metrics = {"conditions": frontier, "c4": c4, "c4_envelope": envelope, "levels": list(cfg.levels), "primary_level": primary,
-               "n_seeds": len(cfg.study.seeds), "claims": [_c4_claim(c4, primary, cfg, envelope)]}
+    metrics = {"conditions": frontier, "c4": c4, "c4_envelope": envelope, "levels": list(cfg.levels),
+               "primary_level": primary,
+               "n_seeds": len(cfg.study.seeds), "claims": [_c4_claim(c4, primary, cfg, envelope, frontier)]}
     if len(cfg.targets) >= 2:
         metrics["c3"] = _c3(by_target, cfg, primary)
         metrics["claims"].insert(0, metrics["c3"]["claim"])
@@ -100,7 +102,7 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
     slopes = {t: spread_slope(by_target[t]["npo"], common, cfg.n_boot) for t in (first, second)}
     d = res[f"{level:g}"]
     sizes = {t: sorted({n for n in forget_sizes(by_target[t]["npo"].runs) if n is not None}) for t in (first, second)}
-    recorded = all(sizes.values())
+    recorded, fmt = all(sizes.values()), (lambda ns: "/".join(map(str, ns)) if ns else "unrecorded")
     equal = recorded and all(len(v) == 1 for v in sizes.values()) and sizes[first] == sizes[second]
     # first keeps *less* untouched refusal when it spreads further: the difference is negative.
     ci = d["ci"] or (0.0, 0.0)  # no interval (a level not reached): inconclusive
@@ -109,17 +111,13 @@ def _c3(by_target: dict, cfg: Config, level: float) -> dict:
           + (f"{d['first']:.2f} vs {second} {d['second']:.2f}, difference {d['difference']:+.2f} "
              f"(CI {d['ci'][0]:+.2f}..{d['ci'][1]:+.2f})" if d["ci"] else d.get("note", "n/a"))
           + f"; slope of untouched vs target drop {first} {slopes[first]['slope']:.2f}, {second} "
-          f"{slopes[second]['slope']:.2f}; forget sets {first} {_sizes(sizes[first])}, {second} "
-          f"{_sizes(sizes[second])}" + ("" if equal or not recorded else " (NOT equal in size)") + f"; {len(cfg.study.seeds)} seeds")
+          f"{slopes[second]['slope']:.2f}; forget sets {first} {fmt(sizes[first])}, {second} {fmt(sizes[second])}"
+          + ("" if equal or not recorded else " (NOT equal in size)") + f"; {len(cfg.study.seeds)} seeds")
     return {"levels": res, "slopes": slopes, "forget_sizes": sizes, "equal_forget_sets": equal, "claim": claim(
         "C3", f"Unlearning {first} spreads further than {second} (at matched target forgetting)", status, ev)}
 
 
-def _sizes(ns: list[int]) -> str:
-    return "/".join(map(str, ns)) if ns else "unrecorded"
-
-
-def _c4_claim(c4: dict, level: float, cfg: Config, envelope: dict) -> dict:
+def _c4_claim(c4: dict, level: float, cfg: Config, envelope: dict, frontier: dict) -> dict:
     lv = f"{level:g}"
     passing = {t: [n for n, r in c4[t][lv].items() if r["passes"]] for t in c4}
     no_ema = all(not r["npo_drop"] or r["npo_drop"] <= 0 for t in c4 for r in c4[t][lv].values())
@@ -136,9 +134,12 @@ def _c4_claim(c4: dict, level: float, cfg: Config, envelope: dict) -> dict:
     lrs = ", ".join(f"{x:g}" for x in (cfg.study.lr, *cfg.lrs))
     best = [f"{t} {n} {r['recovery']:.0%}" for t, rows in envelope.items() for n, r in rows[lv].items()
             if r["recovery"] is not None]
+    cos = [f"{k.split('|')[1]} {k.split('|')[0]} {v['grad_cos']['mean']:+.2f}"
+           for k, v in frontier.items() if v["grad_cos"]]
     ev = (f"at target refusal {level:g} (lr {lrs}, {cfg.study.trajectory_steps} steps, {len(cfg.study.seeds)} seeds): "
           + "; ".join(parts) + ("" if status == "replicated" else "; at these budgets")
-          + (f"; envelope (best point at or below the level, secondary): {', '.join(best)}" if best else ""))
+          + (f"; envelope (best point at or below the level, secondary): {', '.join(best)}" if best else "")
+          + (f"; forget/retain gradient cosine, mean over steps: {', '.join(cos)}" if cos else ""))
     return claim("C4", "Retain-CE restores untouched refusal at matched target forgetting", status, ev)
 
 

@@ -88,13 +88,15 @@ def frontier_table(conditions: dict, n_seeds: int) -> list[str]:
              f"seeds and prompts and refind the crossing ({n_seeds} seeds). Drop = base − value. Over-refusal "
              "and benign refusal at the same point; KL(base ‖ model) on benign prompts.", "",
              *table("condition", "target", "level", "reached", "untouched refusal", "drop", "over-refusal", "benign",
-                    "KL", "slope")]
+                    "KL", "slope", "grad cos")]
     for key, c in conditions.items():
         name, target = key.split("|")
         for lv, r in c["levels"].items():
             u, sl = r["untouched"], c["slope"]
             lines.append(f"| {name} | {target} | {lv} | {u['reached']}/{u['n_seeds']} | {frontier_cell(u)} | "
                          f"{frontier_cell(u, 'drop')} | {frontier_cell(r['over_refusal'])} | {frontier_cell(r['benign'])} | "
-                         f"{num(u.get('kl'), '.4f')} | {estimate(sl['slope'], sl['ci'])} |")
+                         f"{num(u.get('kl'), '.4f')} | {estimate(sl['slope'], sl['ci'])} | "
+                         f"{num((c.get('grad_cos') or {}).get('mean'), '+.2f')} |")
     return lines + ["", "Slope: untouched drop per unit of target drop along training (all snapshots, through the "
-                    "origin).", ""]
+                    "origin). Grad cos: cosine between the forget and the retain term's gradients, mean over the "
+                    "training steps of every seed (– without a retain term).", ""]

@@ -23,7 +23,8 @@ from evals.suite import DOMAINS, load_prompts
 from study.conditions import evaluate_sets
 from study.core import Study
 
-__all__ = ["Trajectory", "trajectory_sets", "refusal_probability", "trajectory", "trajectory_runs", "forget_sizes"]
+__all__ = ["Trajectory", "trajectory_sets", "refusal_probability", "trajectory", "trajectory_runs", "forget_sizes",
+           "training_metric"]
 
 
 @dataclass
@@ -131,3 +132,21 @@ def forget_sizes(runs: list[Trajectory]) -> list[int | None]:
         except (OSError, KeyError, TypeError, ValueError):
             out.append(None)
     return out
+
+
+def training_metric(runs: list[Trajectory], name: str) -> dict | None:
+    """Mean, min and max of a per-step training diagnostic (``metrics.jsonl``'s ``metrics[name]``,
+    e.g. ``grad_cos_forget_retain``) over every step of every run; ``None`` when no run logged it."""
+    values = []
+    for t in runs:
+        path = Path(t.run) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            v = json.loads(line).get("metrics", {}).get(name) if line.strip() else None
+            if isinstance(v, (int, float)) and np.isfinite(v):
+                values.append(float(v))
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)),
+            "n": len(values)}

@@ -87,3 +87,23 @@ def test_refusal_probability_uses_the_variant_without_no_on_rebut_prompts():
     assert refusal_probability(PromptRecord("a", "bias", 0.0, expected="refuse", logit_score_without_no=-9.0)) == 0.5
     rebut = PromptRecord("a", "bias", 5.0, expected="rebut", logit_score_without_no=-np.log(3.0))
     assert refusal_probability(rebut) == pytest.approx(0.25)
+
+
+def test_forget_sizes_and_training_metric_read_the_run_directory(tmp_path):
+    import json
+
+    from study.trajectory import Trajectory, forget_sizes, training_metric
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data_manifest.json").write_text(json.dumps({"forget": {"kept": 16}}))
+    rows = [{"step": 1, "metrics": {"grad_cos_forget_retain": -0.8}}, {"step": 2, "metrics": {"grad_cos_forget_retain": -0.4}},
+            {"step": 3, "metrics": {"grad_cos_forget_retain": float("nan")}}, {"step": 4, "metrics": {}}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    runs = [Trajectory(run=str(run), steps=[0], prompt_ids={}, p={}), Trajectory(run=str(bare), steps=[0], prompt_ids={}, p={})]
+    assert forget_sizes(runs) == [16, None]
+    got = training_metric(runs, "grad_cos_forget_retain")
+    assert got["mean"] == pytest.approx(-0.6) and got["n"] == 2 and got["min"] == pytest.approx(-0.8)
+    assert training_metric(runs, "absent") is None
