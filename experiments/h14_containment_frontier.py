@@ -28,7 +28,7 @@ from study import Study, StudyConfig, claim
 from study.frontier import Condition, curves, matched_difference, selectivity
 from study.gate import gate_report
 from study.report import frontier_table
-from study.trajectory import trajectory_runs, trajectory_sets
+from study.trajectory import training_metric, trajectory_runs, trajectory_sets
 
 EXPERIMENT = "h14_containment_frontier"
 ORDER, PRESETS, FIGURES = 14, ("full",), ("frontier_containment",)
@@ -83,8 +83,8 @@ def main(cfg: Config) -> dict:
             runs = trajectory_runs(study, target, "npo", name=f"npo_{m}-{target}", sets=sets,
                                    **_kwargs(study, cfg, m, target))
             conds[m] = Condition(f"npo+{m}", target, runs)
-        table = {n: {**selectivity(c, untouched, cfg.levels, cfg.n_boot), "curves": curves(c, DOMAINS)}
-                 for n, c in conds.items()}
+        table = {n: {**selectivity(c, untouched, cfg.levels, cfg.n_boot), "curves": curves(c, DOMAINS),
+                     "grad_cos": training_metric(c.runs, "grad_cos_forget_retain")} for n, c in conds.items()}
         vs_ce = {m: matched_difference(conds[m], conds["ce"], untouched, primary, cfg.n_boot)
                  for m in cfg.methods if m != "ce"}
         vs_npo = {m: matched_difference(conds[m], conds["npo"], untouched, primary, cfg.n_boot) for m in cfg.methods}
