@@ -59,6 +59,13 @@ class Config(JsonConfig):
     n_boot: int = 1000
     """Bootstrap resamples."""
 
+    def __post_init__(self) -> None:
+        known = ("ce", "kl", "repr", "direction", "gate")
+        if unknown := [m for m in self.methods if m not in known]:
+            raise ValueError(f"unknown containment method(s) {unknown}; choose from {', '.join(known)}")
+        if "ce" not in self.methods:
+            raise ValueError("methods must include 'ce': every method is compared with retain-CE")
+
 
 def _kwargs(study: Study, cfg: Config, method: str, target: str) -> dict:
     if method == "gate":

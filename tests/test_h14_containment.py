@@ -76,3 +76,10 @@ def test_retain_ce_unbeaten_is_not_replicated_at_these_budgets(monkeypatch, tmp_
     m, _ = _run(monkeypatch, tmp_path, {"npo": (FAST, [0.7, 0.4, 0.2, 0.1, 0.1]), "ce": same, "kl": same,
                                         "repr": same, "direction": same, "gate": same})
     assert m["claim"]["status"] == "not replicated" and "at these budgets" in m["claim"]["evidence"]
+
+
+def test_an_unknown_method_or_no_retain_ce_reference_is_refused():
+    with pytest.raises(ValueError, match="choose from ce, kl, repr, direction, gate"):
+        h14.Config(methods=("ce", "rmu"))
+    with pytest.raises(ValueError, match="must include 'ce'"):
+        h14.Config(methods=("kl",))
