@@ -69,6 +69,13 @@ def test_library_modules_stay_small():
     assert not long, f"library modules over {MAX_MODULE_LINES} lines (split them by concept): {long}"
 
 
+def test_experiments_stay_thin():
+    """An experiment reads as its hypothesis; its machinery belongs in the library (study, evals, ...)."""
+    long = {p.name: n for p in _py_files("experiments")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 150}
+    assert not long, f"experiments over 150 lines (move the machinery into the library): {long}"
+
+
 def _module_level_imports(path: Path) -> set[str]:
     """Full module names imported at module level (not inside functions)."""
     out = set()
