@@ -60,7 +60,9 @@ def _setup(results: Path) -> list[str]:
                   if s.get("operating_level") is not None else f"step {s['steps']}")
                if s.get("trajectory_steps") else f"{s['steps']} steps")
             + f", lr {s['lr']}, "
-            f"β {s['beta']}, batch {s['batch_size']}, {s['n_forget']} forget prompts; retain-CE α {s['alpha']}, "
+            f"β {s['beta']}, batch {s['batch_size']}, " + (f"forget sets of {s['n_forget']} base refusals per target "
+            "(candidates drawn until kept)" if s.get("forget_size") == "kept" else f"{s['n_forget']} forget prompts")
+            + f"; retain-CE α {s['alpha']}, "
             f"{s['n_retain_per_domain']} retain prompts per domain",
             f"- **Evaluation:** {s['eval_limit'] or 'all'} eval prompts per domain, greedy {s['max_new_tokens']} "
             f"tokens, `{s['judge']}` judge; concept vectors from {s['probe_limit'] or 'all'} probe prompts per domain",
