@@ -109,8 +109,11 @@ class StudyConfig(JsonConfig):
             raise ValueError(f"operating_level must be in (0, 1) or None, got {self.operating_level}")
         if self.trajectory_every < 1:
             raise ValueError("trajectory_every must be >= 1")
-        if self.forget_size not in ("candidates", "kept"):
-            raise ValueError(f"StudyConfig.forget_size: must be 'candidates' or 'kept', got {self.forget_size!r}")
+        from training.config import FORGET_SIZES
+
+        if self.forget_size not in FORGET_SIZES:
+            raise ValueError(f"StudyConfig.forget_size: must be one of {', '.join(FORGET_SIZES)}, "
+                             f"got {self.forget_size!r}")
         if self.judged_seeds is not None and self.judged_seeds < 1:
             raise ValueError("judged_seeds must be >= 1 (or None for every seed)")
         from interp.batching import check_batch_size

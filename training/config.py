@@ -20,6 +20,7 @@ from interp.registry import DEFAULT_MODEL
 
 __all__ = [
     "METHODS",
+    "FORGET_SIZES",
     "RETAIN_MODES",
     "RETAIN_WEIGHTINGS",
     "REPR_DISTANCES",
@@ -32,6 +33,8 @@ __all__ = [
 
 METHODS = ("npo", "ga", "graddiff", "simnpo", "sft")
 RETAIN_MODES = ("none", "ce", "kl", "repr", "direction")
+FORGET_SIZES = ("candidates", "kept")
+"""What ``UnlearnConfig.n_forget`` counts: candidate prompts, or base refusals kept after judging."""
 RETAIN_WEIGHTINGS = ("token_mean", "per_token")
 REPR_DISTANCES = ("mse", "cosine")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -228,8 +231,8 @@ class UnlearnConfig(JsonConfig):
             bad("retain_mode", f"the {self.retain_mode} retain term needs the reference policy, i.e. a LoRA adapter "
                 "to disable; use retain_mode 'ce' for full fine-tuning")
         self._validate_containment(bad)
-        if self.forget_size not in ("candidates", "kept"):
-            bad("forget_size", f"must be 'candidates' or 'kept', got {self.forget_size!r}")
+        if self.forget_size not in FORGET_SIZES:
+            bad("forget_size", f"must be one of {', '.join(FORGET_SIZES)}, got {self.forget_size!r}")
         if self.forget_size == "kept" and self.method == "sft":
             bad("forget_size", "'kept' counts the model's refusals; method sft trains on compliances, use 'candidates'")
         if self.scheduler not in SCHEDULERS:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from interp.loading import LoadedModel
+from training.config import FORGET_SIZES
 from training.dataset import DataSet
 from training.responses import (
     REFUSAL,
@@ -24,9 +25,6 @@ from training.responses import (
 __all__ = ["FORGET_SIZES", "build_forget_set"]
 
 log = logging.getLogger(__name__)
-
-FORGET_SIZES = ("candidates", "kept")
-"""What a forget set's ``n`` counts: candidate prompts, or refusals kept after judging."""
 
 
 def build_forget_set(
