@@ -28,6 +28,7 @@ from study.trajectory import forget_sizes, training_metric, trajectory_runs, tra
 
 EXPERIMENT = "h13_selectivity_frontier"
 ORDER, RUN_ORDER, PRESETS, FIGURES = 13, 3, ("quick", "full"), ("frontier",)  # runs after H2: the headline C3/C4
+SETUP_FACTS = {"forget-set sizes": "c3.forget_sizes"}  # cross-model table
 PRESET_OVERRIDES = {"full": {"alphas": [1.0, 10.0, 30.0], "lrs": [1e-4]}}
 RECOVERY_BAR = 0.5
 

@@ -17,6 +17,7 @@ from study import Study, StudyConfig, claim, condition, paired_drop
 
 EXPERIMENT = "h1_narrow_unlearning"
 ORDER, PRESETS, FIGURES = 1, ("quick", "full"), ()
+SETUP_FACTS = {"operating step (chosen on the dev split)": "targets.*.operating_steps"}  # cross-model table
 TARGET_BAR = 0.20
 
 

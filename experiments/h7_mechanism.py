@@ -28,6 +28,7 @@ from study.report import ci, table
 
 EXPERIMENT = "h7_mechanism"
 ORDER, PRESETS, FIGURES = 7, ("quick", "full"), ("refusal_projection",)
+SETUP_FACTS = {"layers": "layers", "refusal direction layer": "refusal_direction.layer"}  # cross-model table
 
 
 @dataclass
