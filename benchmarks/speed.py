@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from benchmarks.data import training_examples
+from benchmarks.data import step_batches
 from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result, ratio, time_alternating
 from evals.judge import KeywordJudge
 from evals.refusal import logit_refusal_scores
@@ -161,15 +161,11 @@ def generation(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
 def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
     from benchmarks.unlearn import LR, reference_logp
     from training.config import UnlearnConfig
-    from training.data import collate
     from training.lora import attach_lora, detach_lora
     from training.trainer import train_step as step
 
     ucfg = UnlearnConfig(method="npo", model=lm.name, lora_rank=8, lr=LR, retain_mode="ce")
-    fb = collate(lm.tokenizer, training_examples(cfg.train_batch), max_prompt_tokens=256,
-                 max_response_tokens=cfg.train_response_tokens).to(lm.device)
-    rb = collate(lm.tokenizer, training_examples(2 * cfg.train_batch)[cfg.train_batch:], max_prompt_tokens=256,
-                 max_response_tokens=cfg.train_response_tokens).to(lm.device)
+    fb, rb = (b.to(lm.device) for b in step_batches(lm.tokenizer, cfg.train_batch, cfg.train_response_tokens))
     attach_lora(lm, rank=8, alpha=16.0, targets=("all-linear",))
     try:
         params = [p for p in lm.model.parameters() if p.requires_grad]
