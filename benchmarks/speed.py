@@ -9,7 +9,8 @@ Results (one file each):
   prompts per set) with the shared-prefix cache against without (throughput ratio, max |Δ| of the scores);
 * ``generation``: judge-aware generation (prefix cache, per-row stop once the keyword judge can decide)
   against fixed-length HF ``generate``: tokens generated, wall time, and the judge's agreement;
-* ``train_step``: one NPO + retain-CE step (LoRA r=8, all linear layers) with clip and AdamW.
+* ``train_step``: one NPO + retain-CE step (LoRA r=8, all linear layers) with clip and AdamW;
+* ``train_phases``: that step and an NPO-only one, phase by phase (:mod:`benchmarks.train_phases`).
 
 Each variant reports MFU: its FLOPs (:mod:`interp.flops`, real tokens only) per second over the
 peak of the dtype it runs in.
@@ -23,7 +24,15 @@ from collections.abc import Sequence
 import torch
 
 from benchmarks.data import step_batches
-from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result, ratio, time_alternating
+from benchmarks.harness import (
+    SPEED_RESULTS,
+    BenchConfig,
+    BenchResult,
+    Variant,
+    make_result,
+    ratio,
+    time_alternating,
+)
 from evals.judge import KeywordJudge
 from evals.refusal import logit_refusal_scores
 from evals.suite import DOMAINS, EmptySplitError, load_prompts
@@ -200,5 +209,12 @@ def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
 
 
 def run(lm: LoadedModel, cfg: BenchConfig) -> list[BenchResult]:
+    """The suite's results in order; with ``cfg.only``, those named (the peak is measured whenever
+    another result needs it, and returned only when named)."""
+    from benchmarks.train_phases import train_phases
+
+    want = set(cfg.only) if cfg.only else set(SPEED_RESULTS)
     peak_result, peaks = peak(lm, cfg)
-    return [peak_result, scoring(lm, cfg, peaks), generation(lm, cfg, peaks), train_step(lm, cfg, peaks)]
+    out = [peak_result] if "matmul_peak" in want else []
+    benches = {"scoring": scoring, "generation": generation, "train_step": train_step, "train_phases": train_phases}
+    return out + [benches[name](lm, cfg, peaks) for name in SPEED_RESULTS[1:] if name in want]
