@@ -5,6 +5,7 @@
   python -m benchmarks --suite gpu7b --device cuda       # 7B-scale architectures on a GPU
   python -m benchmarks --suite gpu7b --device cpu --tiny # the same code path, CPU-sized
   python -m benchmarks --suite speed --dtype float32      # matmul peak, MFU, prefix cache, judge-aware generation
+  python -m benchmarks --only train_phases --dtype float32  # one result: the NPO step's phase breakdown
   python -m benchmarks --write-md                        # BENCHMARKS.md from the result files
 """
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     base = BenchConfig.load(args.config) if args.config else None
     cfg = config_from_args(BenchConfig, args, base=base)
-    if args.suite is not None or args.config or not args.write_md:
+    if args.suite is not None or args.only is not None or args.config or not args.write_md:
         run_suites(cfg)
     if args.write_md:
         print(f"[bench] wrote {write_markdown(cfg.out_dir, args.md)}")

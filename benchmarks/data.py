@@ -8,9 +8,9 @@ prompts with one fixed, neutral response, which is all a step's timing depends o
 from __future__ import annotations
 
 from evals.suite import DOMAINS, EmptySplitError, load_prompts
-from training.data import Example
+from training.data import Example, TokenBatch, collate
 
-__all__ = ["varied_prompts", "training_examples", "domain_prompts", "NEUTRAL_RESPONSE"]
+__all__ = ["varied_prompts", "training_examples", "step_batches", "domain_prompts", "NEUTRAL_RESPONSE"]
 
 NEUTRAL_RESPONSE = (
     "Thanks for the question. Here is a short overview of the topic, the main points to consider, "
@@ -43,6 +43,16 @@ def training_examples(n: int, response: str = NEUTRAL_RESPONSE) -> list[Example]
     """``n`` (prompt, response) pairs: varied suite prompts with one fixed neutral response."""
     return [Example(prompt_id=f"bench-{i}", domain="bench", prompt=text, response=response, label="refusal")
             for i, text in enumerate(varied_prompts(n))]
+
+
+def step_batches(tokenizer, n: int, response_tokens: int) -> tuple[TokenBatch, TokenBatch]:
+    """The forget and retain batches of the speed suite's training step: ``n`` rows each (the retain rows
+    are the second half of ``training_examples(2n)``), prompts cut at 256 tokens, responses at
+    ``response_tokens``."""
+    def batch(examples: list[Example]) -> TokenBatch:
+        return collate(tokenizer, examples, max_prompt_tokens=256, max_response_tokens=response_tokens)
+
+    return batch(training_examples(n)), batch(training_examples(2 * n)[n:])
 
 
 def domain_prompts(per_domain: int, n_benign: int, split: str = "probe") -> tuple[dict[str, list[str]], list[str]]:

@@ -30,6 +30,8 @@ __all__ = [
     "SCHEMA",
     "SUITES",
     "DEFAULT_SUITES",
+    "SPEED_RESULTS",
+    "result_suite",
     "BenchConfig",
     "Variant",
     "BenchResult",
@@ -48,6 +50,17 @@ __all__ = [
 SCHEMA = "emalab.bench/v1"
 SUITES = ("activations", "refusal", "unlearn", "probes", "e2e", "gpu7b", "speed")
 DEFAULT_SUITES = ("activations", "refusal", "unlearn", "probes", "e2e")
+SPEED_RESULTS = ("matmul_peak", "scoring", "generation", "train_step", "train_phases")
+"""The speed suite's results, in the order it runs them (one file each)."""
+
+
+def result_suite(name: str) -> str:
+    """The suite that writes result ``name`` (``gpu7b`` stands for all of that suite's results)."""
+    if name in SPEED_RESULTS:
+        return "speed"
+    if name in SUITES and name != "speed":
+        return name
+    raise ValueError(f"unknown result {name!r}; choose from {', '.join((*SUITES[:-1], *SPEED_RESULTS))}")
 
 
 @dataclass
@@ -102,10 +115,19 @@ class BenchConfig(JsonConfig):
     """Machine name for the result directory; default derived from the CPU/GPU model and core count."""
     pipeline_json: str | None = None
     """e2e: the main job's pipeline.json (default $EMALAB_RESULTS/pipeline.json or results/pipeline.json)."""
+    only: tuple[str, ...] | None = None
+    """Produce only these results, by name: a suite's name, or one of the speed suite's (matmul_peak, scoring,
+    generation, train_step, train_phases). The suites that write them run instead of --suite; the matmul peak is
+    measured whenever a speed result needs it and written only when named."""
 
     def __post_init__(self) -> None:
-        parts = [self.suite] if isinstance(self.suite, str) else list(self.suite)
-        self.suite = tuple(s.strip() for part in parts for s in part.split(",") if s.strip())
+        self.suite = _names(self.suite)
+        if self.only is not None:
+            self.only = _names(self.only)
+            if not self.only:
+                raise ValueError("only: name at least one result, or leave it unset")
+            suites = {result_suite(n) for n in self.only}
+            self.suite = tuple(s for s in SUITES if s in suites)
         unknown = [s for s in self.suite if s not in SUITES]
         if unknown or not self.suite:
             raise ValueError(f"unknown benchmark(s) {unknown or '(none given)'}; choose from {', '.join(SUITES)}")
@@ -123,6 +145,12 @@ class BenchConfig(JsonConfig):
             raise ValueError("probe_per_domain must be >= 4 and probe_folds >= 2 for cross-validation")
         if self.gpu_batch % self.gpu_micro_batch:
             raise ValueError(f"gpu_batch {self.gpu_batch} must be a multiple of gpu_micro_batch {self.gpu_micro_batch}")
+
+
+def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"a,b"`` or ``["a", "b,c"]`` as a tuple of stripped names."""
+    parts = [value] if isinstance(value, str) else list(value)
+    return tuple(s.strip() for part in parts for s in part.split(",") if s.strip())
 
 
 @dataclass

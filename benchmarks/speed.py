@@ -9,7 +9,8 @@ Results (one file each):
   prompts per set) with the shared-prefix cache against without (throughput ratio, max |Δ| of the scores);
 * ``generation``: judge-aware generation (prefix cache, per-row stop once the keyword judge can decide)
   against fixed-length HF ``generate``: tokens generated, wall time, and the judge's agreement;
-* ``train_step``: one NPO + retain-CE step (LoRA r=8, all linear layers) with clip and AdamW.
+* ``train_step``: one NPO + retain-CE step (LoRA r=8, all linear layers) with clip and AdamW;
+* ``train_phases``: that step and an NPO-only one, phase by phase (:mod:`benchmarks.train_phases`).
 
 Each variant reports MFU: its FLOPs (:mod:`interp.flops`, real tokens only) per second over the
 peak of the dtype it runs in.
@@ -22,8 +23,16 @@ from collections.abc import Sequence
 
 import torch
 
-from benchmarks.data import training_examples
-from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result, ratio, time_alternating
+from benchmarks.data import step_batches
+from benchmarks.harness import (
+    SPEED_RESULTS,
+    BenchConfig,
+    BenchResult,
+    Variant,
+    make_result,
+    ratio,
+    time_alternating,
+)
 from evals.judge import KeywordJudge
 from evals.refusal import logit_refusal_scores
 from evals.suite import DOMAINS, EmptySplitError, load_prompts
@@ -161,15 +170,11 @@ def generation(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
 def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
     from benchmarks.unlearn import LR, reference_logp
     from training.config import UnlearnConfig
-    from training.data import collate
     from training.lora import attach_lora, detach_lora
     from training.trainer import train_step as step
 
     ucfg = UnlearnConfig(method="npo", model=lm.name, lora_rank=8, lr=LR, retain_mode="ce")
-    fb = collate(lm.tokenizer, training_examples(cfg.train_batch), max_prompt_tokens=256,
-                 max_response_tokens=cfg.train_response_tokens).to(lm.device)
-    rb = collate(lm.tokenizer, training_examples(2 * cfg.train_batch)[cfg.train_batch:], max_prompt_tokens=256,
-                 max_response_tokens=cfg.train_response_tokens).to(lm.device)
+    fb, rb = (b.to(lm.device) for b in step_batches(lm.tokenizer, cfg.train_batch, cfg.train_response_tokens))
     attach_lora(lm, rank=8, alpha=16.0, targets=("all-linear",))
     try:
         params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -204,5 +209,12 @@ def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
 
 
 def run(lm: LoadedModel, cfg: BenchConfig) -> list[BenchResult]:
+    """The suite's results in order; with ``cfg.only``, those named (the peak is measured whenever
+    another result needs it, and returned only when named)."""
+    from benchmarks.train_phases import train_phases
+
+    want = set(cfg.only) if cfg.only else set(SPEED_RESULTS)
     peak_result, peaks = peak(lm, cfg)
-    return [peak_result, scoring(lm, cfg, peaks), generation(lm, cfg, peaks), train_step(lm, cfg, peaks)]
+    out = [peak_result] if "matmul_peak" in want else []
+    benches = {"scoring": scoring, "generation": generation, "train_step": train_step, "train_phases": train_phases}
+    return out + [benches[name](lm, cfg, peaks) for name in SPEED_RESULTS[1:] if name in want]

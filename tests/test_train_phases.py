@@ -1,0 +1,172 @@
+"""Issue #17 item 5: the phase breakdown of one unlearning step (``benchmarks.train_phases``) times the
+trainer's own step: its inline step equals ``training.trainer.train_step`` (and the check says so only
+when it does), its phases add up to the step, and ``--only`` runs just that result. Timings themselves
+are never compared with a number."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from conftest import make_tiny_loaded
+
+from benchmarks import speed, train_phases
+from benchmarks.harness import BenchConfig, read_results, write_result
+from benchmarks.report import render_markdown
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(reps=3, warmup=1, train_batch=2, train_response_tokens=4, machine="test-machine")
+TOTALS = ("sum_of_phases", "phased_step", "step")
+EXPECTED = {"npo": ("forget_forward", "forget_backward", "clip", "adamw", "zero_grad"),
+            "npo_retain_ce": train_phases.PHASES}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_tiny_loaded("qwen2")
+
+
+@pytest.fixture(scope="module")
+def result(lm, tmp_path_factory):
+    cfg = BenchConfig(**TINY, only=("train_phases",), out_dir=str(tmp_path_factory.mktemp("results")))
+    results = speed.run(lm, cfg)
+    assert [r.bench for r in results] == ["train_phases"]  # --only: the peak is measured, not written
+    return json.loads(json.dumps(results[0].to_dict())), results[0]
+
+
+def test_phases_exist_in_order_and_are_positive(result):
+    d, _ = result
+    for mode, phases in EXPECTED.items():
+        got = [k.split(".", 1)[1] for k in d["variants"] if k.startswith(f"{mode}.")]
+        assert got == [*phases, *TOTALS]
+        for p in phases:
+            v = d["variants"][f"{mode}.{p}"]
+            assert len(v["times_s"]) == TINY["reps"] and min(v["times_s"]) > 0
+            assert ("mfu" in v) == (p.endswith(("_forward", "_backward")))
+            if "mfu" in v:
+                assert v["mfu"] > 0 and v["flops"] > 0
+        assert sum(d["variants"][f"{mode}.{p}"]["fraction"] for p in phases) == pytest.approx(1.0)
+
+
+def test_phases_add_up_to_the_step(result):
+    _, r = result
+    for mode in EXPECTED:
+        sums = r.variants[f"{mode}.sum_of_phases"].times_s
+        walls = r.variants[f"{mode}.phased_step"].times_s
+        # the same calls: the clock covers all of each call but a few Python statements around it
+        for s, w in zip(sums, walls, strict=True):
+            assert 0.8 * w <= s <= w
+        # the library's step timed on its own, alternating: equal within the noise of a shared CPU
+        ratio = r.checks[f"{mode}_sum_of_phases_over_step"]
+        assert ratio == pytest.approx(statistics.median(sums) / r.variants[f"{mode}.step"].median_s)
+        assert 0.5 < ratio < 2.0
+
+
+def test_inline_step_equals_the_library_step(result):
+    _, r = result
+    for mode in EXPECTED:
+        assert r.checks[f"{mode}_max_abs_diff_loss"] < 1e-6
+        assert r.checks[f"{mode}_max_abs_diff_losses"] < 1e-6
+        assert r.checks[f"{mode}_max_abs_diff_grad"] < 1e-6 * max(1.0, r.checks[f"{mode}_grad_max_abs"])
+        assert r.checks[f"{mode}_grad_max_abs"] > 0
+    assert r.checks["npo_retain_ce_abs_diff_grad_cos"] < 1e-6
+
+
+def _setup(lm):
+    from benchmarks.data import step_batches
+    from benchmarks.unlearn import reference_logp
+    from training.config import UnlearnConfig
+    from training.lora import attach_lora
+
+    fb, rb = step_batches(lm.tokenizer, 2, 4)
+    attach_lora(lm, rank=4, alpha=8.0, targets=("all-linear",))
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    with torch.no_grad():  # B = 0 would leave A's gradient at zero, so the check would only see B's
+        for n, p in lm.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    lm.model.train()
+    cfg = UnlearnConfig(method="npo", model=lm.name, lora_rank=4, retain_mode="ce")
+    return cfg, fb, rb, reference_logp(lm, fb), params
+
+
+FAULTS = {
+    # the retain term left out of the inline step: its loss and gradient
+    "drop_retain": ("ce_loss", lambda real: lambda logp, n: 0.0 * real(logp, n)),
+    # the retain term's value kept but no gradient through it: only the gradient check can see it
+    "retain_without_gradient": ("ce_loss", lambda real: lambda logp, n: real(logp.detach(), n) + 0.0 * logp.sum()),
+    # another NPO temperature in the forget term
+    "wrong_beta": ("forget_loss", lambda real: lambda m, lp, n, ref, beta, margin: real(m, lp, n, ref, beta=2 * beta,
+                                                                                        margin=margin)),
+}
+
+
+@pytest.mark.parametrize("fault", [*FAULTS, None])
+def test_the_equality_check_catches_a_different_step(fault, monkeypatch):
+    from training.lora import detach_lora
+
+    lm = make_tiny_loaded("qwen2")
+    cfg, fb, rb, ref, params = _setup(lm)
+    if fault is not None:
+        name, make = FAULTS[fault]
+        monkeypatch.setattr(train_phases, name, make(getattr(train_phases, name)))
+    try:
+        diff = train_phases.step_difference(lm, cfg, fb, ref, rb, params)
+    finally:
+        detach_lora(lm)
+    assert all(p.grad is None for p in params)
+    assert diff["grad_max_abs"] > 0
+    if fault is None:
+        assert diff["max_abs_diff_loss"] < 1e-6 and diff["max_abs_diff_grad"] < 1e-6
+        return
+    assert diff["max_abs_diff_grad"] > 1e-3 * diff["grad_max_abs"]
+    if fault != "retain_without_gradient":
+        assert diff["max_abs_diff_loss"] > 1e-3 and diff["max_abs_diff_losses"] > 1e-3
+    else:
+        assert diff["max_abs_diff_loss"] < 1e-6
+
+
+def test_phase_flops_split_train_flops(lm):
+    from benchmarks.data import step_batches
+    from interp.flops import forward_flops, lora_params, model_shape, train_flops
+
+    shape = model_shape(lm.model)
+    fb, _ = step_batches(lm.tokenizer, 2, 4)
+    fwd, bwd = train_phases.phase_flops(shape, fb, rank=8)
+    rows = [(int(n), 0) for n in fb.attention_mask.sum(-1).tolist()]
+    keep = train_phases._keep(fb) * len(rows)
+    tokens = int(fb.attention_mask.sum())
+    assert fwd == pytest.approx(forward_flops(shape, rows, keep) + 2 * lora_params(shape, 8) * tokens)
+    assert fwd + bwd == pytest.approx(train_flops(shape, rows, keep, lora_rank=8))
+    assert 0.8 < bwd / fwd < 2.0  # LoRA: frozen matmuls backpropagate the input gradient only
+
+
+def test_only_selects_results_and_their_suites():
+    from benchmarks.cli import add_arguments
+    from interp.config import config_from_args
+
+    assert BenchConfig(only="train_phases").suite == ("speed",)
+    cfg = BenchConfig(suite=("refusal",), only=["train_step,activations"])
+    assert cfg.only == ("train_step", "activations") and cfg.suite == ("activations", "speed")
+    assert BenchConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in ("speed", "nope", ""):
+        with pytest.raises(ValueError):
+            BenchConfig(only=bad)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--only", "matmul_peak,train_phases", "--dtype", "float32"])
+    got = config_from_args(BenchConfig, args)
+    assert got.only == ("matmul_peak", "train_phases") and got.suite == ("speed",)
+
+
+def test_the_breakdown_renders_in_markdown(result, tmp_path):
+    _, r = result
+    write_result(r, tmp_path, "tiny")
+    md = render_markdown(read_results(tmp_path))
+    assert "### train_phases" in md and "| forget_forward |" in md and "| retain_backward |" in md
+    assert "**sum_of_phases**" in md and "**step**" in md and "npo_retain_ce_max_abs_diff_grad" in md
