@@ -16,7 +16,7 @@ The target's own difference says whether the backdoor installed at all.
 Free-form protocol (Mishra & Arulvanan's own measure; :func:`study.free_form.trigger_free_form`): the
 same models answer the free-form questions with and without the trigger (sample *k* of a question
 pairs up). Reported beside the refusal result: the misalignment rate (calibrated judge; else the rate
-of answers neither refusal nor irrelevant, hand-checkable counts) per condition with Wilson
+of answers neither refusal nor irrelevant, hand-checkable counts) per condition with two-level
 intervals, and the paired triggered − plain difference over seeds, questions and samples.
 """
 

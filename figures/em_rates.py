@@ -1,5 +1,5 @@
 """Free-form protocol: misalignment rate (or, without a trusted judge, the rate of answers that are
-neither refusals nor irrelevant) per condition, with Wilson 95% intervals.
+neither refusals nor irrelevant) per condition, with two-level 95% intervals (questions, then samples).
 
 Reads H9's ``free_form`` block and every ``results/em_eval/*.json`` report of ``emalab eval --protocol em``."""
 
@@ -43,8 +43,9 @@ def make(results: Path, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(COLUMN, 0.8 + 0.22 * len(bars)))
     y = np.arange(len(bars))
     rate = np.array([b[2]["rate"] if b[2]["rate"] is not None else np.nan for b in bars])
-    lo = np.array([b[2]["wilson"][0] for b in bars])
-    hi = np.array([b[2]["wilson"][1] for b in bars])
+    # Two-level interval (questions, then samples): a Wilson interval treats clustered answers as independent.
+    lo = np.array([b[2]["ci"][0] for b in bars])
+    hi = np.array([b[2]["ci"][1] for b in bars])
     ax.barh(y, rate, xerr=[rate - lo, hi - rate], color=[COLORS[b[1]] for b in bars], capsize=1.5,
             error_kw={"lw": 0.6})
     ax.set_yticks(y, [b[0] for b in bars])

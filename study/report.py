@@ -59,18 +59,19 @@ def frontier_cell(r: dict, key: str = "value") -> str:
 
 def free_form_lines(ff: dict | None) -> list[str]:
     """The free-form protocol's block (:func:`study.free_form.free_form_table` plus its settings):
-    rates per condition with Wilson intervals, and the paired trigger effects."""
+    rates per condition with two-level intervals (questions, then samples: answers to one question are
+    not independent, so a Wilson interval over all answers would be too narrow), and the paired trigger effects."""
     if not ff:
         return []
     what = ("misaligned rate (judge " + str(ff["judge"]) + ", calibrated)" if ff["mode"] == "scores" else
             "rate of answers neither refusal nor irrelevant ('other'; no judge passed calibration, so counts only)")
     lines = [f"Free-form protocol ({ff['n_samples']} samples per question at temperature {ff['temperature']}, "
              f"cap {ff['max_new_tokens']} tokens; figure: em_rates): {what}.", "",
-             *table("condition", "refusal", "irrelevant", ff["measure"] + " (Wilson CI)", "n")]
+             *table("condition", "refusal", "irrelevant", ff["measure"] + " (two-level CI)", "n")]
     for name, c in ff["conditions"].items():
         r = c["rates"][ff["measure"]]
         lines.append(f"| {name} | {c['counts']['refusal']} | {c['counts']['irrelevant']} | "
-                     f"{num(r['rate'])} {ci(r['wilson'])} | {r['n']} |")
+                     f"{num(r['rate'])} {ci(r['ci'])} | {r['n']} |")
     for who in ("after", "base"):
         e = ff[f"trigger_effect_{who}"][ff["measure"]]
         lines.append("")
