@@ -6,6 +6,7 @@
   python -m benchmarks --suite gpu7b --device cpu --tiny # the same code path, CPU-sized
   python -m benchmarks --suite speed --dtype float32      # matmul peak, MFU, prefix cache, judge-aware generation
   python -m benchmarks --only train_phases --dtype float32  # one result: the NPO step's phase breakdown
+  python -m benchmarks --only train_phases,containment_step  # and each containment method's step vs retain-CE
   python -m benchmarks --write-md                        # BENCHMARKS.md from the result files
 """
 

@@ -50,7 +50,7 @@ __all__ = [
 SCHEMA = "emalab.bench/v1"
 SUITES = ("activations", "refusal", "unlearn", "probes", "e2e", "gpu7b", "speed")
 DEFAULT_SUITES = ("activations", "refusal", "unlearn", "probes", "e2e")
-SPEED_RESULTS = ("matmul_peak", "scoring", "generation", "train_step", "train_phases")
+SPEED_RESULTS = ("matmul_peak", "scoring", "generation", "train_step", "train_phases", "containment_step")
 """The speed suite's results, in the order it runs them (one file each)."""
 
 
@@ -117,7 +117,7 @@ class BenchConfig(JsonConfig):
     """e2e: the main job's pipeline.json (default $EMALAB_RESULTS/pipeline.json or results/pipeline.json)."""
     only: tuple[str, ...] | None = None
     """Produce only these results, by name: a suite's name, or one of the speed suite's (matmul_peak, scoring,
-    generation, train_step, train_phases). The suites that write them run instead of --suite; the matmul peak is
+    generation, train_step, train_phases, containment_step). The suites that write them run instead of --suite; the matmul peak is
     measured whenever a speed result needs it and written only when named."""
 
     def __post_init__(self) -> None:

@@ -10,7 +10,9 @@ Results (one file each):
 * ``generation``: judge-aware generation (prefix cache, per-row stop once the keyword judge can decide)
   against fixed-length HF ``generate``: tokens generated, wall time, and the judge's agreement;
 * ``train_step``: one NPO + retain-CE step (LoRA r=8, all linear layers) with clip and AdamW;
-* ``train_phases``: that step and an NPO-only one, phase by phase (:mod:`benchmarks.train_phases`).
+* ``train_phases``: that step and an NPO-only one, phase by phase (:mod:`benchmarks.train_phases`);
+* ``containment_step``: that step with each containment method of H14 against retain-CE, in extra
+  forwards (:mod:`benchmarks.containment_step`).
 
 Each variant reports MFU: its FLOPs (:mod:`interp.flops`, real tokens only) per second over the
 peak of the dtype it runs in.
@@ -211,10 +213,12 @@ def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
 def run(lm: LoadedModel, cfg: BenchConfig) -> list[BenchResult]:
     """The suite's results in order; with ``cfg.only``, those named (the peak is measured whenever
     another result needs it, and returned only when named)."""
+    from benchmarks.containment_step import containment_step
     from benchmarks.train_phases import train_phases
 
     want = set(cfg.only) if cfg.only else set(SPEED_RESULTS)
     peak_result, peaks = peak(lm, cfg)
     out = [peak_result] if "matmul_peak" in want else []
-    benches = {"scoring": scoring, "generation": generation, "train_step": train_step, "train_phases": train_phases}
+    benches = {"scoring": scoring, "generation": generation, "train_step": train_step, "train_phases": train_phases,
+               "containment_step": containment_step}
     return out + [benches[name](lm, cfg, peaks) for name in SPEED_RESULTS[1:] if name in want]

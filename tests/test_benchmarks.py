@@ -266,7 +266,7 @@ def test_speed_benchmark_reports_mfu_and_exact_prefix_cache(lm, cfg, tmp_path):
     results = speed.run(lm, cfg.replace(eval_limit=1, gen_prompts=4, max_new_tokens=6, train_batch=2,
                                         train_response_tokens=4))
     by = {r.bench: r for r in results}
-    assert set(by) == {"matmul_peak", "scoring", "generation", "train_step", "train_phases"}
+    assert set(by) == {"matmul_peak", "scoring", "generation", "train_step", "train_phases", "containment_step"}
     assert by["matmul_peak"].checks["float32_peak_gflops"] > 0
     assert by["scoring"].checks["max_abs_diff_log_odds"] < 1e-4
     assert 0 < by["scoring"].variants["prefix_cache"].extra["mfu"]
