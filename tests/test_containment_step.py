@@ -98,7 +98,9 @@ def test_lm_is_left_as_it_came(run):
     assert state.keys() == before["state"].keys()
     assert all(torch.equal(state[k], v) for k, v in before["state"].items())
     with torch.no_grad():
-        assert torch.equal(lm.model(input_ids=before["batch"]).logits, before["logits"])
+        # The weights are checked bit for bit above; the logits only to float tolerance, since with
+        # several threads the same matmul may sum in another order from one call to the next.
+        torch.testing.assert_close(lm.model(input_ids=before["batch"]).logits, before["logits"], atol=1e-5, rtol=1e-5)
 
 
 def test_the_methods_are_built_as_h14_builds_them():

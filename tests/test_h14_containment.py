@@ -83,3 +83,20 @@ def test_an_unknown_method_or_no_retain_ce_reference_is_refused():
         h14.Config(methods=("ce", "rmu"))
     with pytest.raises(ValueError, match="must include 'ce'"):
         h14.Config(methods=("kl",))
+
+
+def test_a_method_short_of_the_primary_level_is_compared_where_it_got_to(monkeypatch, tmp_path):
+    # gate reaches target 0.25 (not 0.10) keeping more untouched refusal: compared at 0.25, listed as
+    # secondary; the claim still rests on the primary level only.
+    short = [0.8, 0.5, 0.2, 0.15, 0.15]
+    ce = (FAST, [0.7, 0.5, 0.3, 0.3, 0.3])
+    curves = {"npo": (FAST, [0.7, 0.4, 0.2, 0.1, 0.1]), "ce": ce, "kl": ce, "repr": ce, "direction": ce,
+              "gate": (short, [0.7, 0.68, 0.66, 0.65, 0.65])}
+    m, _ = _run(monkeypatch, tmp_path, curves)
+    at = m["targets"]["cybersecurity"]["vs_ce_at"]
+    assert set(at) == {"0.25", "0.1"} and at["0.1"] == m["targets"]["cybersecurity"]["vs_ce"]
+    assert at["0.1"]["gate"]["difference"] is None and at["0.25"]["gate"]["ci"][0] > 0
+    ev = m["claim"]["evidence"]
+    assert m["claim"]["status"] != "replicated" and "cybersecurity gate +" in ev.split("secondary, at 0.25:")[1]
+    text = "\n".join(h14.report_section(m))
+    assert "target refusal 0.25, secondary" in text and "target refusal 0.1, untouched" in text
