@@ -35,7 +35,16 @@ from typing import Any
 import torch
 
 from benchmarks.data import step_batches
-from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result, ratio, time_alternating
+from benchmarks.harness import (
+    BenchConfig,
+    BenchResult,
+    Variant,
+    make_result,
+    model_state,
+    ratio,
+    restore_model_state,
+    time_alternating,
+)
 from interp.adapter import d_model, n_layers
 from interp.direction import Direction
 from interp.loading import LoadedModel, adapter_disabled
@@ -143,17 +152,6 @@ def extra_forwards(times: Mapping[str, Sequence[float]], reference: str = REFERE
     return out
 
 
-def _model_state(lm: LoadedModel) -> tuple[bool, dict[str, bool]]:
-    return lm.model.training, {n: p.requires_grad for n, p in lm.model.named_parameters()}
-
-
-def _restore(lm: LoadedModel, state: tuple[bool, dict[str, bool]]) -> None:
-    training, flags = state
-    lm.model.train(training)
-    for n, p in lm.model.named_parameters():
-        p.requires_grad_(flags[n])
-
-
 def _peak_memory(fn: Callable[[], None], device: torch.device, into: dict[str, float], name: str) -> Callable[[], None]:
     """``fn`` that records its peak allocated GPU memory (GB, max over calls) in ``into[name]`` (CUDA only)."""
     if device.type != "cuda":
@@ -175,7 +173,7 @@ def containment_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict | None = Non
     fb, rb = (b.to(lm.device) for b in step_batches(lm.tokenizer, cfg.train_batch, cfg.train_response_tokens))
     cfgs = method_configs(lm, LR)
     reps = min(cfg.reps, 3)
-    state = _model_state(lm)
+    state = model_state(lm)
     gpu_peak: dict[str, float] = {}
     attach_lora(lm, rank=LORA_RANK, alpha=16.0, targets=("all-linear",))
     try:
@@ -208,7 +206,7 @@ def containment_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict | None = Non
         gates = {m: c.gate.describe() for m, c in held.items() if c is not None and c.gate is not None}
     finally:
         detach_lora(lm)
-        _restore(lm, state)
+        restore_model_state(lm, state)
     extra = extra_forwards(times)
     work = {"sequences": len(fb) + len(rb), "tokens": int(fb.attention_mask.sum() + rb.attention_mask.sum())}
     what = {"ce": "NPO + retain-CE (the reference)", "kl": "NPO + retain KL to the base model",

@@ -319,3 +319,17 @@ def read_results(out_dir: str | Path = "benchmarks/results") -> dict[str, dict[s
         if isinstance(data, dict) and data.get("schema") == SCHEMA:
             out.setdefault(path.parent.name, {})[data["bench"]] = data
     return out
+
+
+def model_state(lm) -> tuple[bool, dict[str, bool]]:
+    """The training mode and every parameter's ``requires_grad``: what attaching LoRA changes and
+    detaching it does not restore (``attach_lora`` freezes the base weights)."""
+    return lm.model.training, {n: p.requires_grad for n, p in lm.model.named_parameters()}
+
+
+def restore_model_state(lm, state: tuple[bool, dict[str, bool]]) -> None:
+    """Put back what :func:`model_state` recorded, so a bench leaves ``lm`` as it came."""
+    training, flags = state
+    lm.model.train(training)
+    for n, p in lm.model.named_parameters():
+        p.requires_grad_(flags[n])

@@ -32,7 +32,9 @@ from benchmarks.harness import (
     BenchResult,
     Variant,
     make_result,
+    model_state,
     ratio,
+    restore_model_state,
     time_alternating,
 )
 from evals.judge import KeywordJudge
@@ -177,6 +179,7 @@ def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
 
     ucfg = UnlearnConfig(method="npo", model=lm.name, lora_rank=8, lr=LR, retain_mode="ce")
     fb, rb = (b.to(lm.device) for b in step_batches(lm.tokenizer, cfg.train_batch, cfg.train_response_tokens))
+    state = model_state(lm)
     attach_lora(lm, rank=8, alpha=16.0, targets=("all-linear",))
     try:
         params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -193,8 +196,8 @@ def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
         reps = min(cfg.reps, 3)
         times = time_alternating({"npo_retain_ce": npo_retain}, reps, cfg.warmup, device=lm.device)
     finally:
-        lm.model.eval()
         detach_lora(lm)
+        restore_model_state(lm, state)
     shape = model_shape(lm.model)
     flops = 0.0
     for b in (fb, rb):

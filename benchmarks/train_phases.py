@@ -22,7 +22,16 @@ import time
 import torch
 
 from benchmarks.data import step_batches
-from benchmarks.harness import BenchConfig, BenchResult, Variant, make_result, synchronize, time_alternating
+from benchmarks.harness import (
+    BenchConfig,
+    BenchResult,
+    Variant,
+    make_result,
+    model_state,
+    restore_model_state,
+    synchronize,
+    time_alternating,
+)
 from interp.flops import ModelShape, forward_flops, lora_params, model_shape, train_flops
 from interp.loading import LoadedModel
 from training.collate import TokenBatch
@@ -259,6 +268,7 @@ def train_phases(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
     ucfgs = {m: UnlearnConfig(method="npo", model=lm.name, lora_rank=LORA_RANK, lr=LR, retain_mode=r)
              for m, r in MODES.items()}
     shape, peak_flops = model_shape(lm.model), peaks[_dtype(lm)]["peak_flops"]
+    state = model_state(lm)
     attach_lora(lm, rank=LORA_RANK, alpha=16.0, targets=("all-linear",))
     records: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     checks: dict[str, float] = {}
@@ -284,8 +294,8 @@ def train_phases(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
             diff = step_difference(lm, ucfg, fb, ref, rb if ucfg.retain_mode != "none" else None, params)
             checks.update({f"{m}_{k}": v for k, v in diff.items()})
     finally:
-        lm.model.eval()
         detach_lora(lm)
+        restore_model_state(lm, state)
     (ff, fbw), (rf, rbw) = phase_flops(shape, fb), phase_flops(shape, rb)
     tokens = {"forget": int(fb.attention_mask.sum()), "retain": int(rb.attention_mask.sum())}
     variants: dict[str, Variant] = {}

@@ -170,3 +170,12 @@ def test_the_breakdown_renders_in_markdown(result, tmp_path):
     md = render_markdown(read_results(tmp_path))
     assert "### train_phases" in md and "| forget_forward |" in md and "| retain_backward |" in md
     assert "**sum_of_phases**" in md and "**step**" in md and "npo_retain_ce_max_abs_diff_grad" in md
+
+
+@pytest.mark.parametrize("only", ["train_phases", "train_step"])
+def test_the_bench_leaves_the_model_as_it_came(only, tmp_path):
+    # attach_lora freezes the base weights and detaching does not thaw them: the bench restores them.
+    lm = make_tiny_loaded("qwen2")
+    before = (lm.model.training, {n: p.requires_grad for n, p in lm.model.named_parameters()})
+    speed.run(lm, BenchConfig(**TINY, only=(only,), out_dir=str(tmp_path)))
+    assert (lm.model.training, {n: p.requires_grad for n, p in lm.model.named_parameters()}) == before
