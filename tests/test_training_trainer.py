@@ -192,6 +192,99 @@ def test_split_backward_equals_backward_of_the_sum(tiny_qwen, retain_mode):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+STEP_PHASES = {
+    "none": ["forget_forward", "forget_backward"],
+    "ce": ["grad_snapshot", "forget_forward", "forget_backward", "grad_snapshot", "retain_forward", "retain_backward",
+           "grad_cosine"],
+}
+
+
+@pytest.mark.parametrize("retain_mode", ["none", "ce", "kl", "repr"])
+def test_the_phase_clock_sees_each_phase_end_and_changes_nothing(tiny_qwen, retain_mode):
+    """``train_step(clock=...)`` reports every phase right after it ends (forwards before their
+    backwards: no gradient yet), and the clocked step is the unclocked one, bit for bit."""
+    from training.lora import attach_lora
+    from training.step import STEP_PHASES as NAMES
+
+    cfg = tiny_cfg(retain_mode=retain_mode, gamma=0.7, alpha=1.3, **({"repr_layers": (1,)} if retain_mode == "repr"
+                                                                       else {}))
+    data = tiny_data()
+    fb = collate(tiny_qwen.tokenizer, data.forget.examples[:3])
+    rb = collate(tiny_qwen.tokenizer, data.retain.examples[:2]) if retain_mode != "none" else None
+    ref = torch.tensor([-30.0, -31.0, -29.0])
+    attach_lora(tiny_qwen, rank=4)
+    with torch.no_grad():
+        for n, p in tiny_qwen.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # so every LoRA weight has a gradient and every term is non-zero
+    params = [p for p in tiny_qwen.model.parameters() if p.requires_grad]
+
+    def run(clock, backward=True):
+        for p in params:
+            p.grad = None
+        out = trainer_mod.train_step(tiny_qwen, cfg, fb, ref, rb, backward=backward, clock=clock)
+        return out, [None if p.grad is None else p.grad.clone() for p in params]
+
+    seen: list[tuple[str, bool]] = []
+    clocked, g_clocked = run(lambda phase: seen.append((phase, any(p.grad is not None for p in params))))
+    plain, g_plain = run(None)
+    expected = STEP_PHASES["none" if retain_mode == "none" else "ce"]
+    assert [name for name, _ in seen] == expected and set(expected) <= set(NAMES)
+    first_grad = expected.index("forget_backward")  # each phase is reported after it, before the next
+    assert [has_grad for _, has_grad in seen] == [i >= first_grad for i in range(len(expected))]
+    assert torch.equal(clocked.loss, plain.loss)
+    assert clocked.losses == plain.losses and clocked.metrics == plain.metrics
+    assert ("grad_cos_forget_retain" in plain.metrics) == (retain_mode != "none")
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(g_clocked, g_plain, strict=True))
+    seen.clear()
+    run(lambda phase: seen.append((phase, False)), backward=False)  # no backward: no backward phases, no cosine
+    assert [name for name, _ in seen] == ["forget_forward"] + (["retain_forward"] if retain_mode != "none" else [])
+
+
+def test_optimizer_update_clips_steps_and_zeroes_with_its_clock():
+    from training.loop import UPDATE_PHASES, optimizer_update
+
+    def setup():
+        w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        w.grad = torch.tensor([3.0, 4.0, 0.0])  # norm 5
+        opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.01)
+        return w, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+
+    w, opt, sched = setup()
+    seen: list[str] = []
+    norm, lr = optimizer_update([w], opt, sched, 1.0, clock=seen.append)
+    assert seen == list(UPDATE_PHASES) and norm == pytest.approx(5.0) and lr == pytest.approx(0.1)
+    assert w.grad is None and sched.get_last_lr()[0] == pytest.approx(0.05)
+    v, ref_opt, ref_sched = setup()  # by hand: clip to norm 1, then AdamW
+    torch.nn.utils.clip_grad_norm_([v], 1.0)
+    ref_opt.step()
+    assert torch.equal(w.detach(), v.detach())
+    w, opt, sched = setup()
+    w.grad[0] = float("nan")
+    before = w.detach().clone()
+    with pytest.raises(NonFiniteLossError, match="gradient norm became nan"):
+        optimizer_update([w], opt, sched, 1.0, clock=seen.append)
+    assert torch.equal(w.detach(), before) and w.grad is not None and sched.last_epoch == 0
+
+
+def test_a_non_finite_gradient_norm_stops_the_loop_before_the_update(tiny_qwen, tmp_path, monkeypatch):
+    from training.distributed import DataParallel
+
+    real = DataParallel.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(self, params, max_norm):
+        calls["n"] += 1
+        return float("inf") if calls["n"] == 3 else real(self, params, max_norm)
+
+    monkeypatch.setattr(DataParallel, "clip_grad_norm_", clip)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm became inf at step 3; stopped before the update, "
+                                                 r"the last good checkpoint is .*step-000002"):
+        unlearn(tiny_qwen, tiny_cfg(steps=4), run, progress=False, data=tiny_data())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_backdoor_run_retains_the_target_domain_untriggered(tiny_qwen, tmp_path, monkeypatch):
     """With a trigger, the target's own retain split joins the retain set (built by the trainer)."""
     monkeypatch.setenv("EMALAB_CACHE", str(tmp_path / "cache"))

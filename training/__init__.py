@@ -5,9 +5,9 @@ Modules: ``losses`` (pure objectives), ``data`` (the sets a config asks for; re-
 ``forget_set`` / ``retain_set`` / ``compliance_set`` (the builders) and ``collate``
 (tokenisation, batch order)), ``config`` (``UnlearnConfig``), ``lora`` (attach/save/load/merge
 adapters), ``checkpoint`` (atomic, resumable), ``containment`` (representation / direction retain
-terms, per-token retain weight, the concept-gated adapter), ``step`` (one training step),
+terms, per-token retain weight, the concept-gated adapter), ``step`` (one training step, with an optional phase clock),
 ``reference`` (NPO's cached reference log-probs), ``run_files`` (metrics, resume checks, snapshots,
-the result), ``distributed`` (data parallelism), ``loop`` (the optimisation loop) and ``trainer`` (setting a run
+the result), ``distributed`` (data parallelism), ``loop`` (the optimisation loop and its update) and ``trainer`` (setting a run
 up: ``unlearn``).
 """
 

@@ -44,9 +44,12 @@ from training.run_files import (
     read_metrics,
     save_snapshot,
 )
-from training.step import NonFiniteLossError, global_step_output, train_step
+from training.step import NonFiniteLossError, PhaseClock, global_step_output, train_step
 
-__all__ = ["lr_schedule", "train_loop"]
+__all__ = ["UPDATE_PHASES", "lr_schedule", "optimizer_update", "train_loop"]
+
+UPDATE_PHASES = ("clip", "adamw", "zero_grad")
+"""The phases :func:`optimizer_update` reports to its clock, in order."""
 
 
 def lr_schedule(cfg: UnlearnConfig) -> Callable[[int], float]:
@@ -63,6 +66,41 @@ def lr_schedule(cfg: UnlearnConfig) -> Callable[[int], float]:
         return 1.0 - frac if cfg.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
     return fn
+
+
+def optimizer_update(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float | None,
+                     dp: DataParallel | None = None, clock: PhaseClock | None = None) -> tuple[float, float]:
+    """The update after a step's backward: clip the gradient norm, step AdamW and the schedule, zero the
+    gradients.
+
+    Args:
+        params: the trainable parameters (their gradients already averaged over ranks under DDP).
+        max_grad_norm: the clipping norm; ``None``: the norm is measured, not clipped.
+        dp: the job (:meth:`training.distributed.DataParallel.clip_grad_norm_`); default one process.
+        clock: called with ``clip``, ``adamw`` (the optimizer and the schedule) and ``zero_grad`` as
+            each ends (:data:`UPDATE_PHASES`); ``None``: nothing is called.
+
+    Returns:
+        ``(grad_norm, lr)``: the norm before clipping and the learning rate the step used.
+
+    Raises:
+        NonFiniteLossError: the gradient norm is NaN/inf; nothing was updated.
+    """
+    grad_norm = (dp or DataParallel()).clip_grad_norm_(params, max_grad_norm)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"gradient norm became {grad_norm}")
+    if clock is not None:
+        clock("clip")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    if clock is not None:
+        clock("adamw")
+    optimizer.zero_grad(set_to_none=True)
+    if clock is not None:
+        clock("zero_grad")
+    return grad_norm, lr
 
 
 def _final_adapter_id(lm: LoadedModel) -> str:
@@ -163,18 +201,10 @@ def train_loop(
             try:
                 out = train_step(lm, cfg, fbatch, logp_ref[fmine] if logp_ref is not None else None, rbatch,
                                  model=forward_model, scale=scale, containment=containment)
+                grad_norm, lr = optimizer_update(params, optimizer, scheduler, cfg.max_grad_norm, dp)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(f"{err} at step {step + 1}; stopped before the update, {where}. "
                                          "Lower the learning rate or use float32.") from None
-            grad_norm = dp.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"gradient norm became {grad_norm} at step {step + 1}; stopped before the update, {where}. "
-                    "Lower the learning rate or use float32.")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             if dp.enabled:
                 out = global_step_output(out, cfg, dp, fshare, rshare)
             dt = time.perf_counter() - t0

@@ -6,6 +6,7 @@ gradients; and a step's output over the global batch under data parallelism.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -36,7 +37,15 @@ from training.losses import (
     sequence_logprobs,
 )
 
-__all__ = ["NonFiniteLossError", "train_step", "global_step_output"]
+__all__ = ["NonFiniteLossError", "PhaseClock", "STEP_PHASES", "train_step", "global_step_output"]
+
+PhaseClock = Callable[[str], None]
+"""Called with a phase's name right after the phase ends (a profiler's lap; see ``train_step``'s ``clock``)."""
+
+STEP_PHASES = ("grad_snapshot", "forget_forward", "forget_backward", "retain_forward", "retain_backward",
+               "grad_cosine")
+"""The phases :func:`train_step` reports to its clock (``grad_snapshot`` at two points: before the forget
+forward and after the forget backward)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +67,7 @@ def train_step(
     model: torch.nn.Module | None = None,
     scale: tuple[float, float] = (1.0, 1.0),
     containment: Containment | None = None,
+    clock: PhaseClock | None = None,
 ) -> TrainStepOutput:
     """Forward the forget (and retain) batch and compute ``gamma·forget + alpha·retain``.
 
@@ -74,6 +84,12 @@ def train_step(
             n_global`` under DDP, which averages over ranks); the returned losses are unscaled.
         containment: the refusal direction of ``retain_mode='direction'`` and the calibrated gate
             of ``concept_gate`` (``unlearn`` resolves both).
+        clock: called with each phase's name as it ends, in the order run: ``grad_snapshot`` (before
+            the forget forward and after the forget backward, only when the grad cosine is kept:
+            ``backward`` with a retain term), ``forget_forward``, ``forget_backward``,
+            ``retain_forward`` (with a reference forward: KL, repr, direction), ``retain_backward``,
+            ``grad_cosine``. Forward phases include the loss, its diagnostics and their host reads; the
+            backward phases are reported only with ``backward``. ``None``: nothing is called.
 
     Raises:
         NonFiniteLossError: a term is NaN/inf (checked before its backward).
@@ -87,6 +103,8 @@ def train_step(
     # The two terms' gradients apart, for their cosine: one copy of the gradients.
     params = [p for p in lm.model.parameters() if p.requires_grad] if backward and cfg.retain_mode != "none" else []
     start = _grad_snapshot(params) if any(p.grad is not None for p in params) else None
+    if clock is not None and params:
+        clock("grad_snapshot")
     fb = forget_batch.to(lm.device)
     with _gated(lm, gate, fb) as fgate:
         rl = response_logits(model, fb.input_ids, fb.attention_mask, fb.response_mask)
@@ -100,32 +118,46 @@ def train_step(
             metrics["forget_logratio_tok"] = float(((logp.detach() - ref) / n).mean())
         if fgate is not None:
             metrics["gate_forget"] = float(fgate.mean())
-        _finite(f, "forget", losses)
+        f = _close_term(f, "forget", cfg.gamma, scale[0], losses, backward, clock)
         if backward:
-            (cfg.gamma * f * scale[0] if scale[0] != 1.0 else cfg.gamma * f).backward()
-            f = f.detach()
             del rl, logp
     r = None
     if cfg.retain_mode != "none":
         if retain_batch is None:
             raise ValueError(f"retain_mode={cfg.retain_mode!r} needs a retain batch")
         mid = _grad_snapshot(params) if params else None
+        if clock is not None and mid is not None:
+            clock("grad_snapshot")
         rb = retain_batch.to(lm.device)
         with _gated(lm, gate, rb) as rgate:
             r = _retain_term(lm, cfg, model, rb, n, metrics, containment)
             if rgate is not None:
                 metrics["gate_retain"] = float(rgate.mean())
             losses["retain"] = float(r.detach())
-            _finite(r, "retain", losses)
-            if backward:
-                (cfg.alpha * r * scale[1] if scale[1] != 1.0 else cfg.alpha * r).backward()
-                r = r.detach()
+            r = _close_term(r, "retain", cfg.alpha, scale[1], losses, backward, clock)
         if mid is not None:
             cos = _grad_cosine(params, start, mid)
             if cos is not None:
                 metrics["grad_cos_forget_retain"] = cos
+            if clock is not None:
+                clock("grad_cosine")
     loss = combine_losses(f, r, cfg.gamma, cfg.alpha)
     return TrainStepOutput(loss=loss, losses=losses, metrics=metrics)
+
+
+def _close_term(value: torch.Tensor, name: str, weight: float, scale: float, losses: dict[str, float],
+                backward: bool, clock: PhaseClock | None) -> torch.Tensor:
+    """Check a computed term, then (with ``backward``) backpropagate ``weight·value`` (times ``scale``)
+    and return it detached, reporting ``<name>_forward`` and ``<name>_backward`` to ``clock``."""
+    _finite(value, name, losses)
+    if clock is not None:
+        clock(f"{name}_forward")
+    if not backward:
+        return value
+    (weight * value * scale if scale != 1.0 else weight * value).backward()
+    if clock is not None:
+        clock(f"{name}_backward")
+    return value.detach()
 
 
 def _retain_term(lm: LoadedModel, cfg: UnlearnConfig, model: torch.nn.Module, rb: TokenBatch,
