@@ -2,15 +2,16 @@
 
 On the forget / retain batches of :func:`benchmarks.speed.train_step` (LoRA r=8 on all linear layers,
 cached NPO reference), for NPO alone (``retain_mode='none'``) and NPO + retain-CE, the step the trainer
-runs (:func:`training.loop.train_loop`: :func:`training.step.train_step`, clip, AdamW + schedule,
-zero_grad) is run again inline from the library's pieces with a clock between its phases, in the
+runs (:func:`training.loop.train_loop`: :func:`training.step.train_step`, then
+:func:`training.loop.optimizer_update`: clip, AdamW + schedule, zero_grad) is timed phase by phase
+through the library's own phase clock (both functions' ``clock``, a device-synchronised lap), in the
 trainer's order (:data:`PHASES`; ``grad_snapshot`` adds the step's two snapshot points, before the
 forget forward and after the forget backward).
 
-Three totals per mode, alternating within each round: ``step`` (the library's step timed whole),
-``phased_step`` (the instrumented inline step, timed whole) and ``sum_of_phases``. The inline step is
-checked against :func:`training.trainer.train_step` on the same batch and weights: max |Δ| of the loss
-and of the flattened LoRA gradients (``checks``), so the breakdown measures the same step.
+Three totals per mode, alternating within each round: ``step`` (the same two calls without a clock,
+timed whole), ``phased_step`` (the clocked calls, timed whole) and ``sum_of_phases``. The clocked step is
+checked against the unclocked one on the same batch and weights: max |Δ| of the loss, its terms, the
+flattened LoRA gradients and the gradient cosine (``checks``), so the clock does not change the step.
 """
 
 from __future__ import annotations
@@ -36,28 +37,14 @@ from interp.flops import ModelShape, forward_flops, lora_params, model_shape, tr
 from interp.loading import LoadedModel
 from training.collate import TokenBatch
 from training.config import UnlearnConfig
-from training.containment import retain_token_scale
-from training.distributed import DataParallel
-from training.loop import lr_schedule
-from training.losses import (
-    TrainStepOutput,
-    ce_loss,
-    combine_losses,
-    forget_loss,
-    response_logits,
-    response_token_counts,
-    sequence_logprobs,
-)
+from training.loop import UPDATE_PHASES, lr_schedule, optimizer_update
+from training.step import PhaseClock, train_step
 
-# The step's own gradient bookkeeping, timed as it is (private to training.step: there is no public copy).
-from training.step import NonFiniteLossError, _grad_cosine, _grad_snapshot
-from training.trainer import train_step
-
-__all__ = ["PHASES", "MODES", "LORA_RANK", "inline_step", "phased_step", "whole_step", "step_difference",
-           "phase_flops", "train_phases"]
+__all__ = ["PHASES", "MODES", "LORA_RANK", "phased_step", "whole_step", "step_difference", "phase_flops",
+           "train_phases"]
 
 PHASES = ("forget_forward", "forget_backward", "grad_snapshot", "retain_forward", "retain_backward", "grad_cosine",
-          "clip", "adamw", "zero_grad")
+          *UPDATE_PHASES)
 """The phases of one step, in the order the trainer runs them (``grad_snapshot`` runs at two points)."""
 MODES = {"npo": "none", "npo_retain_ce": "ce"}
 """Variant prefix → ``retain_mode``."""
@@ -83,101 +70,23 @@ class _Clock:
         self._t = now
 
 
-def _finite(value: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(value.detach()).all():
-        raise NonFiniteLossError(f"the {name} loss became {float(value.detach())}")
-
-
-def inline_step(lm: LoadedModel, cfg: UnlearnConfig, forget_batch: TokenBatch, logp_ref: torch.Tensor | None,
-                retain_batch: TokenBatch | None, clock: _Clock) -> TrainStepOutput:
-    """:func:`training.step.train_step` with ``backward=True`` in one process, no gate or containment,
-    ``retain_mode`` none or ce, its statements in the same order, ``clock.lap`` after each phase."""
-    if cfg.retain_mode not in ("none", "ce") or cfg.concept_gate:
-        raise ValueError("the phase breakdown covers retain_mode none or ce, without a concept gate")
-    params = [p for p in lm.model.parameters() if p.requires_grad] if cfg.retain_mode != "none" else []
-    start = None
-    if params:
-        start = _grad_snapshot(params) if any(p.grad is not None for p in params) else None
-        clock.lap("grad_snapshot")
-    fb = forget_batch.to(lm.device)
-    rl = response_logits(lm.model, fb.input_ids, fb.attention_mask, fb.response_mask)
-    logp = sequence_logprobs(rl.logits, rl.labels, rl.mask)
-    n = response_token_counts(rl.mask)
-    ref = logp_ref.to(logp.device) if logp_ref is not None else None
-    f = forget_loss(cfg.method, logp, n, ref, beta=cfg.beta, margin=cfg.simnpo_margin)
-    losses = {"forget": float(f.detach())}
-    metrics = {"forget_logp_tok": float(logp.detach().sum() / n.sum())}
-    if ref is not None:
-        metrics["forget_logratio_tok"] = float(((logp.detach() - ref) / n).mean())
-    _finite(f, "forget")
-    clock.lap("forget_forward")
-    (cfg.gamma * f).backward()
-    f = f.detach()
-    del rl, logp
-    clock.lap("forget_backward")
-    r = None
-    if cfg.retain_mode != "none":
-        if retain_batch is None:
-            raise ValueError(f"retain_mode={cfg.retain_mode!r} needs a retain batch")
-        mid = _grad_snapshot(params)
-        clock.lap("grad_snapshot")
-        rb = retain_batch.to(lm.device)
-        rr = response_logits(lm.model, rb.input_ids, rb.attention_mask, rb.response_mask)
-        rlogp = sequence_logprobs(rr.logits, rr.labels, rr.mask)
-        rn = response_token_counts(rr.mask)
-        metrics["retain_logp_tok"] = float(rlogp.detach().sum() / rn.sum())
-        r = ce_loss(rlogp, rn)
-        if cfg.retain_weighting == "per_token":
-            metrics["retain_scale"] = retain_token_scale(cfg.method, n, rn)
-            r = r * metrics["retain_scale"]
-        losses["retain"] = float(r.detach())
-        _finite(r, "retain")
-        clock.lap("retain_forward")
-        (cfg.alpha * r).backward()
-        r = r.detach()
-        del rr, rlogp
-        clock.lap("retain_backward")
-        cos = _grad_cosine(params, start, mid)
-        if cos is not None:
-            metrics["grad_cos_forget_retain"] = cos
-        clock.lap("grad_cosine")
-    return TrainStepOutput(loss=combine_losses(f, r, cfg.gamma, cfg.alpha), losses=losses, metrics=metrics)
-
-
-def _update(cfg: UnlearnConfig, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-            sched: torch.optim.lr_scheduler.LRScheduler, clock: _Clock | None) -> None:
-    """The trainer loop's clip, AdamW + schedule and zero_grad (one process)."""
-    norm = DataParallel().clip_grad_norm_(params, cfg.max_grad_norm)
-    if not math.isfinite(norm):
-        raise NonFiniteLossError(f"gradient norm became {norm}")
-    if clock is not None:
-        clock.lap("clip")
-    sched.get_last_lr()
-    opt.step()
-    sched.step()
-    if clock is not None:
-        clock.lap("adamw")
-    opt.zero_grad(set_to_none=True)
-    if clock is not None:
-        clock.lap("zero_grad")
-
-
 def phased_step(lm: LoadedModel, cfg: UnlearnConfig, fb: TokenBatch, ref: torch.Tensor | None,
                 rb: TokenBatch | None, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, float]:
-    """One optimiser step, inline; returns seconds per phase."""
+    """One optimiser step through the library with its phase clock; returns seconds per phase."""
     clock = _Clock(lm.device)
-    inline_step(lm, cfg, fb, ref, rb, clock)
-    _update(cfg, params, opt, sched, clock)
+    train_step(lm, cfg, fb, ref, rb, clock=clock.lap)
+    optimizer_update(params, opt, sched, cfg.max_grad_norm, clock=clock.lap)
     return clock.seconds
 
 
 def whole_step(lm: LoadedModel, cfg: UnlearnConfig, fb: TokenBatch, ref: torch.Tensor | None,
                rb: TokenBatch | None, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LRScheduler) -> None:
-    """One optimiser step through the library: :func:`training.trainer.train_step`, then the update."""
+    """One optimiser step through the library without a clock: :func:`training.step.train_step`, then
+    :func:`training.loop.optimizer_update`."""
     train_step(lm, cfg, fb, ref, rb)
-    _update(cfg, params, opt, sched, None)
+    optimizer_update(params, opt, sched, cfg.max_grad_norm)
 
 
 def _flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -186,15 +95,21 @@ def _flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 def step_difference(lm: LoadedModel, cfg: UnlearnConfig, fb: TokenBatch, ref: torch.Tensor | None,
-                    rb: TokenBatch | None, params: list[torch.nn.Parameter]) -> dict[str, float]:
-    """Max |Δ| between :func:`inline_step` and :func:`training.trainer.train_step` from the same weights
-    and batch: of the loss, its components, the flattened gradient and the gradient cosine (``grad_max_abs``
-    gives the gradient's scale). Leaves the gradients unset."""
+                    rb: TokenBatch | None, params: list[torch.nn.Parameter],
+                    clock: PhaseClock | None = None) -> dict[str, float]:
+    """Max |Δ| between :func:`training.step.train_step` with a phase clock and without one, from the same
+    weights and batch: of the loss, its components, the flattened gradient and the gradient cosine
+    (``grad_max_abs`` gives the gradient's scale). Leaves the gradients unset.
+
+    Args:
+        clock: the clock of the clocked step; default the bench's device-synchronised lap.
+    """
+    clock = clock if clock is not None else _Clock(lm.device).lap
     outs, grads = [], []
-    for fn in (lambda: inline_step(lm, cfg, fb, ref, rb, _Clock(lm.device)), lambda: train_step(lm, cfg, fb, ref, rb)):
+    for c in (clock, None):
         for p in params:
             p.grad = None
-        outs.append(fn())
+        outs.append(train_step(lm, cfg, fb, ref, rb, clock=c))
         grads.append(_flat_grads(params))
     for p in params:
         p.grad = None
@@ -250,9 +165,9 @@ def _variants(mode: str, records: list[dict[str, float]], steps: dict[str, list[
     step_flops = sum(flops.values())
     sums = [sum(r.values()) for r in records]
     for name, times, what in (("sum_of_phases", sums, "sum of the phases, per round"),
-                              ("phased_step", steps["phased"], "the inline step with its clock, timed whole"),
-                              ("step", steps["whole"], "training.trainer.train_step + clip + AdamW + zero_grad, "
-                                                       "timed whole")):
+                              ("phased_step", steps["phased"], "the step with its phase clock, timed whole"),
+                              ("step", steps["whole"], "training.step.train_step + optimizer_update (clip, AdamW, "
+                                                       "zero_grad), timed whole")):
         out[f"{mode}.{name}"] = Variant(times, work, f"{mode}: {what}",
                                         extra={"flops": step_flops, "mfu": step_flops / statistics.median(times)
                                                / peak_flops})
@@ -316,8 +231,10 @@ def train_phases(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
              "= train_flops - forward (frozen matmuls 1× the forward: input gradient only; adapters 2×; attention 2×; "
              "unembedding 1×), so with LoRA the split is about 1/2 : 1/2, not the 1/3 : 2/3 of full fine-tuning",
              "forward phases include the loss, its diagnostics and their host reads (float()), as the step does",
-             "grad_snapshot: training.step._grad_snapshot before the forget forward (grads are unset after zero_grad: "
-             "only the check runs) and after the forget backward; grad_cosine: training.step._grad_cosine",
+             "phases: the clock argument of training.step.train_step and training.loop.optimizer_update (a lap with "
+             "device synchronisation after each phase)",
+             "grad_snapshot: the step's gradient snapshot before the forget forward (grads are unset after zero_grad: "
+             "only the check runs) and after the forget backward; grad_cosine: the forget/retain gradient cosine",
              "adamw includes LambdaLR's step; batch collation and metric logging of the trainer loop are not timed",
-             "checks <mode>_max_abs_diff_*: inline step vs training.trainer.train_step on the same weights and batch"]
+             "checks <mode>_max_abs_diff_*: the clocked step vs the unclocked one on the same weights and batch"]
     return make_result("train_phases", variants, {}, config, lm.device, checks, notes)
