@@ -40,9 +40,9 @@ def make(results: Path, out: Path, experiment: str = EXPERIMENT, name: str = "fr
     fig, axes = plt.subplots(2, len(by_target), figsize=(FULL, 4.2), squeeze=False)
     for j, (target, conds) in enumerate(by_target.items()):
         top, bottom = axes[0][j], axes[1][j]
-        for k, (name, curves) in enumerate(conds.items()):
-            _band(top, curves["seeds"], "target", "untouched", name, colors[k % len(colors)])
-            _band(bottom, curves["seeds"], "target", "kl", name, colors[k % len(colors)])
+        for k, (label, curves) in enumerate(conds.items()):  # not ``name``: that is the figure's
+            _band(top, curves["seeds"], "target", "untouched", label, colors[k % len(colors)])
+            _band(bottom, curves["seeds"], "target", "kl", label, colors[k % len(colors)])
         for level in metrics["levels"]:
             for ax in (top, bottom):
                 ax.axvline(level, color="0.6", lw=0.6, ls=":")
@@ -61,9 +61,9 @@ def _domains(by_target: dict, metrics: dict, out: Path, colors: list, name: str)
         domains = [d for d in next(iter(conds.values()))["seeds"][0]["domains"] if d != target]
         fig, axes = plt.subplots(1, len(domains), figsize=(FULL, 1.9), squeeze=False, sharey=True)
         for ax, d in zip(axes[0], domains):
-            for k, (name, curves) in enumerate(conds.items()):
+            for k, (label, curves) in enumerate(conds.items()):
                 seeds = [{"target": s["target"], "y": s["domains"][d]} for s in curves["seeds"]]
-                _band(ax, seeds, "target", "y", name, colors[k % len(colors)])
+                _band(ax, seeds, "target", "y", label, colors[k % len(colors)])
             ax.invert_xaxis()
             ax.set(title=d, xlabel=f"{target} P")
         axes[0][0].set_ylabel("refusal P")

@@ -25,8 +25,8 @@ import numpy as np
 
 from study.trajectory import Trajectory
 
-__all__ = ["RULES", "crossing", "Condition", "at_level", "matched_difference", "spread_slope", "selectivity",
-           "recovery", "curves"]
+__all__ = ["RULES", "crossing", "Condition", "at_level", "matched_difference", "matched_contrast", "spread_slope",
+           "selectivity", "recovery", "curves"]
 
 
 def crossing(curve: np.ndarray, level: float) -> tuple[int, float] | None:
@@ -206,7 +206,55 @@ def matched_difference(first: Condition, second: Condition, domains: Sequence[st
     diff = float(np.mean(va) - np.mean(vb))
     ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots else None
     return {**out, "difference": diff, "ci": ci, "first": float(np.mean(va)), "second": float(np.mean(vb)),
-            "boot_reached_share": len(boots) / n_boot}
+            "boot_reached_share": len(boots) / n_boot if n_boot else None}
+
+
+def matched_contrast(first: Condition, others: Sequence[Condition], domains: Sequence[str], level: float,
+                     n_boot: int = 2000, seed: int = 0, rule: str = "first") -> dict:
+    """Untouched refusal of ``first`` minus the mean over ``others`` at matched target refusal ``level``,
+    over the ``domains`` untouched by all of them, paired: seed k with seed k, and one draw of seeds and
+    prompts per resample shared by every condition, so the interval is that of the mean over ``others``
+    of the paired differences (``others`` are fixed, not resampled). With one other it is
+    :func:`matched_difference` (the same resamples).
+
+    If any condition never reaches ``level`` there is no difference: averaging over the others that
+    happen to reach it would select them. The result says which did not, with the lowest target
+    refusal each got to (``closest``); nothing is extrapolated.
+    """
+    _check_rule(rule)
+    if not others:
+        raise ValueError("matched_contrast needs at least one other condition")
+    conds = [first, *others]
+    domains = [d for d in domains if d not in {c.target for c in conds}]
+    n = min(len(c.runs) for c in conds)
+    conds = [c if len(c.runs) == n else Condition(c.name, c.target, c.runs[:n]) for c in conds]
+    out = {"level": level, "rule": rule, "domains": domains, "n_seeds": n, "names": [c.name for c in conds]}
+    if not domains:
+        return {**out, "reached": None, "difference": None, "ci": None, "note": "no domain left to compare"}
+    # In a fixed order: the bootstrap draws each domain's resample in turn (a set would follow PYTHONHASHSEED).
+    names = list(dict.fromkeys((*domains, *(c.target for c in conds))))
+    sizes = {d: conds[0].stack(d).shape[2] for d in names}
+    full = {d: np.arange(k) for d, k in sizes.items()}
+    read = [_seed_values(*_resampled(c, domains, np.arange(n), full), level, rule=rule) for c in conds]
+    out["reached"] = [len(v) for v, _, _ in read]
+    short = {c.name: closest for c, (v, _, closest) in zip(conds, read) if not v}
+    if short:
+        return {**out, "difference": None, "ci": None, "closest": short,
+                "note": "not reached by " + " and ".join(f"{k} (its target's refusal got to {v:.2f} at best)"
+                                                         for k, v in short.items())}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, n, n)
+        cols = {d: rng.integers(0, k, k) for d, k in sizes.items()}
+        vs = [_seed_values(*_resampled(c, domains, rows, cols), level, rule=rule)[0] for c in conds]
+        if all(vs):
+            boots.append(np.mean(vs[0]) - np.mean([np.mean(v) for v in vs[1:]]))
+    means = [float(np.mean(v)) for v, _, _ in read]
+    diff = means[0] - float(np.mean(means[1:]))
+    ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots else None
+    return {**out, "difference": diff, "ci": ci, "first": means[0], "second": float(np.mean(means[1:])),
+            "others": dict(zip(out["names"][1:], means[1:])), "boot_reached_share": len(boots) / n_boot if n_boot else None}
 
 
 def spread_slope(cond: Condition, domains: Sequence[str], n_boot: int = 2000, seed: int = 0) -> dict:

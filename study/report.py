@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["frontier_table", "num", "pct", "ci", "estimate", "test", "brief_test", "table", "frontier_cell", "free_form_lines"]
+__all__ = ["frontier_table", "num", "pct", "ci", "estimate", "test", "brief_test", "table", "frontier_cell", "difference",
+           "retain_set_lines", "free_form_lines"]
 
 
 def num(x: float | None, fmt: str = ".2f") -> str:
@@ -55,6 +56,40 @@ def frontier_cell(r: dict, key: str = "value") -> str:
     if r.get(key) is None:
         return f"not reached (closest {r['closest']:.2f})" if "closest" in r else "–"
     return estimate(r[key], r.get("ci" if key == "value" else f"{key}_ci"))
+
+
+def difference(r: dict) -> str:
+    """A matched difference (:func:`study.frontier.matched_difference` or ``matched_contrast``) as
+    ``+d [lo, hi]``, or its note ("not reached by …") when it has no interval."""
+    if r.get("ci") is None:
+        return r.get("note", "n/a")
+    return f"{r['difference']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]"
+
+
+def retain_set_lines(target: str, v: dict, budget: int, primary: str) -> list[str]:
+    """One target's retain-set block (:func:`study.retain_sets.compare_retain_sets` with its
+    ``strategies``, ``held_out`` and ``early_similarity``): what each strategy retained, the held-out
+    domains' refusal, and predicted − random at every level."""
+    sims = ", ".join(f"{d} {x:+.2f}" for d, x in sorted(v["early_similarity"].items(), key=lambda kv: -kv[1]))
+    retained = "; ".join(f"{n}: {', '.join(s['retain_domains']) or '–'}"
+                         + (f" ({s['per_domain']} each)" if s["per_domain"] else " (plain NPO)")
+                         for n, s in v["strategies"].items())
+    n_random = sum(n.startswith("random") for n in v["strategies"])
+    lines = [f"Retained ({target}; budget {budget} retain prompts; early-layer similarity to {target}: {sims}): "
+             f"{retained}. Held out (retained by no k-strategy): {', '.join(v['held_out']) or 'none'}.", ""]
+    if v["held_out_refusal"]:
+        lines += [f"Refusal of the held-out domains ({', '.join(v['held_out'])}) at each matched level ('all' "
+                  "retains them too: its row is propped up by their own retain prompts).", "",
+                  *table("condition", "target", "level", "held-out refusal", "drop")]
+        lines += [f"| {n} | {target} | {lv} | {frontier_cell(r)} | {frontier_cell(r, 'drop')} |"
+                  for n, by_level in v["held_out_refusal"].items() for lv, r in by_level.items()] + [""]
+    for lv, vs in v["vs_random_at"].items():
+        lines += [f"Predicted − random ({target}, target refusal {lv}{'' if lv == primary else ', secondary'}; "
+                  f"untouched refusal difference, random = mean of {n_random} draws): all untouched "
+                  f"{difference(vs['untouched'])}; held out {difference(vs['held_out'])}"
+                  + ("; per draw: " + ", ".join(f"{n} {difference(r)}" for n, r in v["per_draw"].items())
+                     if lv == primary else "") + ".", ""]
+    return lines
 
 
 def free_form_lines(ff: dict | None) -> list[str]:

@@ -149,9 +149,10 @@ def tiny_dir(tmp_path):
 
 
 def planted_trajectory(target: str, target_curve, untouched_curve, steps=(0, 4, 8, 12, 16), n: int = 5,
-                       noise: float = 0.03, seed: int = 0, kl=None):
+                       noise: float = 0.03, seed: int = 0, kl=None, domain_curves=None):
     """A :class:`study.trajectory.Trajectory` whose target prompts follow ``target_curve`` and every
-    other set ``untouched_curve``, plus per-prompt noise that leaves each set's mean on its curve."""
+    other set ``untouched_curve`` (or its own curve in ``domain_curves``), plus per-prompt noise that
+    leaves each set's mean on its curve."""
     import numpy as np
 
     from evals.suite import DOMAINS
@@ -160,7 +161,7 @@ def planted_trajectory(target: str, target_curve, untouched_curve, steps=(0, 4, 
     rng = np.random.default_rng(seed)
     p = {}
     for d in (*DOMAINS, "benign", "over_refusal"):
-        curve = np.asarray(target_curve if d == target else untouched_curve, dtype=float)
+        curve = np.asarray(target_curve if d == target else (domain_curves or {}).get(d, untouched_curve), dtype=float)
         jitter = rng.normal(0, noise, (len(steps), n)) if noise else np.zeros((len(steps), n))
         p[d] = np.clip(curve[:, None] + jitter - jitter.mean(axis=1, keepdims=True), 0, 1)
     return Trajectory(run=f"planted-{seed}", steps=list(steps), prompt_ids={d: [f"{d}-{i}" for i in range(n)] for d in p},

@@ -124,7 +124,7 @@ def test_h7_correlation_leaves_the_target_out():
     assert untouched_correlation(ablation, npo, target)["spearman"] < 1.0
 
 
-# -- H6 ------------------------------------------------------------------------------------------
+# -- drop_contrast (study.verdicts) -------------------------------------------------------------
 
 
 def _cond(after_logits: list[float], n: int = 12, seeds: int = 2):
@@ -151,26 +151,6 @@ def test_drop_contrast_averages_the_other_conditions_pairwise():
         drop_contrast(first, [], ["bias"])
     with pytest.raises(ValueError, match="differ in seeds or prompts"):
         drop_contrast(first, [_cond([0.0], n=6)], ["bias"], "logit")
-
-
-def _h6_target(lo, hi):
-    strat = {k: {"mean_untouched_drop": 0.3} for k in ("predicted", "random", "all", "none")}
-    return {"predicted": ["a", "b"], "strategies": strat, "predicted_vs_random": {"difference": (lo + hi) / 2,
-                                                                                  "ci": [lo, hi]}}
-
-
-@pytest.mark.parametrize("cis,status", [
-    ([(-0.3, -0.1), (-0.2, -0.05)], "replicated"),
-    ([(0.05, 0.2), (0.1, 0.3)], "not replicated"),  # symmetric: random significantly better everywhere
-    ([(-0.3, -0.1), (-0.1, 0.1)], "inconclusive"),
-    ([(-0.1, 0.1), (-0.1, 0.1)], "inconclusive"),
-    ([(-0.3, -0.1), (0.1, 0.3)], "inconclusive"),
-])
-def test_h6_verdict_is_symmetric(cis, status):
-    from experiments.h6_prediction_guided_retain import verdict
-
-    got = verdict({f"t{i}": _h6_target(lo, hi) for i, (lo, hi) in enumerate(cis)})
-    assert got["id"] == "L1" and got["status"] == status
 
 
 # -- H11 -----------------------------------------------------------------------------------------

@@ -7,15 +7,16 @@ import pytest
 from conftest import planted_trajectory
 
 from evals.suite import DOMAINS
-from study.frontier import Condition, at_level, crossing, matched_difference, spread_slope
+from study.frontier import Condition, at_level, crossing, matched_contrast, matched_difference, spread_slope
 from study.trajectory import Trajectory
 
 STEPS = [0, 4, 8, 12]
 
 
 def _traj(target: str, target_curve, untouched_curve, n: int = 6, noise: float = 0.0, seed: int = 0,
-          kl=None) -> Trajectory:
-    return planted_trajectory(target, target_curve, untouched_curve, STEPS, n, noise, seed, kl or [0.0, 0.1, 0.2, 0.3])
+          kl=None, domain_curves=None) -> Trajectory:
+    return planted_trajectory(target, target_curve, untouched_curve, STEPS, n, noise, seed, kl or [0.0, 0.1, 0.2, 0.3],
+                              domain_curves)
 
 
 def test_crossing_interpolates_the_first_bracket_and_reports_never():
@@ -71,6 +72,47 @@ def test_matched_difference_says_which_condition_did_not_reach():
     b = [_traj("safety", [0.8, 0.1, 0.0, 0.0], [0.7, 0.2, 0.1, 0.1])]
     res = matched_difference(Condition("retain", "safety", a), Condition("npo", "safety", b), DOMAINS, 0.3, n_boot=20)
     assert res["difference"] is None and "retain" in res["note"] and "npo" not in res["note"]
+
+
+def _cond(name, target_curve, untouched_curve, n_seeds=3, **kw):
+    return Condition(name, "safety", [_traj("safety", target_curve, untouched_curve, noise=0.05, seed=s, **kw)
+                                      for s in range(n_seeds)])
+
+
+def test_matched_contrast_with_one_other_is_matched_difference():
+    a, b = _cond("a", [0.8, 0.4, 0.1, 0.0], [0.7, 0.6, 0.5, 0.5]), _cond("b", [0.8, 0.2, 0.0, 0.0], [0.7, 0.4, 0.2, 0.2])
+    one, ref = matched_contrast(a, [b], DOMAINS, 0.2, n_boot=100), matched_difference(a, b, DOMAINS, 0.2, n_boot=100)
+    assert one["difference"] == pytest.approx(ref["difference"]) and one["ci"] == pytest.approx(ref["ci"])
+
+
+def test_matched_contrast_takes_the_mean_over_the_others_of_the_paired_differences():
+    # At target 0.2 (step 8 for every condition): first 0.5, the others 0.3 and 0.1 -> 0.5 - 0.2 = +0.3.
+    t = [0.8, 0.5, 0.2, 0.1]
+    first = _cond("p", t, [0.7, 0.6, 0.5, 0.5])
+    others = [_cond("r1", t, [0.7, 0.5, 0.3, 0.3]), _cond("r2", t, [0.7, 0.4, 0.1, 0.1])]
+    res = matched_contrast(first, others, DOMAINS, 0.2, n_boot=200)
+    assert res["difference"] == pytest.approx(0.3) and res["second"] == pytest.approx(0.2)
+    assert res["others"] == pytest.approx({"r1": 0.3, "r2": 0.1}) and res["ci"][0] > 0.2
+    pair = [matched_difference(first, o, DOMAINS, 0.2, n_boot=0)["difference"] for o in others]
+    assert res["difference"] == pytest.approx(np.mean(pair))
+    # The comparison can be restricted to some domains: each condition's own curve there.
+    held = {"bias": [0.7, 0.7, 0.7, 0.7]}
+    first = _cond("p", t, [0.7, 0.6, 0.5, 0.5], domain_curves=held)
+    res = matched_contrast(first, others, ["bias"], 0.2, n_boot=50)
+    assert res["domains"] == ["bias"] and res["first"] == pytest.approx(0.7) and res["difference"] == pytest.approx(0.5)
+
+
+def test_matched_contrast_says_which_other_did_not_reach_and_how_close_it_got():
+    t = [0.8, 0.5, 0.2, 0.1]
+    first, reached = _cond("p", t, [0.7] * 4), _cond("r1", t, [0.7] * 4)
+    short = _cond("r2", [0.8, 0.6, 0.45, 0.4], [0.7] * 4)
+    res = matched_contrast(first, [reached, short], DOMAINS, 0.2, n_boot=20)
+    assert res["difference"] is None and res["ci"] is None and res["reached"] == [3, 3, 0]
+    assert "not reached by r2" in res["note"] and "r1" not in res["note"]
+    assert res["closest"]["r2"] == pytest.approx(0.4, abs=0.01)
+    assert matched_contrast(first, [reached], ["safety"], 0.2)["note"] == "no domain left to compare"
+    with pytest.raises(ValueError, match="at least one"):
+        matched_contrast(first, [], DOMAINS, 0.2)
 
 
 def test_spread_slope_recovers_a_planted_ratio():

@@ -33,6 +33,12 @@ def _h13(results: Path, monkeypatch) -> None:
     t13._run(monkeypatch, results, curves)
 
 
+def _h6(results: Path, monkeypatch) -> None:
+    import test_h6_retain_frontier as t6
+
+    t6._run(monkeypatch, results, {t: t6._predicted(t) for t in t6.TARGETS})
+
+
 def _free_form():
     import test_em_protocol as tem
 
@@ -82,10 +88,7 @@ def plant(results: Path, monkeypatch) -> None:
         "common_domains": [d for d in DOMAINS if d not in ("safety", "cybersecurity")],
         "judge": {"safety": {"drop": 0.31, "ci": [0.2, 0.42]}, "cybersecurity": {"drop": 0.12, "ci": [0.05, 0.2]}},
         "difference": 0.19, "ci": [0.04, 0.33], "saturated": False, "claim": _claim("C3 (fixed budget)", "replicated")})
-    _write(results, "h6_prediction_guided_retain", {"targets": {t: {"strategies": {
-        s: {"mean_untouched_drop": 0.1 * i, "target_drop": 0.9 - 0.1 * i}
-        for i, s in enumerate(("predicted", "random", "all", "none"))}} for t in ("cybersecurity", "safety")},
-        "claim": _claim("L1", "inconclusive")})
+    _h6(results, monkeypatch)
     h9 = th._h9_metrics(0.3)
     h9["targets"]["cybersecurity"]["free_form"] = _free_form()
     _write(results, "h9_backdoor", h9)
