@@ -30,6 +30,7 @@ class Study:
     _lm: LoadedModel | None = field(default=None, repr=False)
     _train_lm: LoadedModel | None = field(default=None, repr=False)
     _eval_batch_size: int | None = field(default=None, repr=False)
+    _adapter_merged: bool | None = field(default=None, repr=False)
 
     @property
     def results(self) -> Path:
@@ -99,6 +100,8 @@ class Study:
         out = {k: lm.extra[k] for k in ("device", "dtype", "attn_implementation") if k in lm.extra}
         if self._eval_batch_size is not None:
             out["eval_batch_size"] = self._eval_batch_size
+        if self._adapter_merged is not None:  # the last adapter measured: merged, or unmerged for memory
+            out["adapter_merged"] = self._adapter_merged
         return out
 
     @property
@@ -155,6 +158,7 @@ class Study:
         try:
             # Merged LoRA weights run at base-model speed; unmerging restores the base bit-exactly.
             with gated_adapter(self.lm, gate) if gate is not None else merged_adapter(self.lm):
+                self._adapter_merged = self.lm.extra.get("adapter_merged", False)
                 yield self.lm
         finally:
             detach_lora(self.lm)

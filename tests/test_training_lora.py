@@ -103,6 +103,25 @@ def test_merged_adapter_matches_and_restores_bit_exactly(dtype):
         assert torch.equal(w, weights[n]), n
 
 
+def test_merged_adapter_stays_unmerged_when_the_exact_backup_does_not_fit(capsys):
+    lm = make_tiny_loaded("llama")
+    attach_lora(lm, rank=4)
+    perturb(lm)
+    adapted = logits(lm)
+    weights = base_weights(lm)
+    with merged_adapter(lm, backup_budget=0):
+        assert lm.extra["adapter_merged"] is False
+        torch.testing.assert_close(logits(lm), adapted, atol=0, rtol=0)  # the adapter still applies
+        for n, w in base_weights(lm).items():
+            assert torch.equal(w, weights[n]), n  # nothing merged
+    assert "adapter_merged" not in lm.extra
+    with merged_adapter(lm, backup_budget=10**12):
+        assert lm.extra["adapter_merged"] is True
+        assert any(not torch.equal(w, weights[n]) for n, w in base_weights(lm).items())  # merged
+    for n, w in base_weights(lm).items():
+        assert torch.equal(w, weights[n]), n
+
+
 def test_save_load_round_trip_and_foreign_model_refused(tmp_path):
     lm = make_tiny_loaded("qwen2")
     attach_lora(lm, rank=4)
