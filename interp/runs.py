@@ -37,15 +37,19 @@ _GENERATION = ("interp.loading", "interp.chat", "interp.generate", "evals.judge"
 # The adapter is the site mapping (interp.adapter) on the module-tree basics and the family discovery,
 # and a gated LoRA adapter's per-row scaling (interp.gating).
 _ADAPTER = ("interp.adapter", "interp.module_tree", "interp.family_discovery", "interp.gating")
+# How a saved adapter is put on the measurement model: loaded, merged (or left unmerged for memory) and
+# restored (training.lora), or run through its concept gate (training.concept_gate); every stage that
+# measures an adapter runs them.
+_ADAPTER_LOAD = ("training.lora", "training.concept_gate")
 # The evaluation is the loop (evals.evaluate), its result types and its per-row statistics.
 _EVALUATION = ("evals.evaluate", "evals.report_types", "evals.domain_summary", "evals.refusal", "evals.utility")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "eval": (*_GENERATION, *_EVALUATION, "interp.prefix", *_ADAPTER),
-    "eval_sets": (*_GENERATION, *_EVALUATION, "interp.prefix", *_ADAPTER),
+    "eval": (*_GENERATION, *_EVALUATION, "interp.prefix", *_ADAPTER, *_ADAPTER_LOAD),
+    "eval_sets": (*_GENERATION, *_EVALUATION, "interp.prefix", *_ADAPTER, *_ADAPTER_LOAD),
     # The logit score alone (trajectories): no generation, no judge, so a judge fix keeps these.
     "eval_sets_logit": ("interp.loading", "interp.chat", "interp.prefix", *_ADAPTER, "evals.suite",
-                        *_EVALUATION, "training.lora"),
-    "activations": ("interp.loading", "interp.chat", "evals.suite", *_ADAPTER, "interp.activations"),
+                        *_EVALUATION, *_ADAPTER_LOAD),
+    "activations": ("interp.loading", "interp.chat", "evals.suite", *_ADAPTER, *_ADAPTER_LOAD, "interp.activations"),
     "unlearn": (*_GENERATION, *_ADAPTER, "evals.refusal", "training"),
     "refusal_direction": (*_GENERATION, *_ADAPTER, "interp.activations", "evals.refusal", "probes"),
     "gate_accuracy": ("interp.loading", "interp.chat", "interp.activations", *_ADAPTER, "evals.suite",

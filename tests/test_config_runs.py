@@ -112,6 +112,10 @@ def source_tree(tmp_path, monkeypatch):
     ("evals/data/suite/manifest.json", "activations", True),
     ("evals/stats.py", "eval", False),         # code the stage does not run leaves it cached
     ("interp/activations.py", "eval", False),
+    ("training/lora.py", "eval", True),         # how an adapter is merged for measurement
+    ("training/concept_gate.py", "eval_sets", True),  # ... or gated
+    ("training/lora.py", "activations", True),
+    ("training/step.py", "eval", False),        # training code leaves measurements of saved adapters cached
     ("evals/stats.py", "some_experiment_stage", True),  # unlisted stages key on the whole library
 ])
 def test_code_or_suite_change_recomputes_affected_stages(source_tree, tmp_path, capsys, edited, stage, recomputes):
