@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from emalab import heartbeat
 from interp.config import ConfigError, JsonConfig
 from interp.io import append_jsonl, atomic_write_json, config_hash, ensure_writable_dir
 from study import StudyConfig
@@ -120,13 +121,22 @@ def count_stages(results: Path) -> int:
 
 
 def write_pipeline_json(path: Path, cfg: PipelineConfig, timings: dict, started: str,
-                        stages_at_start: int | None = None, machine: dict | None = None) -> None:
+                        stages_at_start: int | None = None, machine: dict | None = None,
+                        invocation: str | None = None) -> None:
     """Record this invocation in ``pipeline.json`` (the latest one) and append it to
     ``pipeline_history.jsonl`` beside it. The cost of a run that was interrupted and resumed is the sum
-    over the history entries of the same config (``invocations``), whatever ran in between."""
+    over the history entries of the same config (``invocations``), whatever ran in between.
+
+    Invocations that were killed are in the history too: their heartbeat files are folded in first
+    (:func:`emalab.heartbeat.fold_stale`) as entries with ``"interrupted": true``, whose ``total`` is a
+    lower bound (the elapsed time at their last heartbeat). ``invocation`` is the running invocation's
+    heartbeat id, whose own heartbeat is not folded."""
     key = config_hash(cfg.to_dict())
     entry = {"config_hash": key, "started": started, "stages_at_start": stages_at_start, "timings_s": timings,
              "peak_rss_gb": round(peak_rss_gb(), 2)}
+    if invocation is not None:
+        entry["invocation"] = invocation
+    heartbeat.fold_stale(path.parent, current=invocation)
     history_path = path.with_name("pipeline_history.jsonl")
     append_jsonl(history_path, entry)
     same = [h for h in read_history(history_path) if h.get("config_hash") == key]
@@ -191,24 +201,30 @@ def _run(cfg: PipelineConfig, exp_cfgs: dict, results: Path, log) -> Path:
     timings = {}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     stages_at_start = count_stages(results)
+    heartbeat.fold_stale(results, log=log)  # invocations killed earlier count in this run's cost
     t_all = time.perf_counter()
-    for name in cfg.experiments:
-        module = importlib.import_module(f"experiments.{name}")
-        exp_cfg = exp_cfgs[name]
-        log(f"[emalab] {name}: {module.__doc__.strip().splitlines()[0]}")
-        t0 = time.perf_counter()
-        metrics = module.main(exp_cfg)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        verdict = metrics.get("claim")
-        log(f"[emalab] {name} done in {timings[name]:.0f}s"
-            + (f" — {verdict['id']}: {verdict['status']}" if verdict else ""))
-    if cfg.figures:
-        from figures import make_all
+    with heartbeat.Heartbeat(results, config_hash(cfg.to_dict()), started, stages_at_start) as beat:
+        for name in cfg.experiments:
+            module = importlib.import_module(f"experiments.{name}")
+            exp_cfg = exp_cfgs[name]
+            log(f"[emalab] {name}: {module.__doc__.strip().splitlines()[0]}")
+            beat.beat(name, timings)
+            t0 = time.perf_counter()
+            metrics = module.main(exp_cfg)
+            timings[name] = round(time.perf_counter() - t0, 1)
+            verdict = metrics.get("claim")
+            log(f"[emalab] {name} done in {timings[name]:.0f}s"
+                + (f" — {verdict['id']}: {verdict['status']}" if verdict else ""))
+        if cfg.figures:
+            from figures import make_all
 
-        paths = make_all(results)
-        log(f"[emalab] {len(paths)} figures in {results / 'figures'}")
-    timings["total"] = round(time.perf_counter() - t_all, 1)
-    write_pipeline_json(results / "pipeline.json", cfg, timings, started, stages_at_start, _machine(cfg))
+            beat.beat("figures", timings)
+            paths = make_all(results)
+            log(f"[emalab] {len(paths)} figures in {results / 'figures'}")
+        timings["total"] = round(time.perf_counter() - t_all, 1)
+    write_pipeline_json(results / "pipeline.json", cfg, timings, started, stages_at_start, _machine(cfg),
+                        invocation=beat.invocation)
+    beat.remove()
     if cfg.report:
         from emalab.report import write_report
 
