@@ -114,6 +114,8 @@ def _fmt(value) -> str:
 
 def _facts(run: ResultsRun) -> dict[str, str]:
     """The experiments' declared setup facts, then the run's cost, machine and code commit."""
+    from emalab.heartbeat import interrupted_note
+
     out: dict[str, str] = {}
     for exp, module in _experiment_modules().items():
         for label, path in getattr(module, "SETUP_FACTS", {}).items():
@@ -123,8 +125,10 @@ def _facts(run: ResultsRun) -> dict[str, str]:
     p = run.pipeline
     if p.get("total_s_all_invocations") is not None:
         total, n = p["total_s_all_invocations"], max(len(p.get("invocations", [])), 1)
+        note = interrupted_note(p.get("invocations", []))
         out["wall time"] = f"{total / 60:.0f} min ({total:,.0f} s" + (
-            f" over {n} invocations; latest {p['timings_s']['total'] / 60:.0f} min)" if n > 1 else ")")
+            f" over {n} invocations{', ' + note if note else ''}; latest {p['timings_s']['total'] / 60:.0f} min)"
+            if n > 1 else ")")
     if p.get("peak_rss_gb"):
         out["peak RSS"] = f"{p['peak_rss_gb']:.1f} GB"
     m = p.get("machine") or {}

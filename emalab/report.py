@@ -43,6 +43,8 @@ def _dtypes(pipe: dict, study: dict) -> str:
 
 
 def _setup(results: Path) -> list[str]:
+    from emalab.heartbeat import interrupted_note
+
     pipe = results / "pipeline.json"
     lines = ["## Setup", ""]
     if pipe.exists():
@@ -69,6 +71,7 @@ def _setup(results: Path) -> list[str]:
             f"- **Experiments run:** {', '.join(p['config']['experiments'])}",
             "- **Wall time (latest invocation):** " + ", ".join(f"{k} {v:.0f}s" for k, v in p["timings_s"].items())
             + (f"; {len(p['invocations'])} invocations of this config took {p['total_s_all_invocations']:.0f}s in all"
+               + (f" ({note})" if (note := interrupted_note(p["invocations"])) else "")
                if len(p.get("invocations", [])) > 1 else "")
             + (f"; peak RSS {p['peak_rss_gb']:.1f} GB" if p.get("peak_rss_gb") else ""),
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -190,3 +191,19 @@ def test_a_failed_experiment_is_counted_at_once(tmp_path, fake_experiments):
     [entry] = read_jsonl(tmp_path / "pipeline_history.jsonl")
     assert entry["interrupted"] and entry["in_progress"] == EXPS[1] and list(entry["timings_s"]) == [EXPS[0], "total"]
 
+
+def test_the_report_and_the_table_say_one_was_interrupted(tmp_path):
+    from emalab.cross_model import ResultsRun, _facts
+    from emalab.report import _setup
+
+    cfg = _cfg(tmp_path)
+    write_pipeline_json(tmp_path / "pipeline.json", cfg, {"total": 60.0}, "t0")
+    _write_beat(tmp_path, cfg, _dead_pid(), 600.0)
+    write_pipeline_json(tmp_path / "pipeline.json", cfg, {"total": 60.0}, "t2")
+    [wall] = [line for line in _setup(tmp_path) if "Wall time" in line]
+    assert "3 invocations of this config took 720s in all (one interrupted, its time a lower bound to the minute)" \
+        in wall
+    facts = _facts(ResultsRun(tmp_path, json.loads((tmp_path / "pipeline.json").read_text()), {}))
+    assert facts["wall time"] == ("12 min (720 s over 3 invocations, one interrupted, its time a lower bound to the "
+                                  "minute; latest 1 min)")
+    assert heartbeat.interrupted_note([{}, {"interrupted": True}, {"interrupted": True}]).startswith("2 interrupted")
