@@ -48,11 +48,11 @@ from benchmarks.harness import (
 from interp.adapter import d_model, n_layers
 from interp.direction import Direction
 from interp.loading import LoadedModel, adapter_disabled
+from interp.resources import peak_rss_gb
 from training.collate import TokenBatch
 from training.config import UnlearnConfig
 from training.containment import ConceptGate, Containment, calibrate_gate, last_prompt_index
 from training.losses import response_logits
-from training.run_files import peak_rss_gb
 from training.trainer import train_step
 
 __all__ = ["METHODS", "REFERENCE", "FORWARD", "REPR_LAYERS", "GATE_LAYER", "MAX_EXTRA_FORWARDS", "LORA_RANK",

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from interp.io import append_jsonl, atomic_write_json
-from training.run_files import peak_rss_gb
+from interp.resources import peak_rss_gb
 
 __all__ = ["EVERY_S", "STALE_AFTER_BEATS", "Heartbeat", "fold_stale", "heartbeat_files", "interrupted_entry",
            "interrupted_note"]

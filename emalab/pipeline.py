@@ -18,8 +18,8 @@ from types import ModuleType
 from emalab import heartbeat
 from interp.config import ConfigError, JsonConfig
 from interp.io import append_jsonl, atomic_write_json, config_hash, ensure_writable_dir
+from interp.resources import peak_rss_gb
 from study import StudyConfig
-from training.trainer import peak_rss_gb
 
 __all__ = ["PRESETS", "PRESET_NAMES", "PipelineConfig", "run_pipeline", "write_pipeline_json",
            "available_experiments", "experiment_modules", "preset_experiments", "preset_overrides"]

@@ -18,12 +18,14 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from interp.io import atomic_write_json, config_hash, ensure_writable_dir, git_commit, read_json
+from interp.resources import peak_rss_gb, rss_gb
 
 __all__ = ["Stage", "STAGE_CODE", "LIBRARY", "code_version", "run_dir", "write_run"]
 
@@ -161,10 +163,19 @@ class Stage:
         self._announce_code_change()
         ensure_writable_dir(self.path, f"stage directory for {self.name}")
         atomic_write_json(self.path / "key.json", self.key)
+        self._opened = time.perf_counter()
         return self.path
 
     def complete(self, summary: dict | None = None) -> None:
-        atomic_write_json(self.path / "DONE.json", {"key": self.key, "commit": git_commit(), **(summary or {})})
+        # What the stage cost, for the README's costs and for sizing a machine: its wall time and the
+        # process's resident memory (the peak is the process's so far: it rises at the stage that needed it).
+        cost = {"peak_rss_gb": round(peak_rss_gb(), 2)}
+        if (now := rss_gb()) is not None:
+            cost["rss_gb"] = round(now, 2)
+        if (opened := getattr(self, "_opened", None)) is not None:
+            cost["seconds"] = round(time.perf_counter() - opened, 1)
+        atomic_write_json(self.path / "DONE.json", {"key": self.key, "commit": git_commit(), "cost": cost,
+                                                    **(summary or {})})
         index = read_json(self._index) if self._index.exists() else {}
         index[config_hash(self._input_key, 16)] = self.key["_code"]
         atomic_write_json(self._index, index)

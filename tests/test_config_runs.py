@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from interp.config import JsonConfig, add_config_arguments, config_from_args, field_docs
+from interp.io import read_json
 from interp.runs import Stage, run_dir, write_run
 
 
@@ -135,6 +136,17 @@ def test_code_or_suite_change_recomputes_affected_stages(source_tree, tmp_path, 
         Stage(results, stage, {**key, "other": 1}).open()
         err = capsys.readouterr().err
         assert err.count(f"stage {stage}: the code or suite that computes it changed") == 1  # said once
+
+
+def test_a_completed_stage_records_what_it_cost(tmp_path):
+    stage = Stage(tmp_path / "results", "eval", {"model": "m"})
+    stage.open()
+    stage.complete({"condition": "base"})
+    done = read_json(stage.path / "DONE.json")
+    cost = done["cost"]
+    assert cost["seconds"] >= 0 and cost["peak_rss_gb"] > 0.01 and cost["rss_gb"] > 0.01
+    assert cost["rss_gb"] <= cost["peak_rss_gb"] + 0.05  # now cannot exceed the peak so far
+    assert done["condition"] == "base" and Stage(tmp_path / "results", "eval", {"model": "m"}).done
 
 
 def test_stage_key_reserves_code_entry_and_names_unknown_modules(tmp_path):

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from interp.io import git_commit
 from interp.loading import LoadedModel
+from interp.resources import peak_rss_gb  # noqa: F401  re-exported: it lived here
 from training.config import RESUME_EXEMPT_FIELDS, UnlearnConfig, config_diff
 from training.containment import ConceptGate, Containment, gate_files
 from training.distributed import DataParallel
@@ -68,12 +67,6 @@ class UnlearnResult:
             "peak_rss_gb": self.peak_rss_gb, "resumed_from": self.resumed_from, "final": last,
             "config_hash": self.config.hash(),
         }
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, in GB (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 def run_id(cfg: UnlearnConfig) -> str:
