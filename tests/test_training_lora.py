@@ -81,45 +81,46 @@ def test_single_layer_rank1_trains_only_that_layer(tiny_qwen):
     assert len(trainable) == 14 and all(".layers.2." in n for n in trainable)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merged_adapter_matches_and_restores_bit_exactly(dtype):
+def _adapted(dtype: torch.dtype = torch.float32):
+    """A tiny model with a perturbed adapter, its adapted logits and its base weights."""
     lm = make_tiny_loaded("llama")
     lm.model.to(dtype)
     attach_lora(lm, rank=4)
     perturb(lm)
-    adapted = logits(lm)
-    weights = base_weights(lm)
+    return lm, logits(lm), base_weights(lm)
+
+
+def _assert_base_restored(lm, weights) -> None:
+    for n, w in base_weights(lm).items():
+        assert torch.equal(w, weights[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_adapter_matches_and_restores_bit_exactly(dtype):
+    lm, adapted, weights = _adapted(dtype)
     with merged_adapter(lm):
         merged = logits(lm)
     tol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(merged.float(), adapted.float(), atol=tol, rtol=tol)
-    for n, w in base_weights(lm).items():
-        assert torch.equal(w, weights[n]), n  # bit-exact restore, also in bf16
+    _assert_base_restored(lm, weights)  # bit-exact restore, also in bf16
     torch.testing.assert_close(logits(lm), adapted)
     with pytest.raises(ZeroDivisionError):  # restored when the body raises, too
         with merged_adapter(lm):
             1 / 0
-    for n, w in base_weights(lm).items():
-        assert torch.equal(w, weights[n]), n
+    _assert_base_restored(lm, weights)
 
 
-def test_merged_adapter_stays_unmerged_when_the_exact_backup_does_not_fit(capsys):
-    lm = make_tiny_loaded("llama")
-    attach_lora(lm, rank=4)
-    perturb(lm)
-    adapted = logits(lm)
-    weights = base_weights(lm)
+def test_merged_adapter_stays_unmerged_when_the_exact_backup_does_not_fit():
+    lm, adapted, weights = _adapted()
     with merged_adapter(lm, backup_budget=0):
         assert lm.extra["adapter_merged"] is False
         torch.testing.assert_close(logits(lm), adapted, atol=0, rtol=0)  # the adapter still applies
-        for n, w in base_weights(lm).items():
-            assert torch.equal(w, weights[n]), n  # nothing merged
+        _assert_base_restored(lm, weights)  # nothing merged
     assert "adapter_merged" not in lm.extra
     with merged_adapter(lm, backup_budget=10**12):
         assert lm.extra["adapter_merged"] is True
         assert any(not torch.equal(w, weights[n]) for n, w in base_weights(lm).items())  # merged
-    for n, w in base_weights(lm).items():
-        assert torch.equal(w, weights[n]), n
+    _assert_base_restored(lm, weights)
 
 
 def test_save_load_round_trip_and_foreign_model_refused(tmp_path):
