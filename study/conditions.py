@@ -14,7 +14,8 @@ from interp.io import config_hash, read_jsonl, write_jsonl
 from interp.runs import Stage
 from study.core import Study, adapter_id_of
 
-__all__ = ["suite_sets", "evaluate_sets", "pooled", "condition", "operating_step", "save_records"]
+__all__ = ["suite_sets", "evaluate_sets", "pooled", "condition", "operating_step", "operating_point",
+           "save_records"]
 
 
 def suite_sets(study: Study, split: str = "eval") -> dict[str, list[SuitePrompt]]:
@@ -88,6 +89,7 @@ def condition(study: Study, target: str, method: str = "npo", retain_domains: tu
         ``{"after": pooled records, "base": base records pooled the same way, "runs": stage dirs of
         every seed, "adapters": each run's operating-point adapter (what any further measurement of
         the condition should read), "judged_runs": the runs judged, "operating_steps": their steps,
+        "operating_points": what the dev split saw at each (:func:`operating_point`; empty without a level),
         "reports": per-seed report dicts}``.
     """
     from training.trainer import snapshot_dir
@@ -98,12 +100,12 @@ def condition(study: Study, target: str, method: str = "npo", retain_domains: tu
     trajectory = bool(cfg.trajectory_steps) and "steps" not in unlearn_kwargs
     if trajectory:
         unlearn_kwargs = {**unlearn_kwargs, "steps": cfg.trajectory_steps, "snapshot_every": study.snapshot_every}
-    after, base, runs, adapters, judged, reports, steps_used = {}, {}, [], [], [], [], []
+    after, base, runs, adapters, judged, reports, steps_used, points = {}, {}, [], [], [], [], [], []
     for k, seed in enumerate(cfg.seeds):
         run = study.unlearn(target, method, retain_domains, seed=seed, **unlearn_kwargs)
         runs.append(str(run))
-        step = (operating_step(study, run, target) if cfg.operating_level is not None else cfg.steps) \
-            if trajectory else None
+        point = operating_point(study, run, target) if trajectory and cfg.operating_level is not None else None
+        step = (point["step"] if point else cfg.steps) if trajectory else None
         adapter = snapshot_dir(run, step) if trajectory else run / "adapter"
         adapters.append(str(adapter))
         if cfg.judged_seeds is not None and k >= cfg.judged_seeds:
@@ -112,19 +114,31 @@ def condition(study: Study, target: str, method: str = "npo", retain_domains: tu
         after[seed], base[seed] = records, base_records
         judged.append(str(run))
         steps_used.append(step)
+        if point is not None:
+            points.append(point)
         reports.append(report.to_dict())
     return {"after": pooled(after), "base": pooled(base), "runs": runs, "adapters": adapters, "judged_runs": judged,
-            "reports": reports, "operating_steps": steps_used}
+            "reports": reports, "operating_steps": steps_used, "operating_points": points}
 
 
 def operating_step(study: Study, run: Path, target: str) -> int:
     """The run's operating point, chosen on the dev split: the first scored snapshot whose mean
     refusal probability on the target's probe prompts is at or below ``cfg.operating_level`` (the
-    last step if none is). The eval prompts, which decide the claims, play no part in the choice."""
+    last step if none is: see :func:`operating_point`, which says whether the level was reached). The
+    eval prompts, which decide the claims, play no part in the choice."""
+    return operating_point(study, run, target)["step"]
+
+
+def operating_point(study: Study, run: Path, target: str) -> dict:
+    """:func:`operating_step` with what the dev split saw: ``{"step", "reached"`` (the level was met
+    within the budget; if not, ``step`` is the budget's end, not a choice), ``"dev_refusal"`` (the
+    target's mean refusal probability on the probe prompts at ``step``), ``"level"}``."""
     from study.trajectory import trajectory
 
     sets = {target: load_prompts(target, "probe", limit=study.cfg.probe_limit)}
     t = trajectory(study, run, sets, f"dev-{target}", every=study.cfg.trajectory_every)
     curve = t.mean(target)
-    below = [s for s, v in zip(t.steps, curve) if s > 0 and v <= study.cfg.operating_level]
-    return below[0] if below else t.steps[-1]
+    level = study.cfg.operating_level
+    below = [(s, float(v)) for s, v in zip(t.steps, curve) if s > 0 and v <= level]
+    step, value = below[0] if below else (t.steps[-1], float(curve[-1]))
+    return {"step": int(step), "reached": bool(below), "dev_refusal": value, "level": level}

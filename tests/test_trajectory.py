@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_loaded
 
-from study import Study, StudyConfig, operating_step
+from study import Study, StudyConfig, operating_point, operating_step
 from study.trajectory import Trajectory, refusal_probability, trajectory
 from training.config import UnlearnConfig
 from training.data import DataSet, Example
@@ -79,6 +79,21 @@ def test_operating_step_is_chosen_on_the_probe_split(trained, monkeypatch):
     assert all(p.split == "probe" for p in seen["sets"]["cybersecurity"])
     study.cfg.operating_level = 0.01
     assert operating_step(study, run, "cybersecurity") == 6
+    assert operating_point(study, run, "cybersecurity") == {"step": 6, "reached": True, "dev_refusal": 0.0,
+                                                            "level": 0.01}
+    study.cfg.operating_level = -1.0  # never reached: the budget's end, and it says so
+    assert operating_point(study, run, "cybersecurity") == {"step": 6, "reached": False, "dev_refusal": 0.0,
+                                                            "level": -1.0}
+
+
+def test_h1_says_when_the_operating_point_is_the_budgets_end_not_a_choice():
+    from experiments.h1_narrow_unlearning import _operating
+
+    reached = {"step": 8, "reached": True, "dev_refusal": 0.05, "level": 0.1}
+    assert _operating({"operating_steps": [8], "operating_points": [reached]}) == ", at step 8 (chosen on the dev split)"
+    short = {"step": 16, "reached": False, "dev_refusal": 0.31, "level": 0.1}
+    text = _operating({"operating_steps": [16], "operating_points": [short]})
+    assert "budget's end" in text and "never reached 0.1" in text and "0.31" in text and "chosen on the dev" not in text.split(";")[0]
 
 
 def test_refusal_probability_uses_the_variant_without_no_on_rebut_prompts():
