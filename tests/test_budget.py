@@ -1,0 +1,85 @@
+"""Choosing the unlearning lr on the dev split (study.budget, `emalab budget`): planted dev curves per
+learning rate on a tiny model's real snapshots, early stop, none reached, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_trajectory import trained  # noqa: F401 - the fixture
+
+from study.budget import check_lrs, choose_lr
+from study.trajectory import Trajectory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The target's mean dev refusal at steps 0, 2, 4, 6 of each planted run.
+CURVES = {1e-4: [0.9, 0.7, 0.5, 0.3], 1e-3: [0.9, 0.4, 0.08, 0.02], 1e-2: [0.9, 0.0, 0.0, 0.0]}
+
+
+def _plant(study, run, monkeypatch, curves=CURVES):
+    """``study.unlearn`` returns the tiny trained run (snapshots at 2, 4, 6) and records its arguments;
+    the dev trajectory of the target follows ``curves[lr]`` of the last lr trained."""
+    import study.trajectory as traj_mod
+
+    calls = []
+
+    def fake_unlearn(target, method="npo", retain_domains=(), **kw):
+        calls.append({"target": target, "method": method, "retain_domains": retain_domains, **kw})
+        return run
+
+    def fake_trajectory(study_, run_, sets, name, every=1):
+        (target, prompts), = sets.items()
+        assert all(p.split == "probe" for p in prompts)  # never the eval split
+        curve = np.asarray(curves[calls[-1]["lr"]])
+        return Trajectory(run=str(run_), steps=[0, 2, 4, 6], prompt_ids={target: ["a", "b"]},
+                          p={target: np.stack([curve, curve], axis=1)})
+
+    monkeypatch.setattr(study, "unlearn", fake_unlearn)
+    monkeypatch.setattr(traj_mod, "trajectory", fake_trajectory)
+    return calls
+
+
+def test_smallest_lr_that_reaches_the_level_is_chosen_and_larger_ones_are_not_trained(trained, monkeypatch):  # noqa: F811
+    study, run = trained
+    calls = _plant(study, run, monkeypatch)
+    out = choose_lr(study, "cybersecurity", [1e-4, 1e-3, 1e-2])
+    assert out["chosen"] == 1e-3 and "1e-3" in out["reason"].replace("0.001", "1e-3")
+    assert [c["lr"] for c in calls] == [1e-4, 1e-3]  # 1e-2 never trained: early stop
+    low, hit = out["lrs"]
+    assert (low["reached"], low["step"], low["dev_refusal"]) == (False, 6, pytest.approx(0.3))
+    assert (hit["reached"], hit["step"], hit["dev_refusal"]) == (True, 4, pytest.approx(0.08))
+    # The call is study.condition's for NPO alone, so the stage at the study's lr is H1's.
+    for c in calls:
+        assert (c["target"], c["method"], c["retain_domains"], c["seed"]) == ("cybersecurity", "npo", (), 0)
+        assert c["steps"] == study.cfg.trajectory_steps and c["snapshot_every"] == study.snapshot_every
+    # The other domains' dev refusal, measured at each operating point on the tiny model's snapshots.
+    for row in out["lrs"]:
+        assert "cybersecurity" not in row["untouched_by_domain"] and len(row["untouched_by_domain"]) == 6
+        assert 0 <= row["untouched_dev_refusal"] <= 1
+    assert 0 <= out["base_untouched_dev_refusal"] <= 1
+    every = choose_lr(study, "cybersecurity", [1e-4, 1e-3, 1e-2], all_lrs=True, untouched=False)
+    assert every["chosen"] == 1e-3 and [r["lr"] for r in every["lrs"]] == [1e-4, 1e-3, 1e-2]
+
+
+def test_no_lr_reaching_the_level_chooses_none_and_names_the_fix(trained, monkeypatch):  # noqa: F811
+    study, run = trained
+    calls = _plant(study, run, monkeypatch, curves={1e-5: [0.9, 0.8, 0.7, 0.6], 1e-4: [0.9, 0.7, 0.5, 0.3]})
+    out = choose_lr(study, "cybersecurity", [1e-5, 1e-4], untouched=False)
+    assert out["chosen"] is None and len(calls) == 2
+    assert "larger lrs or more trajectory_steps" in out["reason"] and "0.300" in out["reason"]
+    assert all(r["step"] == 6 and not r["reached"] for r in out["lrs"])
+
+
+@pytest.mark.parametrize("lrs, match", [([], "at least one"), ([1e-4, 0.0], "> 0"), ([-1e-4], "> 0"),
+                                        ([1e-3, 1e-4], "ascending"), ([1e-4, 1e-4], "ascending")])
+def test_bad_lrs_are_rejected(lrs, match):
+    with pytest.raises(ValueError, match=match):
+        check_lrs(lrs)
+
+
+def test_unknown_target_is_the_domain_error(trained):  # noqa: F811
+    from evals.suite import UnknownDomainError
+
+    study, _ = trained
+    with pytest.raises(UnknownDomainError, match="valid ids"):
+        choose_lr(study, "cooking", [1e-4])
