@@ -83,3 +83,46 @@ def test_unknown_target_is_the_domain_error(trained):  # noqa: F811
     study, _ = trained
     with pytest.raises(UnknownDomainError, match="valid ids"):
         choose_lr(study, "cooking", [1e-4])
+
+
+def test_cli_parses_lrs_and_rejects_bad_ones(capsys):
+    from emalab.cli import build_parser
+
+    args = build_parser().parse_args(["budget", "--target", "cybersecurity", "--lrs", "3e-5,1e-4,2e-4",
+                                      "--model", "m", "--results", "r"])
+    assert args.lrs == (3e-5, 1e-4, 2e-4) and args.model == "m" and args.results == "r"
+    assert not hasattr(args, "lr")  # the rate is what this command chooses
+    for bad, match in [("1e-4,3e-5", "ascending"), ("0,1e-4", "> 0"), ("-1e-4", "> 0"), ("abc", "numbers")]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["budget", "--target", "cybersecurity", f"--lrs={bad}"])
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_prints_each_rate_the_choice_and_the_run_command(trained, monkeypatch, tmp_path, capsys):  # noqa: F811
+    import emalab.commands.budget as budget_cmd
+    import study.budget as budget_mod
+    from emalab.cli import main
+
+    planted = {"target": "cybersecurity", "level": 0.1, "steps": 16, "seed": 0, "base_untouched_dev_refusal": 0.5,
+               "lrs": [{"lr": 3e-5, "step": 16, "reached": False, "dev_refusal": 0.4, "untouched_dev_refusal": 0.45},
+                       {"lr": 1e-4, "step": 8, "reached": True, "dev_refusal": 0.07, "untouched_dev_refusal": 0.3}],
+               "chosen": 1e-4, "reason": "lr 1e-4 is the smallest"}
+    seen = {}
+
+    def fake_choose(study, target, lrs, **kw):
+        seen.update(cfg=study.cfg, target=target, lrs=lrs, **kw)
+        return planted
+
+    monkeypatch.setattr(budget_mod, "choose_lr", fake_choose)
+    assert budget_cmd.NAME == "budget"
+    rc = main(["budget", "--target", "cybersecurity", "--lrs", "3e-5,1e-4,2e-4", "--model", "m",
+               "--results", str(tmp_path / "res"), "--seeds", "0", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and seen["lrs"] == (3e-5, 1e-4, 2e-4) and seen["cfg"].model == "m"
+    assert seen["cfg"].judged_seeds == 1  # the quick preset's study settings underlie the flags
+    assert "lr 3e-05: dev refusal 0.400 at step 16/16 (not reached" in out
+    assert "lr 0.0001: dev refusal 0.070 at step 8/16 (reached" in out
+    assert "next: emalab run --preset quick --model m --results " in out and out.rstrip().endswith("--seeds 0 1 --lr 0.0001")
+    saved = tmp_path / "res" / "budget" / "latest"
+    assert (saved / "config.json").exists() and '"chosen": 0.0001' in (saved / "metrics.json").read_text()
