@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 from interp.io import atomic_write_json, config_hash, read_json
 
-__all__ = ["ConfigError", "JsonConfig", "check_fields", "field_docs", "add_config_arguments", "config_from_args"]
+__all__ = ["ConfigError", "JsonConfig", "check_fields", "field_docs", "add_config_arguments", "config_from_args",
+           "config_flags_given"]
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -301,6 +302,29 @@ def _cli_type(tp: Any):
     return None, None
 
 
+def _flag(name: str) -> str:
+    """A config field's command-line option: ``max_new_tokens`` → ``--max-new-tokens``."""
+    return "--" + name.replace("_", "-")
+
+
+def config_flags_given(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The options of :func:`add_config_arguments` that were passed in ``args``, as command-line words
+    (the inverse of parsing them), e.g. to print the command that repeats these settings elsewhere."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if f.name in skip or v is None:
+            continue
+        flag = _flag(f.name)
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, (list, tuple)):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add ``--field-name`` options for the scalar/list fields of ``cls``; help comes from field docs."""
     docs = field_docs(cls)
@@ -310,7 +334,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         if f.name in skip or f.name.startswith("_"):
             continue
         tp = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f"{docs.get(f.name, '')} (default: {default})".strip().replace("%", "%%")  # argparse %-formats

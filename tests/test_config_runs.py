@@ -138,6 +138,26 @@ def test_code_or_suite_change_recomputes_affected_stages(source_tree, tmp_path, 
         assert err.count(f"stage {stage}: the code or suite that computes it changed") == 1  # said once
 
 
+def test_config_flags_given_repeat_exactly_the_options_passed():
+    from interp.config import config_flags_given
+
+    @dataclass
+    class Run(JsonConfig):
+        max_new_tokens: int = 8
+        seeds: tuple[int, ...] = (0,)
+        raw_prompts: bool = False
+        lr: float = 3e-5
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Run)
+    args = parser.parse_args(["--max-new-tokens", "4", "--seeds", "1", "2", "--no-raw-prompts", "--lr", "1e-4"])
+    words = config_flags_given(Run, args, skip=("lr",))
+    assert words == ["--max-new-tokens", "4", "--seeds", "1", "2", "--no-raw-prompts"]
+    again = config_from_args(Run, parser.parse_args(words))
+    assert again == Run(max_new_tokens=4, seeds=(1, 2), raw_prompts=False)
+    assert config_flags_given(Run, parser.parse_args([])) == []
+
+
 def test_a_completed_stage_records_what_it_cost(tmp_path):
     stage = Stage(tmp_path / "results", "eval", {"model": "m"})
     stage.open()

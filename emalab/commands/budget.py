@@ -49,32 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, StudyConfig, skip=_SKIP)
 
 
-def _flags(args: argparse.Namespace) -> list[str]:
-    """The StudyConfig options the user passed, as `emalab run` flags (the same names)."""
-    import dataclasses
-
-    from study import StudyConfig
-
-    out = []
-    for f in dataclasses.fields(StudyConfig):
-        v = getattr(args, f.name, None)
-        if f.name in _SKIP or v is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(v, bool):
-            out.append(flag if v else "--no-" + flag[2:])
-        elif isinstance(v, (list, tuple)):
-            out += [flag, *map(str, v)]
-        else:
-            out += [flag, str(v)]
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import shlex
 
     from emalab.pipeline import PRESETS
-    from interp.config import config_from_args
+    from interp.config import config_flags_given, config_from_args
     from interp.runs import run_dir, write_run
     from study import Study, StudyConfig
     from study.budget import choose_lr
@@ -97,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"chosen: lr {result['chosen']:g} ({result['reason']})")
     print(f"saved: {path}")
-    print("next: " + shlex.join(["emalab", "run", "--preset", args.preset, *_flags(args),
-                                  "--lr", f"{result['chosen']:g}"]))
+    flags = config_flags_given(StudyConfig, args, skip=_SKIP)
+    print("next: " + shlex.join(["emalab", "run", "--preset", args.preset, *flags, "--lr", f"{result['chosen']:g}"]))
     return 0
