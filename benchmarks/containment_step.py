@@ -26,7 +26,6 @@ adapter detached, no hook left, training mode and ``requires_grad`` flags restor
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -52,6 +51,7 @@ from interp.resources import peak_rss_gb
 from training.collate import TokenBatch
 from training.config import UnlearnConfig
 from training.containment import ConceptGate, Containment, calibrate_gate, last_prompt_index
+from training.loop import lr_schedule, optimizer_update
 from training.losses import response_logits
 from training.trainer import train_step
 
@@ -179,6 +179,7 @@ def containment_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict | None = Non
     try:
         params = [p for p in lm.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfgs[REFERENCE]))
         lm.model.train()
         ref = reference_logp(lm, fb)
         held = method_containments(lm, cfgs, fb, rb)
@@ -189,9 +190,7 @@ def containment_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict | None = Non
 
             def fn() -> None:
                 train_step(lm, ucfg, fb, ref, retain, containment=containment)
-                torch.nn.utils.clip_grad_norm_(params, ucfg.max_grad_norm or math.inf)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                optimizer_update(params, opt, sched, ucfg.max_grad_norm)  # the trainer's clip, AdamW, zero_grad
 
             return fn
 

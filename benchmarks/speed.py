@@ -20,7 +20,6 @@ peak of the dtype it runs in.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -174,6 +173,7 @@ def generation(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
 def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
     from benchmarks.unlearn import LR, reference_logp
     from training.config import UnlearnConfig
+    from training.loop import lr_schedule, optimizer_update
     from training.lora import attach_lora, detach_lora
     from training.trainer import train_step as step
 
@@ -187,11 +187,11 @@ def train_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict) -> BenchResult:
         lm.model.train()
         ref = reference_logp(lm, fb)
 
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(ucfg))
+
         def npo_retain():
             step(lm, ucfg, fb, ref, rb)
-            torch.nn.utils.clip_grad_norm_(params, ucfg.max_grad_norm or math.inf)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_update(params, opt, sched, ucfg.max_grad_norm)  # the trainer's clip, AdamW, zero_grad
 
         reps = min(cfg.reps, 3)
         times = time_alternating({"npo_retain_ce": npo_retain}, reps, cfg.warmup, device=lm.device)
