@@ -68,6 +68,15 @@ class Study:
         if self._train_lm is None:
             if self.train_dtype == self.cfg.eval_dtype:
                 self._train_lm = self.lm
+            elif self.cfg.device_map is None and self.cfg.eval_dtype == "float32":
+                from interp.recast import cast_copy
+
+                # Cast from the measurement model's weights (loaded lazily, memory-mapped) rather than map the
+                # files a second time: the same tensors, without a transient second copy of the checkpoint.
+                try:
+                    self._train_lm = cast_copy(self.lm, self.train_dtype)
+                except ValueError:  # the measurement model carries an adapter right now: read the files
+                    self._train_lm = self._load(self.train_dtype)
             else:
                 self._train_lm = self._load(self.train_dtype)
         return self._train_lm
