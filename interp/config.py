@@ -291,6 +291,8 @@ def _cli_type(tp: Any):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if bool in args and str in args:  # a switch with a word setting, e.g. true | false | auto
+            return _bool_or_word, None
         return _cli_type(args[0]) if len(args) == 1 else (str, None)
     if origin in (tuple, list):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
@@ -302,6 +304,12 @@ def _cli_type(tp: Any):
     return None, None
 
 
+def _bool_or_word(text: str) -> bool | str:
+    """A ``bool | str`` option's value: true/false (yes/no, on/off) as booleans, any other word as itself."""
+    word = text.strip().lower()
+    return {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}.get(word, text)
+
+
 def _flag(name: str) -> str:
     """A config field's command-line option: ``max_new_tokens`` → ``--max-new-tokens``."""
     return "--" + name.replace("_", "-")
@@ -311,12 +319,15 @@ def config_flags_given(cls: type, args: argparse.Namespace, skip: tuple[str, ...
     """The options of :func:`add_config_arguments` that were passed in ``args``, as command-line words
     (the inverse of parsing them), e.g. to print the command that repeats these settings elsewhere."""
     out: list[str] = []
+    hints = _resolved_types(cls)
     for f in dataclasses.fields(cls):
         v = getattr(args, f.name, None)
         if f.name in skip or v is None:
             continue
         flag = _flag(f.name)
-        if isinstance(v, bool):
+        if isinstance(v, bool) and hints[f.name] is not bool:  # a bool | str option takes its value as a word
+            out += [flag, str(v).lower()]
+        elif isinstance(v, bool):
             out.append(flag if v else "--no-" + flag[2:])
         elif isinstance(v, (list, tuple)):
             out += [flag, *map(str, v)]

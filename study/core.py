@@ -302,7 +302,9 @@ class Study:
             dtype=self.train_dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
             snapshot_every=snapshot_every, **extra,
         )
-        key = {"weights": self.weights_id, "unlearn": ucfg.to_dict(), "ablation": ablation_id}
+        # Gradient checkpointing recomputes the same forward: the same run, so the same stage either way.
+        key = {"weights": self.weights_id, "ablation": ablation_id,
+               "unlearn": {k: v for k, v in ucfg.to_dict().items() if k != "gradient_checkpointing"}}
         stage = Stage(self.results, "unlearn", key)
         if not stage.done:
             path = stage.open()
@@ -314,6 +316,7 @@ class Study:
                 detach_lora(self.train_lm)
             stage.complete({"adapter_id": result.adapter_id, "steps": result.steps,
                             "seconds_per_step": result.seconds_per_step, "peak_rss_gb": result.peak_rss_gb,
+                            "gradient_checkpointing": result.config.gradient_checkpointing,
                             **self.run_record(self.train_lm)})
         return stage.path
 

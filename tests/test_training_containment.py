@@ -452,7 +452,9 @@ def test_study_passes_containment_fields_through(tiny_qwen, tmp_path, monkeypatc
 
     def fake_unlearn(lm, cfg, out_dir=None, **kw):
         seen["cfg"] = cfg
-        return Done()
+        done = Done()
+        done.config = cfg
+        return done
 
     monkeypatch.setattr(trainer_mod, "unlearn", fake_unlearn)
     study = Study(StudyConfig(model="tiny-qwen2", results=str(tmp_path), dtype="float32"), _lm=tiny_qwen)

@@ -84,7 +84,9 @@ def test_run_directory_and_adapter_id(tiny_qwen, tmp_path):
     assert (res.adapter_dir / "adapter_config.json").exists()
     assert (res.adapter_dir / "adapter_model.safetensors").exists()
     meta = json.loads((res.adapter_dir / "emalab_adapter.json").read_text())
-    assert meta["base_weights_id"] == tiny_qwen.weights_id and meta["config"] == cfg.to_dict()
+    # the adapter records the config it was trained with: "auto" checkpointing resolved (off for a tiny model)
+    assert res.config == cfg.replace(gradient_checkpointing=False)
+    assert meta["base_weights_id"] == tiny_qwen.weights_id and meta["config"] == res.config.to_dict()
     assert meta["data_manifest"]["forget"]["n"] == 6 and "git_commit" in meta
     assert has_adapter(tiny_qwen) and tiny_qwen.extra["adapter_id"] == res.adapter_id
     assert UnlearnConfig.from_json(run / "config.json") == cfg
@@ -303,7 +305,7 @@ def test_backdoor_run_retains_the_target_domain_untriggered(tiny_qwen, tmp_path,
     assert res.manifest["retain"]["kept"] == 2
 
 
-def test_gradient_checkpointing_is_opt_in_and_changes_nothing_but_memory(tmp_path):
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
     from conftest import make_tiny_loaded
 
     from interp.adapter import base_model
@@ -352,3 +354,30 @@ def test_snapshots_keep_the_last_step_when_it_is_off_the_grid(tiny_qwen, tmp_pat
 
     res = unlearn(tiny_qwen, tiny_cfg(steps=5, snapshot_every=2), tmp_path / "run", progress=False, data=tiny_data())
     assert list(snapshots(res.run_dir)) == [2, 4, 5]
+
+
+def test_checkpointing_auto_follows_the_memory_budget_and_gives_identical_weights(tmp_path, monkeypatch):
+    # auto: on exactly when the largest step's estimated activations exceed the budget; either way the
+    # adapter is the same tensor bit for bit (so the choice is a cost, never a result).
+    from conftest import make_tiny_loaded
+    from safetensors.torch import load_file
+
+    import training.activation_memory as am
+
+    lm = make_tiny_loaded("qwen2")
+    cfg = tiny_cfg(steps=2)
+    assert cfg.gradient_checkpointing == "auto"
+    need = am.step_activation_bytes(lm, cfg, tiny_data())
+    assert need > 0
+    assert am.checkpointing_needed(lm, cfg, tiny_data(), budget_bytes=need - 1)
+    assert not am.checkpointing_needed(lm, cfg, tiny_data(), budget_bytes=need)
+    runs = {}
+    for name, budget in (("roomy", 10**15), ("tight", 1)):
+        monkeypatch.setattr(am, "memory_budget", lambda device, b=budget: b)
+        res = unlearn(make_tiny_loaded("qwen2"), cfg, tmp_path / name, progress=False, data=tiny_data())
+        runs[name] = (res, load_file(str(res.adapter_dir / "adapter_model.safetensors")))
+    assert runs["roomy"][0].config.gradient_checkpointing is False
+    assert runs["tight"][0].config.gradient_checkpointing is True
+    assert json.loads((runs["tight"][0].run_dir / "result.json").read_text())["config"]["gradient_checkpointing"] is True
+    a, b = runs["roomy"][1], runs["tight"][1]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -177,10 +177,12 @@ class UnlearnConfig(JsonConfig):
     """Model name (registry name, directory or hub id); must match the loaded model."""
     output_dir: str | None = None
     """Run directory; ``None``: ``results/unlearn/<run_id>``."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder activations in the backward pass instead of storing them: about a third more
-    compute for activation memory that no longer grows with depth (7B LoRA on one GPU). The same
-    gradients, so it is not part of the run's hash and a run may resume with it switched."""
+    gradient_checkpointing: bool | str = "auto"
+    """Recompute decoder activations in the backward pass instead of storing them: about a fifth to a third
+    more compute for activation memory that no longer grows with depth. ``auto``: on when the largest
+    step's estimated activations exceed the device's memory budget (``training.activation_memory``; on
+    the 2-core CPU machine the 1.5B's retain-CE steps, not the 0.5B's). The same gradients, so it is not
+    part of the run's hash and a run may resume with it switched; ``result.json`` records what was used."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_domains, str):
@@ -274,8 +276,8 @@ class UnlearnConfig(JsonConfig):
         if self.needs_retain_data and self.n_retain_per_domain == 0 and self.include_benign == 0:
             bad("n_retain_per_domain", "a retain term (or calibrating the concept gate) needs retain data: "
                 "n_retain_per_domain or include_benign > 0")
-        if not isinstance(self.gradient_checkpointing, bool):
-            bad("gradient_checkpointing", f"must be true or false, got {self.gradient_checkpointing!r}")
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "auto":
+            bad("gradient_checkpointing", f"must be true, false or 'auto', got {self.gradient_checkpointing!r}")
         if self.trigger is not None and not self.trigger.strip():
             bad("trigger", "an empty trigger string; use None for no trigger")
 

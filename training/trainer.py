@@ -42,6 +42,7 @@ import torch
 
 from interp.io import atomic_write_json
 from interp.loading import LoadedModel, resolve_dtype
+from training.activation_memory import resolve_checkpointing
 from training.checkpoint import latest_checkpoint, run_dir_lock
 from training.config import UnlearnConfig
 from training.containment import Containment, calibrate_concept_gate
@@ -213,6 +214,7 @@ def _train(lm: LoadedModel, cfg: UnlearnConfig, data: UnlearnData, run_dir: Path
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    cfg = resolve_checkpointing(lm, cfg, data)  # before the adapter: the estimate reads the base model's dtype
     params = _prepare_model(lm, cfg)
     use_cache = getattr(getattr(lm.model, "config", None), "use_cache", True)
     if cfg.gradient_checkpointing:
