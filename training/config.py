@@ -180,8 +180,8 @@ class UnlearnConfig(JsonConfig):
     gradient_checkpointing: bool | str = "auto"
     """Recompute decoder activations in the backward pass instead of storing them: about a fifth to a third
     more compute for activation memory that no longer grows with depth. ``auto``: on when the largest
-    step's estimated activations exceed the device's memory budget (``training.activation_memory``; on
-    the 2-core CPU machine the 1.5B's retain-CE steps, not the 0.5B's). The same gradients, so it is not
+    step would not fit the memory left (``training.activation_memory``: two-thirds of RAM on a CPU, free
+    memory on a GPU; on the 24 GB CPU machine the 1.5B's steps, not the 0.5B's). The same gradients, so it is not
     part of the run's hash and a run may resume with it switched; ``result.json`` records what was used."""
 
     def __post_init__(self) -> None:
