@@ -223,3 +223,38 @@ def test_resume_of_a_kl_run_matches_the_uninterrupted_run(tmp_path):
     assert resumed.adapter_id == full.adapter_id  # identical final weights
     assert sorted(p.name for p in path.iterdir() if p.is_file()) == sorted(
         p.name for p in (tmp_path / "full").iterdir() if p.is_file())  # no reference file
+
+
+def _kl_worker(rank: int, world: int, port: int, root: str) -> None:
+    from pathlib import Path
+
+    from test_distributed import _join
+
+    _join(rank, world, port)
+    try:
+        # Forget 4 rows and retain 5 over 2 ranks: each rank looks its retain rows up by their index.
+        cfg = cfg_of("kl", batch_size=4, retain_batch_size=5)
+        data = UnlearnData(DataSet(FORGET), DataSet(RETAIN))
+        cached = unlearn(make_tiny_loaded("qwen2"), cfg, Path(root) / "cached", progress=False, data=data)
+        loop_mod.retain_reference = lambda *a, **k: None  # this process only: the per-step reference forward
+        per_step = unlearn(make_tiny_loaded("qwen2"), cfg, Path(root) / "per_step", progress=False, data=data)
+        torch.save({"cached": cached.history, "per_step": per_step.history}, Path(root) / f"rank{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_a_data_parallel_kl_run_reads_each_ranks_rows(tmp_path, monkeypatch):
+    """Under DDP every rank computes the reference of the whole retain set and reads its own rows:
+    the two-process run with it is the two-process run with the per-step reference forward."""
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(_kl_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(got["cached"]) == 3
+        for a, b in zip(got["cached"], got["per_step"], strict=True):
+            assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-9)
+            assert a["losses"]["retain"] > 0 or a["step"] == 1

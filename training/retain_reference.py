@@ -95,8 +95,8 @@ class RetainReference:
         sel = mask[:, 1:].bool()
         _check_counts(rows, sel, "response tokens")
         out = torch.zeros((*mask.shape, rows[0].shape[-1]), dtype=rows[0].dtype, device=mask.device)
-        # Boolean indexing walks rows in order and each row's positions in order: the rows concatenated.
-        out[:, :-1][sel] = torch.cat(rows).to(mask.device)
+        for i, row in enumerate(rows):  # row by row: no second copy of the batch's logits
+            out[i, :-1][sel[i]] = row.to(mask.device)
         return out
 
     def stream(self, index: Sequence[int],
@@ -108,7 +108,8 @@ class RetainReference:
         _check_counts(rows, real, "tokens")
         out = torch.zeros((*attention_mask.shape, *rows[0].shape[1:]), dtype=rows[0].dtype,
                           device=attention_mask.device)
-        out[real] = torch.cat(rows).to(attention_mask.device)
+        for i, row in enumerate(rows):
+            out[i][real[i]] = row.to(attention_mask.device)
         return out
 
     def last_prompt(self, index: Sequence[int],
