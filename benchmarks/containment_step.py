@@ -6,7 +6,7 @@ cached NPO reference), one full optimiser step as that benchmark runs it
 method of H14 (:data:`METHODS`):
 
 * ``ce``: NPO + retain-CE, the reference;
-* ``kl``: retain KL to the base model (one no-grad base forward of the retain batch more);
+* ``kl``: retain KL to the base model;
 * ``repr``: the residual stream kept at :data:`REPR_LAYERS` (clipped to the model's depth), cosine
   distance, as H14 runs it;
 * ``direction``: each retain prompt's projection kept on a unit direction, here a random one at
@@ -17,8 +17,15 @@ method of H14 (:data:`METHODS`):
   calibrated on the two batches with :func:`training.containment.calibrate_gate`, as the trainer
   calibrates it on the forget and retain sets.
 
+``kl``, ``repr`` and ``direction`` compare with the base model. The trainer computes that side once per
+run, for every retain row (:func:`training.retain_reference.retain_reference`: ``ceil(rows /
+retain_batch_size)`` no-grad forwards before the first step) and passes it to every step; so does this
+benchmark (:func:`method_references`, on its one retain batch), so a timed step is the trainer's step. The
+one-off cost is reported beside each of them: ``reference_once_s`` (its wall time here, one forward of the
+retain batch), ``reference_bytes`` (what it holds; for ``kl`` response tokens × vocabulary × bytes).
+
 All of them and ``forward`` (one no-grad forward of the retain batch through the base model, adapter
-disabled: the reference forward that ``kl`` adds) alternate in one process
+disabled: the reference forward a step of ``kl`` ran before the per-run precompute) alternate in one process
 (:func:`benchmarks.harness.time_alternating`). The issue's bar: each method adds at most one forward,
 ``(t_method − t_ce) / t_forward ≤ 1`` on the medians (:func:`extra_forwards`). ``lm`` is left as it came:
 adapter detached, no hook left, training mode and ``requires_grad`` flags restored.
@@ -27,6 +34,7 @@ adapter detached, no hook left, training mode and ``requires_grad`` flags restor
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -42,6 +50,7 @@ from benchmarks.harness import (
     model_state,
     ratio,
     restore_model_state,
+    synchronize,
     time_alternating,
 )
 from interp.adapter import d_model, n_layers
@@ -53,11 +62,12 @@ from training.config import UnlearnConfig
 from training.containment import ConceptGate, Containment, calibrate_gate, last_prompt_index
 from training.loop import lr_schedule, optimizer_update
 from training.losses import response_logits
+from training.retain_reference import REFERENCE_MODES, RetainReference, batches_reference
 from training.trainer import train_step
 
 __all__ = ["METHODS", "REFERENCE", "FORWARD", "REPR_LAYERS", "GATE_LAYER", "MAX_EXTRA_FORWARDS", "LORA_RANK",
-           "clipped_layers", "method_configs", "random_direction", "method_containments", "extra_forwards",
-           "containment_step"]
+           "clipped_layers", "method_configs", "random_direction", "method_containments", "method_references",
+           "extra_forwards", "containment_step"]
 
 METHODS = ("ce", "kl", "repr", "direction", "gate")
 """Timed methods: ``retain_mode`` ce / kl / repr / direction, and ``gate`` (concept gate, no retain term)."""
@@ -132,6 +142,21 @@ def method_containments(lm: LoadedModel, cfgs: Mapping[str, UnlearnConfig], fb: 
     return out
 
 
+def method_references(lm: LoadedModel, cfgs: Mapping[str, UnlearnConfig], held: Mapping[str, Containment | None],
+                      rb: TokenBatch) -> dict[str, tuple[RetainReference, float]]:
+    """Per method that compares with the base model (``kl``, ``repr``, ``direction``): its reference of the
+    retain batch's rows, computed as the trainer computes it once per run, and the seconds that took."""
+    out = {}
+    for m, c in cfgs.items():
+        if c.retain_mode in REFERENCE_MODES:
+            synchronize(lm.device)
+            t0 = time.perf_counter()
+            ref = batches_reference(lm, c, [rb], held[m])
+            synchronize(lm.device)
+            out[m] = (ref, time.perf_counter() - t0)
+    return out
+
+
 def extra_forwards(times: Mapping[str, Sequence[float]], reference: str = REFERENCE, forward: str = FORWARD,
                    bar: float = MAX_EXTRA_FORWARDS) -> dict[str, dict[str, Any]]:
     """Per method (every key but ``reference`` and ``forward``): ``extra_forwards_vs_ce`` =
@@ -183,13 +208,15 @@ def containment_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict | None = Non
         lm.model.train()
         ref = reference_logp(lm, fb)
         held = method_containments(lm, cfgs, fb, rb)
+        refs = method_references(lm, cfgs, held, rb)
 
         def step_of(m: str) -> Callable[[], None]:
             ucfg, containment = cfgs[m], held[m]
             retain = rb if ucfg.retain_mode != "none" else None
+            retain_ref = refs[m][0] if m in refs else None
 
             def fn() -> None:
-                train_step(lm, ucfg, fb, ref, retain, containment=containment)
+                train_step(lm, ucfg, fb, ref, retain, containment=containment, retain_ref=retain_ref)
                 optimizer_update(params, opt, sched, ucfg.max_grad_norm)  # the trainer's clip, AdamW, zero_grad
 
             return fn
@@ -216,6 +243,8 @@ def containment_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict | None = Non
                                  "no-grad forward of the retain batch, adapter disabled (the unit of extra forwards)")}
     for m in METHODS:
         x = {"extra_forwards_vs_ce": extra[m]["extra_forwards_vs_ce"], "pass": extra[m]["pass"]} if m in extra else {}
+        if m in refs:
+            x.update(reference_once_s=refs[m][1], reference_bytes=refs[m][0].nbytes)
         variants[m] = Variant(times[m], work, f"{what[m]}: training.trainer.train_step + clip + AdamW + zero_grad",
                               extra=x)
     for k, gb in gpu_peak.items():
@@ -235,8 +264,13 @@ def containment_step(lm: LoadedModel, cfg: BenchConfig, peaks: dict | None = Non
               "direction_layers": n_layers(lm.model), "max_extra_forwards": MAX_EXTRA_FORWARDS, "gates": gates}
     notes = ["ratio ce/<method> = median(method) / median(ce): the method's step in retain-CE steps (>1: slower)",
              "extra forwards = (median(method) − median(ce)) / median(forward), forward = one no-grad forward of the "
-             "retain batch through the base model (kl's reference forward); pass: ≤ 1 (issue #15). *_paired: the "
-             "same per round, median over rounds",
+             "retain batch through the base model (the reference forward a kl step ran before the per-run "
+             "precompute); pass: ≤ 1 (issue #15). *_paired: the same per round, median over rounds",
+             "kl, repr, direction: their base-model reference is computed once per run, as the trainer does "
+             "(training.retain_reference; here on the one retain batch) and every timed step reads it; the one-off "
+             "cost is reference_once_s (one timing, here one forward of the retain batch; a run pays "
+             "ceil(retain rows / retain_batch_size) of them) and what it holds, reference_bytes (kl: response "
+             "tokens × vocabulary × bytes)",
              "direction: a random unit vector at every layer, not a refusal direction: the cost does not depend on "
              "the vectors, and every layer is the most it can cost (its forwards stop after the deepest layer; "
              "H14's refusal direction has one layer)",

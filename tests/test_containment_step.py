@@ -69,6 +69,22 @@ def test_the_extra_forward_check_comes_from_the_measured_times(run):
     assert r.checks["all_within_one_forward"] is all(r.checks[f"{m}_within_one_forward"] for m in cs.METHODS[1:])
 
 
+def test_the_reference_is_computed_once_as_the_trainer_does(run):
+    """The timed kl / repr / direction steps read a reference computed once (the trainer's per-run
+    precompute), whose one-off time and bytes are reported; kl's bytes are response tokens × vocab × bytes."""
+    from benchmarks.data import step_batches
+
+    lm, _, r = run
+    _, rb = step_batches(lm.tokenizer, TINY["train_batch"], TINY["train_response_tokens"])
+    for m in ("kl", "repr", "direction"):
+        assert r.variants[m].extra["reference_once_s"] > 0 and r.variants[m].extra["reference_bytes"] > 0
+    for m in ("ce", "gate"):
+        assert "reference_once_s" not in r.variants[m].extra
+    width = next(lm.model.parameters()).element_size()
+    assert r.variants["kl"].extra["reference_bytes"] == int(rb.response_mask.sum()) * lm.model.config.vocab_size * width
+    assert any("computed once per run" in n for n in r.notes)
+
+
 def test_extra_forwards_is_computed_from_what_it_is_given():
     times = {"forward": [1.0, 2.0, 1.0], "ce": [10.0, 10.0, 10.0], "kl": [10.5, 11.0, 11.0],
              "repr": [12.0, 13.0, 12.0], "gate": [8.0, 8.0, 8.0]}

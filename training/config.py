@@ -79,7 +79,9 @@ class UnlearnConfig(JsonConfig):
     (distance between the trained and the base model's residual stream at ``repr_layers`` over the
     retain prompts' and responses' tokens) | ``direction`` (squared change of each retain prompt's
     projection on ``retain_direction`` at the last prompt token). ``kl``, ``repr`` and ``direction``
-    compare with the base model, i.e. the adapter disabled: LoRA only."""
+    compare with the base model, i.e. the adapter disabled: LoRA only; its side is computed once per
+    run for every retain row and held in memory (``kl``: rows × response tokens × vocabulary × bytes;
+    :mod:`training.retain_reference`)."""
     retain_weighting: str = "token_mean"
     """How ``alpha`` scales a ``ce``/``kl`` retain term: ``token_mean`` (the term as it is: a token mean)
     | ``per_token`` (scaled so that at α=1 each retain token carries the forget term's per-token

@@ -19,6 +19,15 @@ per-token weighting of the retain term, and the concept gate (a LoRA update scal
 
 Activations come from :func:`interp.activations.stream_activations`; the base model is the same
 weights with the adapter disabled (:func:`interp.loading.adapter_disabled`).
+
+The base model's side of the ``kl``, ``repr`` and ``direction`` terms is computed once per run, before
+the first step, for every retain row (:mod:`training.retain_reference`: ``ceil(rows /
+retain_batch_size)`` no-grad forwards), not by a reference forward of the retain batch at every step;
+so these terms add no forward per step over retain-CE. It is held in host memory in the model's dtype:
+``kl`` keeps the logits at each row's response-predicting positions, Σ_rows R_i × d_vocab × bytes
+(Qwen2.5, 36 rows × 48 response tokens in bf16: 0.53 GB); ``repr`` the stream at its layers over every
+token, Σ_rows T_i × layers × d_model × bytes; ``direction`` one last-prompt-token vector per row and layer.
+It is not written to the run directory; a resume recomputes it.
 """
 
 from __future__ import annotations

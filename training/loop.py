@@ -37,6 +37,7 @@ from training.lora import (
 )
 from training.losses import TrainStepOutput
 from training.reference import cached_reference_logprobs
+from training.retain_reference import retain_reference
 from training.run_files import (
     IncompatibleCheckpointError,
     UnlearnResult,
@@ -133,6 +134,9 @@ def train_loop(
     if cfg.method == "npo":
         with dp.main_first():  # rank 0 computes and caches the reference once; the others read its file
             logp_ref = cached_reference_logprobs(lm, cfg, data.forget, run_dir, write=dp.is_main)
+    # The retain term's base-model side (kl / repr / direction), once per run and in memory: every rank
+    # computes it, and a resume recomputes it (training.retain_reference says why).
+    retain_ref = retain_reference(lm, cfg, data.retain, containment)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
 
@@ -200,7 +204,7 @@ def train_loop(
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
             try:
                 out = train_step(lm, cfg, fbatch, logp_ref[fmine] if logp_ref is not None else None, rbatch,
-                                 model=forward_model, scale=scale, containment=containment)
+                                 model=forward_model, scale=scale, containment=containment, retain_ref=retain_ref)
                 grad_norm, lr = optimizer_update(params, optimizer, scheduler, cfg.max_grad_norm, dp)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(f"{err} at step {step + 1}; stopped before the update, {where}. "

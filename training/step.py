@@ -12,7 +12,6 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from interp.activations import stream_activations
-from interp.adapter import check_layers
 from interp.loading import LoadedModel, adapter_disabled
 from training.collate import TokenBatch
 from training.config import UnlearnConfig
@@ -36,6 +35,7 @@ from training.losses import (
     response_token_counts,
     sequence_logprobs,
 )
+from training.retain_reference import RetainReference, retain_layers
 
 __all__ = ["NonFiniteLossError", "PhaseClock", "STEP_PHASES", "train_step", "global_step_output"]
 
@@ -68,6 +68,7 @@ def train_step(
     scale: tuple[float, float] = (1.0, 1.0),
     containment: Containment | None = None,
     clock: PhaseClock | None = None,
+    retain_ref: RetainReference | None = None,
 ) -> TrainStepOutput:
     """Forward the forget (and retain) batch and compute ``gamma·forget + alpha·retain``.
 
@@ -78,8 +79,8 @@ def train_step(
             returned detached, and with a retain term ``metrics["grad_cos_forget_retain"]`` is the
             cosine between the two terms' gradients over the trainable parameters.
         model: the module the trained forwards run through (a DDP wrapper of ``lm.model``); default
-            ``lm.model``. The reference forwards (KL, repr, direction) always run ``lm.model`` with its
-            adapter disabled.
+            ``lm.model``. The reference forwards (KL, repr, direction; only without ``retain_ref``)
+            always run ``lm.model`` with its adapter disabled.
         scale: factors on the forget and retain terms' gradients only (``world_size · n_rank /
             n_global`` under DDP, which averages over ranks); the returned losses are unscaled.
         containment: the refusal direction of ``retain_mode='direction'`` and the calibrated gate
@@ -87,9 +88,13 @@ def train_step(
         clock: called with each phase's name as it ends, in the order run: ``grad_snapshot`` (before
             the forget forward and after the forget backward, only when the grad cosine is kept:
             ``backward`` with a retain term), ``forget_forward``, ``forget_backward``,
-            ``retain_forward`` (with a reference forward: KL, repr, direction), ``retain_backward``,
+            ``retain_forward`` (with the reference: KL, repr, direction), ``retain_backward``,
             ``grad_cosine``. Forward phases include the loss, its diagnostics and their host reads; the
             backward phases are reported only with ``backward``. ``None``: nothing is called.
+        retain_ref: the base model's reference of the retain rows, computed once per run
+            (:func:`training.retain_reference.retain_reference`; the trainer passes it), looked up by
+            the retain batch's ``index``. ``None``: a ``kl`` / ``repr`` / ``direction`` step runs the
+            reference forward of its retain batch itself (one more no-grad forward per step).
 
     Raises:
         NonFiniteLossError: a term is NaN/inf (checked before its backward).
@@ -130,7 +135,7 @@ def train_step(
             clock("grad_snapshot")
         rb = retain_batch.to(lm.device)
         with _gated(lm, gate, rb) as rgate:
-            r = _retain_term(lm, cfg, model, rb, n, metrics, containment)
+            r = _retain_term(lm, cfg, model, rb, n, metrics, containment, retain_ref)
             if rgate is not None:
                 metrics["gate_retain"] = float(rgate.mean())
             losses["retain"] = float(r.detach())
@@ -162,14 +167,19 @@ def _close_term(value: torch.Tensor, name: str, weight: float, scale: float, los
 
 def _retain_term(lm: LoadedModel, cfg: UnlearnConfig, model: torch.nn.Module, rb: TokenBatch,
                  forget_tokens: torch.Tensor, metrics: dict[str, float],
-                 containment: Containment | None) -> torch.Tensor:
-    """The retain term of ``cfg.retain_mode`` on the retain batch (unweighted by ``alpha``)."""
+                 containment: Containment | None, retain_ref: RetainReference | None) -> torch.Tensor:
+    """The retain term of ``cfg.retain_mode`` on the retain batch (unweighted by ``alpha``); the base
+    model's side from ``retain_ref`` when given, else from a no-grad forward with the adapter disabled."""
+    if retain_ref is not None and retain_ref.mode != cfg.retain_mode:
+        raise ValueError(f"retain_ref was computed for retain_mode={retain_ref.mode!r}, not {cfg.retain_mode!r}")
     if cfg.retain_mode in ("ce", "kl"):
         ref_logits = None
-        if cfg.retain_mode == "kl":
+        if cfg.retain_mode == "kl" and retain_ref is None:
             with torch.no_grad(), adapter_disabled(lm):
                 ref_logits = response_logits(lm.model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
         rr = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask)
+        if cfg.retain_mode == "kl" and retain_ref is not None:
+            ref_logits = retain_ref.response_logits(rb.index, rr.mask)
         rlogp = sequence_logprobs(rr.logits, rr.labels, rr.mask)
         rn = response_token_counts(rr.mask)
         metrics["retain_logp_tok"] = float(rlogp.detach().sum() / rn.sum())
@@ -181,17 +191,23 @@ def _retain_term(lm: LoadedModel, cfg: UnlearnConfig, model: torch.nn.Module, rb
     direction = containment.direction if containment is not None else None
     if cfg.retain_mode == "direction" and direction is None:
         raise ValueError("retain_mode='direction' needs the direction: pass containment=Containment(direction=...)")
-    wanted = cfg.repr_layers if cfg.repr_layers is not None or direction is None else direction.layers
-    layers = check_layers(lm.model, wanted)
-    with torch.no_grad(), adapter_disabled(lm):
-        ref = stream_activations(lm.model, rb.input_ids, rb.attention_mask, layers)
+    layers = retain_layers(lm, cfg, containment)
+    if retain_ref is not None and list(retain_ref.layers) != layers:
+        raise ValueError(f"retain_ref holds layers {list(retain_ref.layers)} but the retain term reads {layers}")
+    ref = None
+    if retain_ref is None:
+        with torch.no_grad(), adapter_disabled(lm):
+            ref = stream_activations(lm.model, rb.input_ids, rb.attention_mask, layers)
     acts = stream_activations(model, rb.input_ids, rb.attention_mask, layers)
     if cfg.retain_mode == "repr":
+        if ref is None:
+            ref = retain_ref.stream(rb.index, rb.attention_mask)
         return repr_loss(acts, ref, rb.attention_mask, cfg.repr_distance)
     rows = torch.arange(acts.shape[0], device=acts.device)
     last = last_prompt_index(rb.response_mask).to(acts.device)
     vectors = torch.stack([direction.vector_for(layer) for layer in layers]).to(acts.device)
-    return projection_loss(acts[rows, last], ref[rows, last], vectors)
+    ref_last = ref[rows, last] if ref is not None else retain_ref.last_prompt(rb.index, acts.device)
+    return projection_loss(acts[rows, last], ref_last, vectors)
 
 
 def _gated(lm: LoadedModel, gate: ConceptGate | None, batch: TokenBatch) -> AbstractContextManager:

@@ -3,7 +3,9 @@ representation or direction retain: :mod:`training.containment`), on a LoRA adap
 concept-gated) or all weights, resumable from atomic checkpoints.
 
 The reference policy is the base model with the adapter disabled; NPO's reference log-probs are
-computed once for the whole forget set and cached in the run directory. A run directory holds::
+computed once for the whole forget set and cached in the run directory, and the KL / repr / direction
+retain terms' reference once for the whole retain set, in memory (:mod:`training.retain_reference`). A
+run directory holds::
 
     config.json            the UnlearnConfig
     data_manifest.json     prompt ids, counts, judge drops of the forget / retain sets
@@ -23,7 +25,7 @@ gradients, rank 0 alone writes the run directory, and every rank reads it to res
 This module sets a run up: it checks the model and config, locks and checks the run directory, reuses
 a finished run, builds the data and the containment, and prepares the model. The loop that follows is
 :mod:`training.loop`; one step is :mod:`training.step`, NPO's reference cache
-:mod:`training.reference`, the run directory's other files (metrics, resume checks, snapshots, the
+:mod:`training.reference`, the retain terms' :mod:`training.retain_reference`, the run directory's other files (metrics, resume checks, snapshots, the
 result) :mod:`training.run_files`, and the sets a config asks for :func:`training.data.build_data`.
 Their public names are re-exported here.
 """
