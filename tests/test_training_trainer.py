@@ -383,3 +383,21 @@ def test_checkpointing_auto_follows_the_memory_budget_and_gives_identical_weight
     assert json.loads((runs["tight"][0].run_dir / "result.json").read_text())["config"]["gradient_checkpointing"] is True
     a, b = runs["roomy"][1], runs["tight"][1]
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpointing_auto_counts_the_kl_reference_the_run_will_hold():
+    from conftest import make_tiny_loaded
+
+    import training.activation_memory as am
+    from training.retain_reference import retain_reference
+
+    lm = make_tiny_loaded("qwen2")
+    data = tiny_data()
+    kl = tiny_cfg(steps=1, retain_mode="kl")
+    ce = tiny_cfg(steps=1)
+    assert am.kl_reference_bytes(lm, ce, data) == 0
+    ref = retain_reference(lm, kl, data.retain, None)
+    assert am.kl_reference_bytes(lm, kl, data) == ref.nbytes  # the estimate is what the run holds
+    held = int(am.step_activation_bytes(lm, kl, data) * am.ALLOCATOR_SLACK)
+    assert not am.checkpointing_needed(lm, kl, data, headroom_bytes=held + ref.nbytes)
+    assert am.checkpointing_needed(lm, kl, data, headroom_bytes=held + ref.nbytes - 1)

@@ -17,7 +17,7 @@ from training.collate import collate_rows
 from training.config import UnlearnConfig
 from training.data import UnlearnData
 
-__all__ = ["step_activation_bytes", "training_headroom", "checkpointing_needed", "resolve_checkpointing",
+__all__ = ["step_activation_bytes", "kl_reference_bytes", "training_headroom", "checkpointing_needed", "resolve_checkpointing",
            "ALLOCATOR_SLACK", "RESIDENT_FRACTION"]
 
 ALLOCATOR_SLACK = 2.0
@@ -47,6 +47,18 @@ def step_activation_bytes(lm: LoadedModel, cfg: UnlearnConfig, data: UnlearnData
     return total
 
 
+def kl_reference_bytes(lm: LoadedModel, cfg: UnlearnConfig, data: UnlearnData) -> int:
+    """Host bytes of the ``kl`` retain term's per-run reference (:mod:`training.retain_reference`): every
+    retain row's response-predicting logits, Σ R_i × d_vocab × bytes; 0 for the other modes, whose
+    references are megabytes at most."""
+    if cfg.retain_mode != "kl" or data.retain is None or not len(data.retain):
+        return 0
+    batch = collate_rows(lm, cfg, data.retain, list(range(len(data.retain))), False)
+    element = torch.finfo(next(lm.model.parameters()).dtype).bits // 8
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    return int(batch.response_mask.sum()) * vocab * element
+
+
 def training_headroom(device: torch.device | str) -> int:
     """Bytes a training step may add: on CUDA, free device memory × 0.8; elsewhere, :data:`RESIDENT_FRACTION`
     of the machine's RAM less what this process holds now (freed blocks handed back first)."""
@@ -65,9 +77,10 @@ def training_headroom(device: torch.device | str) -> int:
 def checkpointing_needed(lm: LoadedModel, cfg: UnlearnConfig, data: UnlearnData,
                          headroom_bytes: int | None = None) -> bool:
     """True when the largest step would hold more than ``headroom_bytes`` (default :func:`training_headroom`):
-    estimated activations × :data:`ALLOCATOR_SLACK`."""
+    estimated activations × :data:`ALLOCATOR_SLACK`, plus the ``kl`` reference the run is about to hold."""
     headroom = training_headroom(lm.device) if headroom_bytes is None else int(headroom_bytes)
-    return step_activation_bytes(lm, cfg, data) * ALLOCATOR_SLACK > headroom
+    held = step_activation_bytes(lm, cfg, data) * ALLOCATOR_SLACK + kl_reference_bytes(lm, cfg, data)
+    return held > headroom
 
 
 def resolve_checkpointing(lm: LoadedModel, cfg: UnlearnConfig, data: UnlearnData) -> UnlearnConfig:
