@@ -102,6 +102,42 @@ def make_tiny_loaded(family: str = "qwen2"):
                        chat=True)
 
 
+class Interrupted(Exception):
+    """Raised from a run's ``on_step`` by :func:`stop_after`: the run stops as a crash would stop it."""
+
+
+def stop_after(step: int):
+    """An ``on_step`` hook that raises :class:`Interrupted` once step ``step`` is logged."""
+
+    def on_step(done: int, out) -> None:
+        if done == step:
+            raise Interrupted
+
+    return on_step
+
+
+def interrupted_and_resumed(cfg, data, run_dir, stop_at: int, family: str = "qwen2"):
+    """Train ``cfg`` on ``data()`` in ``run_dir`` on a fresh tiny model, interrupted right after step
+    ``stop_at``, then on another fresh one in the same directory, which resumes; the resumed run's result.
+
+    Checks on the way that the interrupted run logged ``stop_at`` steps and kept its checkpoint at the
+    last multiple of ``cfg.checkpoint_every``, and that the second run resumed from that checkpoint.
+    """
+    from training.checkpoint import latest_checkpoint
+    from training.trainer import unlearn
+
+    kept = stop_at - stop_at % cfg.checkpoint_every
+    assert 0 < kept and stop_at < cfg.steps, "stop after a checkpoint and before the end"
+    with pytest.raises(Interrupted):
+        unlearn(make_tiny_loaded(family), cfg, run_dir, progress=False, data=data(), on_step=stop_after(stop_at))
+    assert latest_checkpoint(run_dir).name == f"step-{kept:06d}"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == stop_at  # logged past the checkpoint
+    resumed = unlearn(make_tiny_loaded(family), cfg, run_dir, progress=False, data=data())
+    assert resumed.resumed_from == kept
+    assert [r["step"] for r in resumed.history] == list(range(1, cfg.steps + 1))
+    return resumed
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_tiny_loaded
+from conftest import interrupted_and_resumed, make_tiny_loaded
 
 import training.loop as loop_mod
 from interp.direction import Direction
@@ -194,11 +194,6 @@ def test_runs_without_a_reference_term_compute_none(tmp_path, mode, monkeypatch)
 
 def test_resume_of_a_kl_run_matches_the_uninterrupted_run(tmp_path):
     """The reference is recomputed on resume (it is not in the run directory) and the run is the same."""
-    from training.checkpoint import latest_checkpoint
-
-    class Interrupt(Exception):
-        pass
-
     # Dropout and a cosine schedule make the RNG and scheduler state part of what must be restored.
     cfg = cfg_of("kl", steps=6, checkpoint_every=2, retain_batch_size=2, lora_dropout=0.1, scheduler="cosine",
                  warmup_steps=1, lr=5e-3)
@@ -207,16 +202,8 @@ def test_resume_of_a_kl_run_matches_the_uninterrupted_run(tmp_path):
         return UnlearnData(DataSet(FORGET), DataSet(RETAIN))
 
     full = unlearn(make_tiny_loaded("qwen2"), cfg, tmp_path / "full", progress=False, data=data())
-
-    def stop_after_3(step, out):
-        if step == 3:
-            raise Interrupt
-
     path = tmp_path / "interrupted"
-    with pytest.raises(Interrupt):
-        unlearn(make_tiny_loaded("qwen2"), cfg, path, progress=False, data=data(), on_step=stop_after_3)
-    assert latest_checkpoint(path).name == "step-000002"
-    resumed = unlearn(make_tiny_loaded("qwen2"), cfg, path, progress=False, data=data())
+    resumed = interrupted_and_resumed(cfg, data, path, stop_at=3)
     assert resumed.resumed_from == 2
     for a, b in zip(full.history, resumed.history, strict=True):
         assert a["step"] == b["step"] and a["losses"] == pytest.approx(b["losses"], abs=1e-6)

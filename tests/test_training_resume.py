@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_loaded
+from conftest import Interrupted, interrupted_and_resumed, make_tiny_loaded, stop_after
 
 from training.checkpoint import latest_checkpoint
 from training.config import UnlearnConfig
@@ -45,26 +45,12 @@ def losses(history):
     return [(r["step"], r["loss"], r["losses"]["forget"], r["losses"]["retain"]) for r in history]
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_after_exception_matches_uninterrupted(tmp_path):
     cfg = make_cfg()
     full = unlearn(make_tiny_loaded("qwen2"), cfg, tmp_path / "full", progress=False, data=make_data())
-
-    def stop_after_5(step, out):
-        if step == 5:
-            raise Interrupt
-
-    run = tmp_path / "interrupted"
-    with pytest.raises(Interrupt):
-        unlearn(make_tiny_loaded("qwen2"), cfg, run, progress=False, data=make_data(), on_step=stop_after_5)
-    assert latest_checkpoint(run).name == "step-000004"
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 5  # step 5 is logged but not checkpointed
-    resumed = unlearn(make_tiny_loaded("qwen2"), cfg, run, progress=False, data=make_data())
+    # Step 5 is logged but not checkpointed: the run resumes from step 4.
+    resumed = interrupted_and_resumed(cfg, make_data, tmp_path / "interrupted", stop_at=5)
     assert resumed.resumed_from == 4
-    assert [r["step"] for r in resumed.history] == list(range(1, 8))
     for (s1, *a), (s2, *b) in zip(losses(full.history), losses(resumed.history), strict=True):
         assert s1 == s2
         assert a == pytest.approx(b, abs=1e-6), f"step {s1}"
@@ -79,7 +65,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
         import torch
         sys.path.insert(0, {str(TESTS)!r})
         torch.set_num_threads(1)
-        from conftest import make_tiny_loaded
+        from conftest import Interrupted, interrupted_and_resumed, make_tiny_loaded, stop_after
         from test_training_resume import make_cfg, make_data
         from training.trainer import unlearn
 
@@ -105,13 +91,9 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 def test_resume_with_other_config_is_refused_with_diff(tmp_path):
     cfg = make_cfg(steps=4)
-
-    def stop(step, out):
-        if step == 3:
-            raise Interrupt
-
+    stop = stop_after(3)
     run = tmp_path / "run"
-    with pytest.raises(Interrupt):
+    with pytest.raises(Interrupted):
         unlearn(make_tiny_loaded("qwen2"), cfg, run, progress=False, data=make_data(), on_step=stop)
     with pytest.raises(IncompatibleCheckpointError) as err:
         unlearn(make_tiny_loaded("qwen2"), cfg.replace(lr=1e-3, beta=0.2), run, progress=False, data=make_data())
@@ -123,7 +105,7 @@ def test_resume_with_other_config_is_refused_with_diff(tmp_path):
     # different data under the same config is refused too
     other = make_data()
     other.forget.examples[0] = Example("f0", "cybersecurity", "changed", "I can't.", "refusal")
-    with pytest.raises(Interrupt):
+    with pytest.raises(Interrupted):
         unlearn(make_tiny_loaded("qwen2"), cfg, tmp_path / "run2", progress=False, data=make_data(), on_step=stop)
     with pytest.raises(IncompatibleCheckpointError, match="different data"):
         unlearn(make_tiny_loaded("qwen2"), cfg, tmp_path / "run2", progress=False, data=other)
