@@ -1,7 +1,8 @@
 """The reference retain terms' base-model side (kl / repr / direction), computed once per run
-(:mod:`training.retain_reference`): a step with it gives the per-step reference forward's loss and
-gradients, the loop runs no reference forward after the precompute, a resumed kl run reproduces an
-uninterrupted one, and ce / none runs compute nothing."""
+(:mod:`training.retain_reference`): a step with it, and a step without it (which computes its own
+batch's), give the loss and gradients of the retain term computed inline as the step computed it before
+(:func:`inline_retain_term`), the loop runs no reference forward after the precompute and is the run with
+the inline term, a resumed kl run reproduces an uninterrupted one, and ce / none runs compute nothing."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import torch
 from conftest import interrupted_and_resumed, make_tiny_loaded
 
 import training.loop as loop_mod
+import training.step as step_mod
+from interp.activations import stream_activations
 from interp.direction import Direction
+from interp.loading import adapter_disabled
 from training.collate import collate_rows
 from training.config import UnlearnConfig
-from training.containment import Containment
+from training.containment import Containment, last_prompt_index, projection_loss, repr_loss
 from training.data import DataSet, Example
 from training.lora import attach_lora
+from training.losses import kl_loss, response_logits
 from training.retain_reference import batches_reference, retain_reference
 from training.step import train_step
 from training.trainer import UnlearnData, unlearn
@@ -61,45 +66,118 @@ def adapted(dtype: torch.dtype):
     return lm
 
 
-def step(lm, cfg, cont, ref):
-    """One step with backward; its losses and the LoRA gradients it left."""
+def inline_retain_term(lm, cfg, cont, rb, model=None) -> torch.Tensor:
+    """The expectation: the retain term (with its graph) as the step computed it inline before the
+    reference had one path: a no-grad forward of this batch with the adapter disabled (the model left in
+    its mode), then the kl / repr / projection loss of the trained forward (``model``, default
+    ``lm.model``) against it. Token-mean weighting only."""
+    assert cfg.retain_weighting == "token_mean"
+    model = lm.model if model is None else model
+    layers = list(cfg.repr_layers or cont.direction.layers) if cfg.retain_mode != "kl" else []
+    with torch.no_grad(), adapter_disabled(lm):
+        if cfg.retain_mode == "kl":
+            base = response_logits(lm.model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
+        else:
+            base = stream_activations(lm.model, rb.input_ids, rb.attention_mask, layers)
+    if cfg.retain_mode == "kl":
+        rr = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask)
+        return kl_loss(rr.logits, base, rr.mask)
+    acts = stream_activations(model, rb.input_ids, rb.attention_mask, layers)
+    if cfg.retain_mode == "repr":
+        return repr_loss(acts, base, rb.attention_mask, cfg.repr_distance)
+    rows, last = torch.arange(len(rb)), last_prompt_index(rb.response_mask)
+    vectors = torch.stack([cont.direction.vector_for(layer) for layer in layers])
+    return projection_loss(acts[rows, last], base[rows, last], vectors)
+
+
+def inline_step_term(lm, cfg, model, rb, forget_tokens, metrics, containment, retain_ref):
+    """:func:`inline_retain_term` in the place of ``training.step._retain_term``: a run on it is the
+    run before the per-run reference (nothing precomputed, one reference forward per step)."""
+    return inline_retain_term(lm, cfg, containment, rb, model)
+
+
+def batches_of(lm, cfg):
+    fb = collate_rows(lm, cfg, DataSet(FORGET), [0, 1, 2], forget=True)
+    # Rows 5, 1, 3 together: another width than the precompute's batches (0-3 and 4-5) gave each of them.
+    return fb, collate_rows(lm, cfg, DataSet(RETAIN), [5, 1, 3], forget=False)
+
+
+def lora_grads(lm) -> list[torch.nn.Parameter]:
     params = [p for p in lm.model.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
-    fb = collate_rows(lm, cfg, DataSet(FORGET), [0, 1, 2], forget=True)
-    # Rows 5, 1, 3 together: another width than the precompute's batches (0-3 and 4-5) gave each of them.
-    rb = collate_rows(lm, cfg, DataSet(RETAIN), [5, 1, 3], forget=False)
-    out = train_step(lm, cfg, fb, torch.full((3,), -20.0), rb, containment=cont, retain_ref=ref)
-    return out.losses, [p.grad.clone() for p in params]
+    return params
+
+
+def step(lm, cfg, cont, ref, rb=None):
+    """One step with backward (on ``rb``, default :func:`batches_of`'s); its losses, the LoRA
+    gradients it left and how many forwards it ran through the base model."""
+    params = lora_grads(lm)
+    fb, rb0 = batches_of(lm, cfg)
+    seen = BaseForwards(lm)
+    try:
+        out = train_step(lm, cfg, fb, torch.full((3,), -20.0), rb0 if rb is None else rb, containment=cont,
+                         retain_ref=ref)
+    finally:
+        seen.handle.remove()
+    return out.losses, [p.grad.clone() for p in params], sum(seen.events)
+
+
+def expected_step(lm, cfg, cont) -> tuple[float, list[torch.Tensor]]:
+    """The step's retain loss and LoRA gradients from :func:`inline_retain_term`: the gradient of a
+    step without a retain term (the forget term's) plus ``alpha`` times the inline term's, accumulated
+    as the step accumulates them."""
+    params = lora_grads(lm)
+    fb, rb = batches_of(lm, cfg)
+    train_step(lm, cfg.replace(retain_mode="none", repr_layers=None), fb, torch.full((3,), -20.0))
+    r = inline_retain_term(lm, cfg, cont, rb)
+    (cfg.alpha * r).backward()
+    return float(r.detach()), [p.grad.clone() for p in params]
 
 
 @pytest.mark.parametrize("mode", ["kl", "repr", "direction"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_step_with_the_cache_is_the_step_with_the_reference_forward(mode, dtype):
+def test_a_step_with_or_without_the_cache_is_the_step_with_the_inline_reference(mode, dtype):
     lm = adapted(dtype)
     cfg, cont = cfg_of(mode, dtype=str(dtype).removeprefix("torch.")), containment_of(mode)
     ref = retain_reference(lm, cfg, DataSet(RETAIN), cont)
     assert ref is not None and ref.mode == mode and sorted(ref.rows) == list(range(len(RETAIN)))
-    per_step, g_per_step = step(lm, cfg, cont, None)
-    cached, g_cached = step(lm, cfg, cont, ref)
-    assert per_step["retain"] > 1e-6  # the adapter moved the policy: the term is not trivially zero
+    want, g_want = expected_step(lm, cfg, cont)
+    assert want > 1e-6  # the adapter moved the policy: the term is not trivially zero
+    per_step, g_per_step, base_per_step = step(lm, cfg, cont, None)
+    cached, g_cached, base_cached = step(lm, cfg, cont, ref)
+    assert (base_per_step, base_cached) == (1, 0)  # without the cache: one reference forward, of its batch
     assert cached["forget"] == per_step["forget"]
-    if dtype == torch.float32:
-        # The reference ran in other batches (other padding widths): the same real-token values up to
-        # the order of float32 sums (bit-identical on one CPU thread; a BLAS may block other shapes
-        # differently).
-        assert cached["retain"] == pytest.approx(per_step["retain"], rel=1e-6, abs=1e-10)
-        for a, b in zip(g_cached, g_per_step, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
-    else:
-        # bf16: bit-identical here too (one CPU thread), but where a padding width changes how a sum
-        # is blocked the reference's bf16 values can differ in their last bit (1/256 relative), and the
-        # retain term is a small difference from the reference: a looser tolerance than float32's,
-        # still tight enough that swapping two rows' references fails it (the direction term moves by
-        # 0.24%: the last prompt token is the same template token in every row).
-        assert cached["retain"] == pytest.approx(per_step["retain"], rel=1e-3, abs=1e-8)
-        for a, b in zip(g_cached, g_per_step, strict=True):
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+    for got, grads in ((per_step, g_per_step), (cached, g_cached)):
+        if dtype == torch.float32:
+            # The cached reference ran in other batches (other padding widths): the same real-token
+            # values up to the order of float32 sums (bit-identical on one CPU thread; a BLAS may block
+            # other shapes differently).
+            assert got["retain"] == pytest.approx(want, rel=1e-6, abs=1e-10)
+            for a, b in zip(grads, g_want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        else:
+            # bf16: bit-identical here too (one CPU thread), but where a padding width changes how a
+            # sum is blocked the reference's bf16 values can differ in their last bit (1/256 relative),
+            # and the retain term is a small difference from the reference: a looser tolerance than
+            # float32's, still tight enough that swapping two rows' references fails it (the direction
+            # term moves by 0.24%: the last prompt token is the same template token in every row).
+            assert got["retain"] == pytest.approx(want, rel=1e-3, abs=1e-8)
+            for a, b in zip(grads, g_want, strict=True):
+                torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["kl", "direction"])
+def test_without_the_cache_the_rows_are_keyed_by_position_whatever_their_index(mode):
+    """A hand-made retain batch may repeat an index on different rows: the step's own reference keys
+    them by their position in the batch (keyed by ``index``, kl would refuse the batch and direction
+    would give every row the last one's reference)."""
+    lm = adapted(torch.float32)
+    cfg, cont = cfg_of(mode), containment_of(mode)
+    want, _ = expected_step(lm, cfg, cont)
+    _, rb = batches_of(lm, cfg)
+    got, _, _ = step(lm, cfg, cont, None, rb=replace(rb, index=[0, 0, 0]))
+    assert got["retain"] == pytest.approx(want, rel=1e-6, abs=1e-10)
 
 
 def test_the_cache_is_per_row_whatever_the_batches():
@@ -129,6 +207,8 @@ def test_a_reference_of_other_data_or_mode_is_refused():
         step(lm, cfg, None, stale)
     with pytest.raises(ValueError, match="retain_mode='kl'"):
         step(lm, cfg_of("repr"), None, retain_reference(lm, cfg, DataSet(RETAIN)))
+    with pytest.raises(ValueError, match=r"holds layers \[1, 2\] but the retain term reads \[2, 3\]"):
+        step(lm, cfg_of("repr", repr_layers=(2, 3)), None, retain_reference(lm, cfg_of("repr"), DataSet(RETAIN)))
     assert retain_reference(lm, cfg_of("ce"), DataSet(RETAIN)) is None
 
 
@@ -157,15 +237,16 @@ class BaseForwards:
         return sum(self.events[self.before_training():])
 
 
-def run(tmp_path, mode: str, per_step: bool = False, monkeypatch=None, **kw):
+def run(tmp_path, mode: str, inline: bool = False, monkeypatch=None, **kw):
     # GA: no NPO reference, so every base forward is the retain term's.
     cfg = cfg_of(mode, method="ga", **kw)
     lm = make_tiny_loaded("qwen2")
     seen = BaseForwards(lm)
-    if per_step:
+    if inline:  # the run as it was before the per-run reference: nothing precomputed, the inline term
         monkeypatch.setattr(loop_mod, "retain_reference", lambda *a, **k: None)
+        monkeypatch.setattr(step_mod, "_retain_term", inline_step_term)
     data = UnlearnData(DataSet(FORGET), DataSet(RETAIN) if mode != "none" else None)
-    res = unlearn(lm, cfg, tmp_path / f"{mode}-{per_step}", progress=False, data=data,
+    res = unlearn(lm, cfg, tmp_path / f"{mode}-{inline}", progress=False, data=data,
                   containment=containment_of(mode))
     seen.handle.remove()
     return res, seen
@@ -176,9 +257,9 @@ def test_the_loop_runs_the_reference_forwards_once_before_the_steps(tmp_path, mo
     res, seen = run(tmp_path, mode)
     assert seen.before_training() == math.ceil(len(RETAIN) / 4)  # the precompute, in retain_batch_size batches
     assert seen.during_training() == 0
-    old, old_seen = run(tmp_path, mode, per_step=True, monkeypatch=monkeypatch)
-    assert old_seen.before_training() == 0 and old_seen.during_training() == 3  # one per step without it
-    for a, b in zip(res.history, old.history, strict=True):  # the same run (float32, to rounding)
+    inline, inline_seen = run(tmp_path, mode, inline=True, monkeypatch=monkeypatch)
+    assert inline_seen.before_training() == 0 and inline_seen.during_training() == 3  # it ran the inline term
+    for a, b in zip(res.history, inline.history, strict=True):  # the same run (float32, to rounding)
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-9)
 
 
@@ -223,9 +304,11 @@ def _kl_worker(rank: int, world: int, port: int, root: str) -> None:
         cfg = cfg_of("kl", batch_size=4, retain_batch_size=5)
         data = UnlearnData(DataSet(FORGET), DataSet(RETAIN))
         cached = unlearn(make_tiny_loaded("qwen2"), cfg, Path(root) / "cached", progress=False, data=data)
-        loop_mod.retain_reference = lambda *a, **k: None  # this process only: the per-step reference forward
-        per_step = unlearn(make_tiny_loaded("qwen2"), cfg, Path(root) / "per_step", progress=False, data=data)
-        torch.save({"cached": cached.history, "per_step": per_step.history}, Path(root) / f"rank{rank}.pt")
+        # This process only: the run before the per-run reference (the inline term, on the rank's batch).
+        loop_mod.retain_reference = lambda *a, **k: None
+        step_mod._retain_term = inline_step_term
+        inline = unlearn(make_tiny_loaded("qwen2"), cfg, Path(root) / "inline", progress=False, data=data)
+        torch.save({"cached": cached.history, "inline": inline.history}, Path(root) / f"rank{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -233,7 +316,7 @@ def _kl_worker(rank: int, world: int, port: int, root: str) -> None:
 
 def test_a_data_parallel_kl_run_reads_each_ranks_rows(tmp_path, monkeypatch):
     """Under DDP every rank computes the reference of the whole retain set and reads its own rows:
-    the two-process run with it is the two-process run with the per-step reference forward."""
+    the two-process run with it is the two-process run with the inline retain term."""
     import torch.multiprocessing as mp
     from test_distributed import _free_port
 
@@ -242,6 +325,6 @@ def test_a_data_parallel_kl_run_reads_each_ranks_rows(tmp_path, monkeypatch):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert len(got["cached"]) == 3
-        for a, b in zip(got["cached"], got["per_step"], strict=True):
+        for a, b in zip(got["cached"], got["inline"], strict=True):
             assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-9)
             assert a["losses"]["retain"] > 0 or a["step"] == 1

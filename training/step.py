@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 
 import torch
 
 from interp.activations import stream_activations
-from interp.loading import LoadedModel, adapter_disabled
+from interp.loading import LoadedModel
 from training.collate import TokenBatch
 from training.config import UnlearnConfig
 from training.containment import (
@@ -35,7 +36,7 @@ from training.losses import (
     response_token_counts,
     sequence_logprobs,
 )
-from training.retain_reference import RetainReference, retain_layers
+from training.retain_reference import REFERENCE_MODES, RetainReference, batches_reference, retain_layers
 
 __all__ = ["NonFiniteLossError", "PhaseClock", "STEP_PHASES", "train_step", "global_step_output"]
 
@@ -93,8 +94,10 @@ def train_step(
             backward phases are reported only with ``backward``. ``None``: nothing is called.
         retain_ref: the base model's reference of the retain rows, computed once per run
             (:func:`training.retain_reference.retain_reference`; the trainer passes it), looked up by
-            the retain batch's ``index``. ``None``: a ``kl`` / ``repr`` / ``direction`` step runs the
-            reference forward of its retain batch itself (one more no-grad forward per step).
+            the retain batch's ``index``. ``None``: a ``kl`` / ``repr`` / ``direction`` step computes
+            its retain batch's reference itself (:func:`training.retain_reference.batches_reference` of
+            the batch, its rows keyed by position: one more no-grad forward per step, and a round trip
+            of the reference through the host), then reads it as it reads the run's.
 
     Raises:
         NonFiniteLossError: a term is NaN/inf (checked before its backward).
@@ -169,45 +172,45 @@ def _retain_term(lm: LoadedModel, cfg: UnlearnConfig, model: torch.nn.Module, rb
                  forget_tokens: torch.Tensor, metrics: dict[str, float],
                  containment: Containment | None, retain_ref: RetainReference | None) -> torch.Tensor:
     """The retain term of ``cfg.retain_mode`` on the retain batch (unweighted by ``alpha``); the base
-    model's side from ``retain_ref`` when given, else from a no-grad forward with the adapter disabled."""
+    model's side from ``retain_ref`` (by the rows' ``index``), else from this batch's own reference."""
     if retain_ref is not None and retain_ref.mode != cfg.retain_mode:
         raise ValueError(f"retain_ref was computed for retain_mode={retain_ref.mode!r}, not {cfg.retain_mode!r}")
+    direction = containment.direction if containment is not None else None
+    if cfg.retain_mode == "direction" and direction is None:
+        raise ValueError("retain_mode='direction' needs the direction: pass containment=Containment(direction=...)")
+    keys = rb.index
+    if retain_ref is None and cfg.retain_mode in REFERENCE_MODES:
+        # Keyed by the rows' positions in this batch, not by ``index``: a hand-made batch may repeat an
+        # index on different rows. ``replace`` shares the batch's tensors (no copy).
+        keys = list(range(len(rb)))
+        # ``batches_reference`` runs the base model in eval mode, a training step's model is in train
+        # mode: the same values, as the modes differ only in dropout and this forward has none: the
+        # adapter (and so its lora_dropout) is disabled, and the one dropout of our families' base models
+        # (Qwen2, Llama, Mistral, Gemma 3) is attention dropout, 0 in their configs.
+        retain_ref = batches_reference(lm, cfg, [replace(rb, index=keys)], containment)
     if cfg.retain_mode in ("ce", "kl"):
-        ref_logits = None
-        if cfg.retain_mode == "kl" and retain_ref is None:
-            with torch.no_grad(), adapter_disabled(lm):
-                ref_logits = response_logits(lm.model, rb.input_ids, rb.attention_mask, rb.response_mask).logits
         rr = response_logits(model, rb.input_ids, rb.attention_mask, rb.response_mask)
-        if cfg.retain_mode == "kl" and retain_ref is not None:
-            ref_logits = retain_ref.response_logits(rb.index, rr.mask)
         rlogp = sequence_logprobs(rr.logits, rr.labels, rr.mask)
         rn = response_token_counts(rr.mask)
         metrics["retain_logp_tok"] = float(rlogp.detach().sum() / rn.sum())
-        r = ce_loss(rlogp, rn) if ref_logits is None else kl_loss(rr.logits, ref_logits, rr.mask)
+        if cfg.retain_mode == "ce":
+            r = ce_loss(rlogp, rn)
+        else:
+            r = kl_loss(rr.logits, retain_ref.response_logits(keys, rr.mask), rr.mask)
         if cfg.retain_weighting == "per_token":
             metrics["retain_scale"] = retain_token_scale(cfg.method, forget_tokens, rn)
             r = r * metrics["retain_scale"]
         return r
-    direction = containment.direction if containment is not None else None
-    if cfg.retain_mode == "direction" and direction is None:
-        raise ValueError("retain_mode='direction' needs the direction: pass containment=Containment(direction=...)")
     layers = retain_layers(lm, cfg, containment)
-    if retain_ref is not None and list(retain_ref.layers) != layers:
+    if list(retain_ref.layers) != layers:
         raise ValueError(f"retain_ref holds layers {list(retain_ref.layers)} but the retain term reads {layers}")
-    ref = None
-    if retain_ref is None:
-        with torch.no_grad(), adapter_disabled(lm):
-            ref = stream_activations(lm.model, rb.input_ids, rb.attention_mask, layers)
     acts = stream_activations(model, rb.input_ids, rb.attention_mask, layers)
     if cfg.retain_mode == "repr":
-        if ref is None:
-            ref = retain_ref.stream(rb.index, rb.attention_mask)
-        return repr_loss(acts, ref, rb.attention_mask, cfg.repr_distance)
+        return repr_loss(acts, retain_ref.stream(keys, rb.attention_mask), rb.attention_mask, cfg.repr_distance)
     rows = torch.arange(acts.shape[0], device=acts.device)
     last = last_prompt_index(rb.response_mask).to(acts.device)
     vectors = torch.stack([direction.vector_for(layer) for layer in layers]).to(acts.device)
-    ref_last = ref[rows, last] if ref is not None else retain_ref.last_prompt(rb.index, acts.device)
-    return projection_loss(acts[rows, last], ref_last, vectors)
+    return projection_loss(acts[rows, last], retain_ref.last_prompt(keys, acts.device), vectors)
 
 
 def _gated(lm: LoadedModel, gate: ConceptGate | None, batch: TokenBatch) -> AbstractContextManager:
