@@ -19,7 +19,7 @@ from interp.registry import EMBEDDED_MODELS
 from interp.runs import Stage
 from study.config import StudyConfig
 
-__all__ = ["StudyConfig", "Study", "adapter_id_of"]
+__all__ = ["StudyConfig", "Study", "adapter_id_of", "unlearn_stage_fields", "UNLEARN_FILE_FIELDS"]
 
 
 @dataclass
@@ -302,9 +302,7 @@ class Study:
             dtype=self.train_dtype, seed=seed, trigger=trigger, judge=self.cfg.judge, model=self.cfg.model,
             snapshot_every=snapshot_every, **extra,
         )
-        # Gradient checkpointing recomputes the same forward: the same run, so the same stage either way.
-        key = {"weights": self.weights_id, "ablation": ablation_id,
-               "unlearn": {k: v for k, v in ucfg.to_dict().items() if k != "gradient_checkpointing"}}
+        key = {"weights": self.weights_id, "ablation": ablation_id, "unlearn": unlearn_stage_fields(ucfg)}
         stage = Stage(self.results, "unlearn", key)
         if not stage.done:
             path = stage.open()
@@ -319,6 +317,31 @@ class Study:
                             "gradient_checkpointing": result.config.gradient_checkpointing,
                             **self.run_record(self.train_lm)})
         return stage.path
+
+
+UNLEARN_FILE_FIELDS = ("retain_direction", "gate_vector")
+"""``UnlearnConfig`` fields that name an input file: a stage key holds the file's content hash."""
+
+
+def unlearn_stage_fields(ucfg) -> dict:
+    """What identifies an unlearning run in its stage key: its config, with each input file named by
+    its content (``{"sha256": …}``), not its path, so the same run under another results directory (or
+    a moved one) is the same stage; without ``gradient_checkpointing``, which recomputes the same forward.
+
+    Raises:
+        ValueError: a named input file does not exist (one line, naming the field).
+    """
+    from interp.io import sha256_file
+
+    fields = {k: v for k, v in ucfg.to_dict().items() if k != "gradient_checkpointing"}
+    for name in UNLEARN_FILE_FIELDS:
+        if fields.get(name) is not None:
+            path = Path(fields[name])
+            if not path.is_file():
+                raise ValueError(f"UnlearnConfig.{name}={str(path)!r} is not a file; compute it first "
+                                 f"(Study.refusal_direction_file / Study.concept_file) or pass an existing path")
+            fields[name] = {"sha256": sha256_file(path)[:16]}
+    return fields
 
 
 def adapter_id_of(adapter: Path | None) -> str | None:

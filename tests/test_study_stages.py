@@ -232,3 +232,29 @@ def test_ema_points_and_band_reliability_on_a_tiny_model(tiny_study, monkeypatch
     assert all(-1 <= p["similarity"][b] <= 1 for p in pts for b in ("early", "middle", "late"))
     rel, bands = geo.band_reliability(tiny_study, "benign")
     assert set(bands) == {"early", "middle", "late"} and all(-1 <= v <= 1 for v in bands.values())
+
+
+# -- stage keys ------------------------------------------------------------------------------------
+
+
+def test_unlearn_stage_key_names_input_files_by_content_not_path(tmp_path):
+    """The same direction file under two results directories is one stage (a key that held the path
+    retrained every direction run when H14 ran from another results directory); other content is another."""
+    from study.core import unlearn_stage_fields
+    from training.config import UnlearnConfig
+
+    def cfg(path, **kw):
+        return UnlearnConfig(target_domains=("bias",), retain_mode="direction", retain_domains=("privacy",),
+                             retain_direction=str(path), **kw)
+
+    a, b, c = tmp_path / "r1" / "direction.safetensors", tmp_path / "r2" / "direction.safetensors", tmp_path / "c"
+    for path, data in ((a, b"same"), (b, b"same"), (c, b"other")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+    fa = unlearn_stage_fields(cfg(a))
+    assert fa == unlearn_stage_fields(cfg(b)) and "r1" not in str(fa)
+    assert fa != unlearn_stage_fields(cfg(c))
+    assert fa == unlearn_stage_fields(cfg(a, gradient_checkpointing=True))  # same weights either way
+    assert "gradient_checkpointing" not in fa
+    with pytest.raises(ValueError, match="retain_direction=.*is not a file"):
+        unlearn_stage_fields(cfg(tmp_path / "missing"))
