@@ -40,8 +40,8 @@ class Config(JsonConfig):
 
     study: StudyConfig = field(default_factory=lambda: StudyConfig(seeds=(0, 1, 2)))
     """Shared model, evaluation and training settings."""
-    targets: tuple[str, ...] = ("cybersecurity",)
-    """Domains to unlearn."""
+    targets: tuple[str, ...] = ("cybersecurity", "safety")
+    """Domains to unlearn: the paper's two targets, each compared on its own untouched domains."""
     methods: tuple[str, ...] = ("ce", "kl", "repr", "direction", "gate")
     """Retain terms compared (``UnlearnConfig.retain_mode``), and ``gate``, the concept-gated adapter;
     ``ce`` is the reference."""

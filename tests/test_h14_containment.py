@@ -25,7 +25,7 @@ def _run(monkeypatch, tmp_path, curves):
 
     def fake_runs(study, target, method="npo", retain_domains=(), name=None, sets=None, **kw):
         mode = "gate" if kw.get("concept_gate") else kw.get("retain_mode", "npo")
-        seen[mode] = kw
+        seen[mode, target] = kw
         t, u = curves[mode]
         return [_traj(target, t, u, s) for s in study.cfg.seeds]
 
@@ -54,9 +54,11 @@ def test_a_method_that_keeps_more_untouched_refusal_than_retain_ce_wins(monkeypa
     assert vs["repr"]["ci"][0] > 0 and abs(vs["kl"]["difference"]) < 0.05
     assert vs["direction"]["difference"] is None and "not reached" in vs["direction"]["note"]
     assert vs["gate"]["ci"][0] > 0 and "gate|cybersecurity" in m["conditions"]
-    gate_kw = seen["gate"]
+    assert {t for _, t in seen} == {"cybersecurity", "safety"}  # the paper's two targets by default
+    gate_kw = seen["gate", "cybersecurity"]
     assert gate_kw["retain_mode"] == "none" and gate_kw["gate_layer"] == 4 and gate_kw["concept_gate"]
     assert str(gate_kw["gate_vector"]).endswith("cybersecurity-rest.safetensors")
+    assert str(seen["gate", "safety"]["gate_vector"]).endswith("safety-rest.safetensors")
 
 
 def test_the_gates_accuracy_is_reported_beside_the_frontier(monkeypatch, tmp_path, capsys):
