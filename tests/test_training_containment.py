@@ -462,6 +462,7 @@ def test_study_passes_containment_fields_through(tiny_qwen, tmp_path, monkeypatc
                   repr_distance="cosine")
     cfg = seen["cfg"]
     assert (cfg.retain_mode, cfg.repr_layers, cfg.repr_distance) == ("repr", (1, 2), "cosine")
+    (tmp_path / "v.safetensors").write_bytes(b"vector")  # the stage key hashes the file's content
     study.unlearn("cybersecurity", concept_gate=True, gate_vector=tmp_path / "v.safetensors", gate_layer=2,
                   retain_domains=("privacy",), retain_mode="none")
     assert seen["cfg"].gate_vector == str(tmp_path / "v.safetensors") and seen["cfg"].retain_mode == "none"
