@@ -155,6 +155,12 @@ CLI_FLAG_CASES = [
     (["run", "--model", "./no_such_model_dir"], "local model directory ./no_such_model_dir does not exist"),
     (["unlearn", "--model", "./no_such_model_dir"], "local model directory ./no_such_model_dir does not exist"),
     (["run", "--model", "no-such-name"], "neither an embedded model"),
+    (["run", "--set", "h14_containment_frontier.alpha_grid=[]"], "['h14_containment_frontier'] are not among the experiments run"),
+    (["run", "--experiments", "h14_containment_frontier", "--set", "h14_containment_frontier.alpha_seed=0"],
+     "alpha_seed 0 is one of the study's seeds [0, 1, 2]"),
+    (["run", "--experiments", "h14_containment_frontier", "--set", "h14_containment_frontier.alpha_grid=[10, 1]"],
+     "retain weights must be strictly ascending, got 10,1"),
+    (["run", "--experiments", "h14_containment_frontier", "--set", "h14_containment_frontier.no_such=1"], "no_such"),
 ]
 
 
@@ -258,7 +264,9 @@ def test_full_disk_is_one_line(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["unlearn", "--lr", "abc"], ["run", "--steps", "1.5"], ["nosuch"],
-                                  ["eval", "--judge", "nosuch"], ["judge"]])
+                                  ["eval", "--judge", "nosuch"], ["judge"], ["run", "--set", "h14.alpha_grid"],
+                                  ["run", "--set", "alpha_grid=[]"], ["run", "--set", "h14.targets=safety"],
+                                  ["run", "--set", "h14.study={}"]])
 def test_usage_errors_are_one_line(capsys, no_model, argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -859,3 +867,18 @@ def test_optional_token(inspector_service):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_run_set_overrides_one_experiment_field_over_the_preset(monkeypatch, tmp_path):
+    import emalab.pipeline as pipeline_mod
+
+    seen = {}
+    monkeypatch.setattr(pipeline_mod, "run_pipeline", lambda cfg: seen.setdefault("cfg", cfg) and "done")
+    rc = main(["run", "--preset", "full", "--experiments", "h14_containment_frontier", "h4_retain_contains_ema",
+               "--results", str(tmp_path), "--set", "h14_containment_frontier.alpha_grid=[]",
+               "--set", 'h14_containment_frontier.targets=["safety"]'])
+    cfg = seen["cfg"]
+    assert rc == 0 and cfg.overrides["h14_containment_frontier"] == {"alpha_grid": [], "targets": ["safety"]}
+    assert cfg.overrides["h4_retain_contains_ema"] == pipeline_mod.PRESETS["full"].overrides["h4_retain_contains_ema"]
+    h14 = cfg.experiment_configs()["h14_containment_frontier"]
+    assert h14.alpha_grid == () and h14.targets == ("safety",) and h14.study.results == str(tmp_path)

@@ -20,7 +20,31 @@ def add_arguments(parser) -> None:
                              "experiment, whole splits, the α × lr grid, seven targets (many hours on CPU)")
     parser.add_argument("--experiments", nargs="+", help="run only these experiment modules")
     parser.add_argument("--no-figures", action="store_true", help="skip figure generation")
+    parser.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[],
+                        metavar="EXPERIMENT.FIELD=JSON",
+                        help="one experiment's Config field (repeatable), a JSON value, e.g. "
+                             "h14_containment_frontier.alpha_grid=[] or h14_containment_frontier.targets='[\"safety\"]'; "
+                             "it overrides the preset's value")
     add_config_arguments(parser, StudyConfig)
+
+
+def parse_setting(text: str) -> tuple[str, str, object]:
+    """``EXPERIMENT.FIELD=JSON`` → ``(experiment, field, value)``; argparse turns the ``ValueError``
+    into a one-line usage error. The shared ``study`` settings have their own flags."""
+    import argparse
+    import json
+
+    key, sep, raw = text.partition("=")
+    experiment, dot, name = key.partition(".")
+    if not (sep and dot and experiment and name):
+        raise argparse.ArgumentTypeError(f"expected EXPERIMENT.FIELD=JSON, got {text!r}")
+    if name == "study":
+        raise argparse.ArgumentTypeError("the study settings have their own flags (--seeds, --lr, ...), not --set")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: {raw!r} is not JSON (strings need quotes: '\"safety\"')") from None
+    return experiment, name, value
 
 
 def run(args) -> int:
@@ -36,6 +60,11 @@ def run(args) -> int:
         # The preset's overrides of the experiments chosen come along; the others' are not run.
         cfg = replace(cfg, experiments=tuple(args.experiments),
                       overrides={k: v for k, v in cfg.overrides.items() if k in args.experiments})
+    if args.settings:
+        overrides = {k: dict(v) for k, v in cfg.overrides.items()}
+        for experiment, name, value in args.settings:
+            overrides.setdefault(experiment, {})[name] = value
+        cfg = replace(cfg, overrides=overrides)  # validated here: an experiment not run is one line
     if args.no_figures:
         cfg = replace(cfg, figures=False)
     out = run_pipeline(cfg)
