@@ -12,7 +12,7 @@ from interp.io import atomic_write_json, read_json
 from interp.runs import Stage
 from study.core import Study
 
-__all__ = ["gate_report"]
+__all__ = ["gate_report", "gate_summary"]
 
 
 def gate_report(study: Study, run: str | Path, target: str, split: str = "eval") -> dict:
@@ -39,3 +39,9 @@ def gate_report(study: Study, run: str | Path, target: str, split: str = "eval")
         atomic_write_json(path / "gate.json", asdict(report))
         stage.complete(study.run_record())
     return read_json(stage.path / "gate.json")
+
+
+def gate_summary(per_seed: list[dict]) -> dict:
+    """Several seeds' :func:`gate_report` as their means, with ``"per_seed"`` kept."""
+    keys = ("accuracy", "target_accuracy", "untouched_accuracy", "target_mean", "untouched_mean")
+    return {**{k: sum(r[k] for r in per_seed) / len(per_seed) for k in keys}, "per_seed": per_seed}

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = ["frontier_table", "num", "pct", "ci", "estimate", "test", "brief_test", "table", "frontier_cell", "difference",
-           "retain_set_lines", "free_form_lines"]
+           "retain_set_lines", "free_form_lines", "retain_weight_line", "retain_weight_lines",
+           "retain_weights_evidence", "gate_line"]
 
 
 def num(x: float | None, fmt: str = ".2f") -> str:
@@ -136,3 +137,39 @@ def frontier_table(conditions: dict, n_seeds: int) -> list[str]:
     return lines + ["", "Slope: untouched drop per unit of target drop along training (all snapshots, through the "
                     "origin). Grad cos: cosine between the forget and the retain term's gradients, mean over the "
                     "training steps of every seed (– without a retain term).", ""]
+
+
+def retain_weight_line(method: str, w: dict) -> str:
+    """One retain term's weight (:func:`study.budget.retain_weight`) and what the dev split saw at
+    each α it tried: ``kl α 100 (α 1: target 0.05 at step 4, untouched 0.40, …)``."""
+    rows = ", ".join(f"α {r['alpha']:g}: target {r['dev_refusal']:.2f} at step {r['step']}"
+                     + (f", untouched {r['untouched_dev_refusal']:.2f}" if r["reached"] else " (not reached)")
+                     for r in w.get("alphas", []))
+    head = f"{method} α {w['used']:g}" + ("" if w.get("chosen") is not None else " (no weight reached the level; smallest)")
+    return f"{head} ({rows})" if rows else head
+
+
+def retain_weight_lines(target: str, weights: dict, choice: dict | None) -> list[str]:
+    """A target's retain weights, when they were chosen on the dev split (``choice``: ``{"grid", "seed"}``)."""
+    if not weights or not choice:
+        return []
+    return [f"Retain weights for {target}, chosen on the dev split (probe prompts; seed {choice['seed']}, α grid "
+            f"{', '.join(f'{a:g}' for a in choice['grid'])}): "
+            + "; ".join(retain_weight_line(m, w) for m, w in weights.items()), ""]
+
+
+def retain_weights_evidence(weights: dict[str, dict], choice: dict | None, alpha: float) -> str:
+    """The weights behind a claim, for its evidence: ``{target: {method: weight}}`` as one phrase."""
+    if not choice:
+        return f"α {alpha:g} for every term (untuned)"
+    used = ", ".join(f"{t} {m} {w['used']:g}" + ("" if w["chosen"] is not None else " (none reached)")
+                     for t, ws in weights.items() for m, w in ws.items())
+    return f"α per term and target chosen on the dev split (seed {choice['seed']}): {used}"
+
+
+def gate_line(target: str, g: dict, setting: dict) -> str:
+    """A concept gate's split of the eval prompts (:func:`study.gate.gate_summary`) in one sentence."""
+    return (f"Concept gate ({target}; layer {setting.get('layer', '?')}, target − {setting.get('contrast', '?')} vector; "
+            f"eval prompts, base model, mean of {len(g['per_seed'])} seeds' gates): accuracy {g['accuracy']:.2f}; open "
+            f"on {g['target_accuracy']:.0%} of target prompts (mean gate {g['target_mean']:.2f}), shut on "
+            f"{g['untouched_accuracy']:.0%} of untouched prompts (mean gate {g['untouched_mean']:.2f}).")

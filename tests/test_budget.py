@@ -126,3 +126,63 @@ def test_cli_prints_each_rate_the_choice_and_the_run_command(trained, monkeypatc
     assert "next: emalab run --preset quick --model m --results " in out and out.rstrip().endswith("--seeds 0 1 --lr 0.0001")
     saved = tmp_path / "res" / "budget" / "latest"
     assert (saved / "config.json").exists() and '"chosen": 0.0001' in (saved / "metrics.json").read_text()
+
+
+# The target's dev curve and the other domains' dev refusal at the operating point, per planted α.
+ALPHA_CURVES = {1.0: [0.9, 0.3, 0.05, 0.0], 10.0: [0.9, 0.5, 0.08, 0.05], 100.0: [0.9, 0.6, 0.3, 0.2]}
+ALPHA_UNTOUCHED = {1.0: 0.30, 10.0: 0.42, 100.0: 0.60}  # 100 keeps the most, but never reaches the level
+
+
+def test_alpha_keeping_the_most_untouched_dev_refusal_at_the_level_is_chosen(trained, monkeypatch):  # noqa: F811
+    from study.budget import choose_alpha
+
+    study, run = trained
+    calls = _plant(study, run, monkeypatch, curves=ALPHA_CURVES)
+    import study.budget as budget_mod
+
+    monkeypatch.setattr(budget_mod, "_untouched_dev_refusal",
+                        lambda s, t, adapter: {"safety": ALPHA_UNTOUCHED[calls[-1]["alpha"]] if adapter else 0.55})
+    orig = study.unlearn
+
+    def unlearn_with_lr(target, method="npo", retain_domains=(), **kw):
+        return orig(target, method, retain_domains, **{**kw, "lr": kw["alpha"]})  # the planted curve's key
+
+    monkeypatch.setattr(study, "unlearn", unlearn_with_lr)
+    out = choose_alpha(study, "cybersecurity", [1.0, 10.0, 100.0], seed=100, retain_mode="kl")
+    assert [c["alpha"] for c in calls] == [1.0, 10.0, 100.0]  # every weight trained: the objective is a maximum
+    for c in calls:
+        assert (c["target"], c["method"], c["retain_domains"], c["seed"], c["retain_mode"]) == \
+            ("cybersecurity", "npo", None, 100, "kl")
+        assert c["steps"] == study.cfg.trajectory_steps and c["snapshot_every"] == study.snapshot_every
+    one, ten, hundred = out["alphas"]
+    assert (one["reached"], one["step"], ten["reached"], ten["step"], hundred["reached"]) == (True, 4, True, 4, False)
+    assert out["chosen"] == 10.0 and "α 10 keeps the most untouched dev refusal (0.420)" in out["reason"]
+    assert "2 of 3 weights" in out["reason"] and out["base_untouched_dev_refusal"] == pytest.approx(0.55)
+    assert hundred["untouched_dev_refusal"] == pytest.approx(0.60)  # measured, not chosen: it never reached 0.1
+
+
+def test_no_alpha_reaching_the_level_chooses_none_and_names_the_fix(trained, monkeypatch):  # noqa: F811
+    import study.budget as budget_mod
+    from study.budget import choose_alpha
+
+    study, run = trained
+    calls = _plant(study, run, monkeypatch, curves={10.0: [0.9, 0.7, 0.5, 0.3], 100.0: [0.9, 0.8, 0.7, 0.6]})
+    monkeypatch.setattr(budget_mod, "_untouched_dev_refusal", lambda s, t, adapter: {"safety": 0.5})
+    orig = study.unlearn
+    monkeypatch.setattr(study, "unlearn", lambda target, method="npo", retain_domains=(), **kw:
+                        orig(target, method, retain_domains, **{**kw, "lr": kw["alpha"]}))
+    out = choose_alpha(study, "cybersecurity", [10.0, 100.0], seed=100, retain_mode="ce")
+    assert out["chosen"] is None and len(calls) == 2
+    assert "try smaller weights" in out["reason"] and "0.300 at α 10" in out["reason"]
+
+
+def test_choose_alpha_bad_input(trained):  # noqa: F811
+    from study.budget import check_alphas, choose_alpha
+
+    study, _ = trained
+    with pytest.raises(ValueError, match="retain weights must be strictly ascending"):
+        check_alphas([10.0, 1.0])
+    with pytest.raises(ValueError, match="name at least one retain weight"):
+        check_alphas([])
+    with pytest.raises(ValueError, match="sets alpha itself"):
+        choose_alpha(study, "cybersecurity", [1.0], seed=100, alpha=3.0)

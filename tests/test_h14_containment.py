@@ -8,6 +8,7 @@ import pytest
 from conftest import planted_trajectory
 
 import experiments.h14_containment_frontier as h14
+import study.budget as budget_mod
 from study import StudyConfig
 
 FAST = [0.8, 0.4, 0.1, 0.0, 0.0]
@@ -20,8 +21,21 @@ def _traj(target, target_curve, untouched_curve, seed):
 GATES = {0: (0.9, 1.0, 0.8), 1: (0.8, 0.75, 0.85), 2: (0.7, 0.5, 0.9)}  # seed: accuracy, on target, on untouched
 
 
-def _run(monkeypatch, tmp_path, curves):
+# Planted dev-split choice per (method, target): the chosen α, or None (no weight reached the level).
+CHOSEN = {"ce": 10.0, "kl": 1000.0, "repr": 100.0, "direction": None}
+
+
+def _run(monkeypatch, tmp_path, curves, chosen=CHOSEN, **config):
     seen = {}
+
+    def fake_choose(study, target, alphas, seed, **kw):
+        assert "alpha" not in kw and seed == 100 and tuple(alphas) == (1.0, 10.0, 100.0, 1000.0)
+        seen["choose", kw["retain_mode"], target] = kw
+        a = chosen[kw["retain_mode"]]
+        rows = [{"alpha": x, "step": 4, "reached": a is not None, "dev_refusal": 0.05 if a is not None else 0.3,
+                 "untouched_dev_refusal": 0.4 + (0.1 if x == a else 0.0), "run": "r"} for x in alphas]
+        return {"target": target, "level": 0.1, "steps": 16, "seed": seed, "alphas": rows,
+                "base_untouched_dev_refusal": 0.5, "chosen": a, "reason": "planted"}
 
     def fake_runs(study, target, method="npo", retain_domains=(), name=None, sets=None, **kw):
         mode = "gate" if kw.get("concept_gate") else kw.get("retain_mode", "npo")
@@ -35,11 +49,12 @@ def _run(monkeypatch, tmp_path, curves):
                 "untouched_mean": 1 - off + 0.1, "n_target": 4, "n_untouched": 24}
 
     monkeypatch.setattr(h14, "trajectory_runs", fake_runs)
+    monkeypatch.setattr(budget_mod, "choose_alpha", fake_choose)
     monkeypatch.setattr(h14, "trajectory_sets", lambda study: {})
     monkeypatch.setattr(h14, "gate_report", fake_gate)
     monkeypatch.setattr(h14.Study, "refusal_direction_file", lambda self: tmp_path / "direction.safetensors")
     monkeypatch.setattr(h14.Study, "concept_file", lambda self, d, contrast: tmp_path / f"{d}-{contrast}.safetensors")
-    m = h14.main(h14.Config(study=StudyConfig(results=str(tmp_path), seeds=(0, 1, 2)), n_boot=200))
+    m = h14.main(h14.Config(study=StudyConfig(results=str(tmp_path), seeds=(0, 1, 2)), n_boot=200, **config))
     return m, seen
 
 
@@ -54,7 +69,7 @@ def test_a_method_that_keeps_more_untouched_refusal_than_retain_ce_wins(monkeypa
     assert vs["repr"]["ci"][0] > 0 and abs(vs["kl"]["difference"]) < 0.05
     assert vs["direction"]["difference"] is None and "not reached" in vs["direction"]["note"]
     assert vs["gate"]["ci"][0] > 0 and "gate|cybersecurity" in m["conditions"]
-    assert {t for _, t in seen} == {"cybersecurity", "safety"}  # the paper's two targets by default
+    assert {k[-1] for k in seen} == {"cybersecurity", "safety"}  # the paper's two targets by default
     gate_kw = seen["gate", "cybersecurity"]
     assert gate_kw["retain_mode"] == "none" and gate_kw["gate_layer"] == 4 and gate_kw["concept_gate"]
     assert str(gate_kw["gate_vector"]).endswith("cybersecurity-rest.safetensors")
@@ -102,3 +117,41 @@ def test_a_method_short_of_the_primary_level_is_compared_where_it_got_to(monkeyp
     assert m["claim"]["status"] != "replicated" and "cybersecurity gate +" in ev.split("secondary, at 0.25:")[1]
     text = "\n".join(h14.report_section(m))
     assert "target refusal 0.25, secondary" in text and "target refusal 0.1, untouched" in text
+
+
+def test_each_retain_weight_is_chosen_on_the_dev_split_per_method_and_target(monkeypatch, tmp_path):
+    same = (FAST, [0.7, 0.5, 0.3, 0.3, 0.3])
+    curves = {k: same for k in ("npo", "ce", "kl", "repr", "direction", "gate")}
+    m, seen = _run(monkeypatch, tmp_path, curves)
+    for target in ("cybersecurity", "safety"):
+        for method, alpha in (("ce", 10.0), ("kl", 1000.0), ("repr", 100.0), ("direction", 1.0)):
+            assert seen[method, target]["alpha"] == alpha  # the claim's runs train with the chosen weight
+            assert seen["choose", method, target]["retain_mode"] == method
+        assert "alpha" not in seen["gate", target] and ("choose", "gate", target) not in seen  # no retain term
+        assert m["targets"][target]["weights"]["direction"]["chosen"] is None  # fell back to the smallest
+    assert m["alpha_choice"] == {"grid": [1.0, 10.0, 100.0, 1000.0], "seed": 100}
+    ev = m["claim"]["evidence"]
+    assert "chosen on the dev split (seed 100): cybersecurity ce 10, cybersecurity kl 1000" in ev
+    assert "safety direction 1 (none reached)" in ev
+    text = "\n".join(h14.report_section(m))
+    assert "Retain weights for safety, chosen on the dev split (probe prompts; seed 100, α grid 1, 10, 100, 1000)" in text
+    assert "kl α 1000 (α 1: target 0.05 at step 4, untouched 0.40" in text and "untouched 0.50)" in text
+    assert "direction α 1 (no weight reached the level; smallest) (α 1: target 0.30 at step 4 (not reached)" in text
+
+
+def test_an_empty_grid_fixes_every_weight_at_alpha_untuned(monkeypatch, tmp_path):
+    same = (FAST, [0.7, 0.5, 0.3, 0.3, 0.3])
+    curves = {k: same for k in ("npo", "ce", "kl", "repr", "direction", "gate")}
+    m, seen = _run(monkeypatch, tmp_path, curves, alpha_grid=(), alpha=3.0)
+    assert not [k for k in seen if k[0] == "choose"]
+    assert all(seen[k, "safety"]["alpha"] == 3.0 for k in ("ce", "kl", "repr", "direction"))
+    assert m["alpha_choice"] is None and "α 3 for every term (untuned)" in m["claim"]["evidence"]
+    assert "Retain weights" not in "\n".join(h14.report_section(m))
+
+
+def test_a_weight_chosen_with_a_claim_seed_or_a_bad_grid_is_refused():
+    with pytest.raises(ValueError, match="alpha_seed 1 is one of the study's seeds"):
+        h14.Config(study=StudyConfig(seeds=(0, 1, 2)), alpha_seed=1)
+    with pytest.raises(ValueError, match="retain weights must be > 0"):
+        h14.Config(alpha_grid=(0.0, 1.0))
+    assert h14.Config(alpha_grid=(), alpha_seed=0).alpha_seed == 0  # no choice made, no seed used
