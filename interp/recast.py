@@ -32,9 +32,7 @@ def cast_copy(lm: LoadedModel, dtype: str | torch.dtype) -> LoadedModel:
     if torch.finfo(torch_dtype).bits > torch.finfo(source).bits:
         raise ValueError(f"a {torch_dtype} copy of {source} weights would not be the checkpoint's {torch_dtype} "
                          "weights; load the model in that dtype instead")
-    hooked = any(m._forward_hooks or (m._forward_pre_hooks and not getattr(m, "_emalab_contiguous", False))
-                 for m in lm.model.modules())  # the unembedding's contiguity pre-hook is part of every model
-    if "adapter_id" in lm.extra or hasattr(lm.model, "peft_config") or hooked:
+    if not is_clean(lm):
         raise ValueError("cast_copy needs the clean base model; detach its adapter and hooks first")
     # deepcopy with every parameter pre-seeded in the memo: the module tree, config and buffers are copied,
     # each parameter is replaced by its cast (shared parameters, e.g. a tied unembedding, map to one cast).
@@ -61,3 +59,11 @@ def cast_copy(lm: LoadedModel, dtype: str | torch.dtype) -> LoadedModel:
                       extra=dict(lm.extra))
     out.extra["dtype"] = str(torch_dtype).removeprefix("torch.")
     return out
+
+
+def is_clean(lm: LoadedModel) -> bool:
+    """``lm`` is the base model as loaded: no adapter, no hooks (the unembedding's contiguity pre-hook
+    is part of every model)."""
+    hooked = any(m._forward_hooks or (m._forward_pre_hooks and not getattr(m, "_emalab_contiguous", False))
+                 for m in lm.model.modules())
+    return not ("adapter_id" in lm.extra or hasattr(lm.model, "peft_config") or hooked)

@@ -325,6 +325,10 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
     assert [r["loss"] for r in ckpt.history] == pytest.approx([r["loss"] for r in plain.history], abs=1e-6)
     base = base_model(lm.model)
     assert not base.is_gradient_checkpointing and base.config.use_cache  # handed back as it came
+    from interp.recast import is_clean
+    from training.lora import detach_lora
+
+    assert is_clean(detach_lora(lm))  # no hook left on the embeddings: the study may free or cast it
 
 
 def test_snapshots_match_a_shorter_run_of_the_same_seed(tiny_qwen, tmp_path):

@@ -126,6 +126,11 @@ def disable_gradient_checkpointing(lm: LoadedModel, use_cache: bool = True) -> L
     """Undo :func:`enable_gradient_checkpointing` (generation wants its KV cache back). In place."""
     base = base_model(lm.model)
     base.gradient_checkpointing_disable()
+    # transformers' enable also hooks the input embeddings (their outputs require grad) and its disable
+    # leaves that hook behind: remove it, so the model is the clean base model again.
+    if hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
+        base._require_grads_hooks = []
     base.config.use_cache = use_cache
     return lm
 
