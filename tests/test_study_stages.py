@@ -258,3 +258,75 @@ def test_unlearn_stage_key_names_input_files_by_content_not_path(tmp_path):
     assert "gradient_checkpointing" not in fa
     with pytest.raises(ValueError, match="retain_direction=.*is not a file"):
         unlearn_stage_fields(cfg(tmp_path / "missing"))
+
+
+def _park_setup(tmp_path, monkeypatch, fraction: float):
+    """A study that loads its own tiny float32 measurement model and trains a bfloat16 copy; training
+    records what the study held while it ran."""
+    import gc
+    import weakref
+
+    import study.core as core
+    import study.model_memory as model_memory
+    import training.trainer as trainer_mod
+    from study import Study, StudyConfig
+
+    loads, seen = [], {}
+
+    def fake_load(self, dtype):
+        loads.append(dtype)
+        return make_tiny_loaded("qwen2")  # seeded: every load is the same checkpoint
+
+    class Done:
+        adapter_id, steps, seconds_per_step, peak_rss_gb = "x", 1, 0.0, 0.0
+
+    def fake_unlearn(lm, cfg, out_dir=None, **kw):
+        gc.collect()
+        seen.update(held=study._lm, first_alive=first() is not None, trained_on=lm)
+        done = Done()
+        done.config = cfg
+        return done
+
+    monkeypatch.setattr(model_memory, "PARK_FRACTION", fraction)
+    monkeypatch.setattr(core.Study, "_load", fake_load)
+    monkeypatch.setattr(trainer_mod, "unlearn", fake_unlearn)
+    study = Study(StudyConfig(model="tiny-qwen2", results=str(tmp_path), dtype="bfloat16"))
+    first = weakref.ref(study.lm)
+    before = {k: v.clone() for k, v in study.lm.model.state_dict().items()}
+    return study, loads, seen, first, before
+
+
+def test_each_large_model_is_freed_while_the_other_works(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    study, loads, seen, first, before = _park_setup(tmp_path, monkeypatch, fraction=0.0)
+    study.unlearn("cybersecurity")
+    assert seen["held"] is None and not seen["first_alive"]  # freed, and nothing else kept it alive
+    trained_on = weakref.ref(seen.pop("trained_on"))
+    gc.collect()
+    assert study._train_lm is None and trained_on() is None  # the training model is freed after its run
+    assert loads == ["float32"]  # the measurement model comes back lazily, not on the way out
+    after = study.lm.model.state_dict()
+    assert loads == ["float32", "float32"] and all(torch.equal(before[k], after[k]) for k in before)
+    study.unlearn("cybersecurity", steps=3)  # cast again from the reloaded one, which is freed in turn
+    assert seen["held"] is None and loads == ["float32", "float32"]
+    assert next(seen["trained_on"].model.parameters()).dtype == torch.bfloat16
+    cast = {k: v.to(torch.bfloat16) for k, v in before.items()}
+    got = seen["trained_on"].model.state_dict()
+    assert all(torch.equal(cast[k], got[k]) for k in cast if cast[k].is_floating_point())  # the same cast weights
+
+
+def test_a_small_or_lent_measurement_model_stays_loaded(tmp_path, monkeypatch, tiny_qwen):
+    study, loads, seen, first, _ = _park_setup(tmp_path, monkeypatch, fraction=0.5)  # a tiny model is ≪ 50%
+    study.unlearn("cybersecurity")
+    assert seen["held"] is not None and seen["first_alive"] and loads == ["float32"]
+    assert study._train_lm is seen["trained_on"]  # kept for the next run
+    import study.model_memory as model_memory
+    from study import Study, StudyConfig
+
+    monkeypatch.setattr(model_memory, "PARK_FRACTION", 0.0)
+    lent = Study(StudyConfig(model="tiny-qwen2", results=str(tmp_path / "lent"), dtype="bfloat16"), _lm=tiny_qwen)
+    assert lent.lm is tiny_qwen
+    lent.unlearn("cybersecurity")
+    assert lent._lm is tiny_qwen  # a model passed in cannot be loaded again: never freed
