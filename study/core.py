@@ -7,6 +7,7 @@ stopped. The settings are :class:`study.config.StudyConfig` (re-exported here).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from interp.loading import LoadedModel, load_model
 from interp.registry import EMBEDDED_MODELS
 from interp.runs import Stage
 from study.config import StudyConfig
+from study.model_memory import freeable, release_memory, still_held
 
 __all__ = ["StudyConfig", "Study", "adapter_id_of", "unlearn_stage_fields", "UNLEARN_FILE_FIELDS"]
 
@@ -33,6 +35,7 @@ class Study:
     _adapter_merged: bool | None = field(default=None, repr=False)
     _owns_lm: bool = field(default=False, repr=False)
     _owns_train_lm: bool = field(default=False, repr=False)
+    _freed: dict = field(default_factory=dict, repr=False)  # weak references to the models freed, by role
 
     @property
     def results(self) -> Path:
@@ -60,6 +63,8 @@ class Study:
         if self._lm is None:
             if self._train_lm is not None and self.train_dtype == self.cfg.eval_dtype:
                 self._lm = self._train_lm
+            elif (held := still_held(self._freed, "lm")) is not None:
+                self._lm = held  # someone kept the freed model alive: use it rather than load a second copy
             else:
                 self._lm = self._load(self.cfg.eval_dtype)
                 self._owns_lm = True  # loaded here from its checkpoint, so it can be loaded again
@@ -67,32 +72,28 @@ class Study:
 
     @contextlib.contextmanager
     def training_model(self) -> Iterator[LoadedModel]:
-        """The training model for one run. A large model the study can make again is freed while the
-        other works (:func:`study.model_memory.freeable`): the float32 measurement model for the run,
-        the training model after it, so the two are side by side only while one is cast from the other.
-        Each comes back when next used (:attr:`lm` loads the checkpoint again, :attr:`train_lm` casts it
-        again: the same weights bit for bit).
-
-        Why: the two side by side took a 1.5B quick study on a 24 GB machine to 17.75 GB in retain-CE
-        training, over its 16 GB bar (a three-step probe: 14.85 GB kept, 12.6 GB freed).
-        """
-        from study.model_memory import freeable, release_memory
-
+        """The training model for one run. A large model the study can make again is freed while the other
+        works (:func:`study.model_memory.freeable`): the float32 measurement model during the run, the training
+        model after it; each comes back when next used (loaded or cast again: the same weights; or the same
+        object, if something else kept it alive). Why: side by side they took a 1.5B quick study to 17.75 GB
+        in retain-CE training, over its 16 GB bar (a three-step probe: 14.85 GB kept, 12.6 GB freed)."""
         train_lm = self.train_lm  # cast from the measurement model before that is freed
         if self._lm is not train_lm and freeable(self._lm, self._owns_lm):
-            self._lm = None
+            self._freed["lm"], self._lm = weakref.ref(self._lm), None
             release_memory()
         try:
             yield train_lm
         finally:
             if self._lm is not train_lm and freeable(train_lm, self._owns_train_lm):
-                self._train_lm = train_lm = None
+                self._freed["train_lm"], self._train_lm = weakref.ref(train_lm), None
+                train_lm = None
                 release_memory()
-
 
     @property
     def train_lm(self) -> LoadedModel:
         """The training model (``dtype``); the same object as :attr:`lm` when the dtypes agree."""
+        if self._train_lm is None and (held := still_held(self._freed, "train_lm")) is not None:
+            self._train_lm = held
         if self._train_lm is None:
             if self.train_dtype == self.cfg.eval_dtype:
                 self._train_lm = self.lm

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from interp.loading import LoadedModel
 
-__all__ = ["PARK_FRACTION", "freeable", "release_memory", "share_of_memory"]
+__all__ = ["PARK_FRACTION", "freeable", "release_memory", "share_of_memory", "still_held"]
 
 PARK_FRACTION = 0.1
 """A model whose weights take more than this share of the machine's memory (RAM, or the device's on
@@ -45,3 +45,10 @@ def freeable(lm: LoadedModel | None, owned: bool) -> bool:
     from interp.recast import is_clean
 
     return lm is not None and owned and is_clean(lm) and share_of_memory(lm) > PARK_FRACTION
+
+
+def still_held(freed: dict, role: str) -> LoadedModel | None:
+    """The model freed in ``role`` (``freed[role]``: a weak reference, taken out) if something outside
+    the study still holds it, so that it is resident: using it beats loading a second copy."""
+    ref = freed.pop(role, None)
+    return ref() if ref is not None else None

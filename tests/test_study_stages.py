@@ -330,3 +330,11 @@ def test_a_small_or_lent_measurement_model_stays_loaded(tmp_path, monkeypatch, t
     assert lent.lm is tiny_qwen
     lent.unlearn("cybersecurity")
     assert lent._lm is tiny_qwen  # a model passed in cannot be loaded again: never freed
+
+
+def test_a_freed_model_someone_still_holds_comes_back_instead_of_a_second_copy(tmp_path, monkeypatch):
+    study, loads, seen, first, _ = _park_setup(tmp_path, monkeypatch, fraction=0.0)
+    judge_model = study.lm  # e.g. a judge built on the measurement model, kept across a training run
+    study.unlearn("cybersecurity")
+    assert seen["held"] is None  # the study let go of it for the run ...
+    assert study.lm is judge_model and loads == ["float32"]  # ... and takes it back: no second load
