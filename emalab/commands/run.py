@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[],
                         metavar="EXPERIMENT.FIELD=JSON",
                         help="one experiment's Config field (repeatable), a JSON value, e.g. "
-                             "h14_containment_frontier.alpha_grid=[] or h14_containment_frontier.targets='[\"safety\"]'; "
+                             "'h14_containment_frontier.alpha_grid=[]' or 'h14_containment_frontier.targets=[\"safety\"]'; "
                              "it overrides the preset's value")
     add_config_arguments(parser, StudyConfig)
 
