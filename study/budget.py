@@ -167,11 +167,10 @@ def choose_alpha(study: Study, target: str, alphas: Sequence[float], seed: int, 
     out: dict = {"target": target, "level": cfg.operating_level, "steps": cfg.trajectory_steps, "seed": seed,
                  "alphas": [], "base_untouched_dev_refusal": float(np.mean(list(base.values()))), "chosen": None,
                  "reason": ""}
-    kwargs = {"retain_domains": None, **unlearn_kwargs}
-    retain_domains = kwargs.pop("retain_domains")
+    retain_domains = unlearn_kwargs.pop("retain_domains", None)
     for alpha in alphas:
         run = study.unlearn(target, "npo", retain_domains, seed=seed, steps=cfg.trajectory_steps,
-                            snapshot_every=study.snapshot_every, alpha=alpha, **kwargs)
+                            snapshot_every=study.snapshot_every, alpha=alpha, **unlearn_kwargs)
         out["alphas"].append({"alpha": alpha, **_dev_point(study, run, target, untouched=True)})
     reached = [r for r in out["alphas"] if r["reached"]]
     if reached:
