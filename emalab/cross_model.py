@@ -114,7 +114,7 @@ def _fmt(value) -> str:
 
 def _facts(run: ResultsRun) -> dict[str, str]:
     """The experiments' declared setup facts, then the run's cost, machine and code commit."""
-    from emalab.heartbeat import interrupted_note
+    from emalab.heartbeat import interrupted_note, peak_rss_note
 
     out: dict[str, str] = {}
     for exp, module in _experiment_modules().items():
@@ -129,8 +129,8 @@ def _facts(run: ResultsRun) -> dict[str, str]:
         out["wall time"] = f"{total / 60:.0f} min ({total:,.0f} s" + (
             f" over {n} invocations{', ' + note if note else ''}; latest {p['timings_s']['total'] / 60:.0f} min)"
             if n > 1 else ")")
-    if p.get("peak_rss_gb"):
-        out["peak RSS"] = f"{p['peak_rss_gb']:.1f} GB"
+    if peak := peak_rss_note(p):
+        out["peak RSS"] = peak
     m = p.get("machine") or {}
     if m:
         out["machine"] = ", ".join(str(m[k]) for k in ("machine", "device") if m.get(k)) + (

@@ -22,7 +22,7 @@ from interp.io import append_jsonl, atomic_write_json
 from interp.resources import peak_rss_gb
 
 __all__ = ["EVERY_S", "STALE_AFTER_BEATS", "Heartbeat", "fold_stale", "heartbeat_files", "interrupted_entry",
-           "interrupted_note"]
+           "interrupted_note", "peak_rss_note"]
 
 EVERY_S = 60.0
 """Seconds between two refreshes of the heartbeat by its thread (tests set it lower)."""
@@ -108,6 +108,20 @@ def interrupted_note(invocations: list[dict]) -> str:
     if not n:
         return ""
     return ("one interrupted, its time" if n == 1 else f"{n} interrupted, their times") + " a lower bound to the minute"
+
+
+def peak_rss_note(pipeline: dict) -> str:
+    """``"17.8 GB"`` for one invocation; for a resumed run, the highest peak over its invocations (each
+    process's own VmHWM, an interrupted one's as of its last heartbeat) with the latest beside it:
+    ``"17.8 GB (highest of 6 invocations; latest 12.6 GB)"``. ``""`` when nothing was recorded."""
+    latest = pipeline.get("peak_rss_gb")
+    peaks = [h["peak_rss_gb"] for h in pipeline.get("invocations", []) if h.get("peak_rss_gb")]
+    if not peaks:
+        return f"{latest:.1f} GB" if latest else ""
+    top = max(peaks + ([latest] if latest else []))
+    if len(peaks) < 2:
+        return f"{top:.1f} GB"
+    return f"{top:.1f} GB (highest of {len(peaks)} invocations" + (f"; latest {latest:.1f} GB)" if latest else ")")
 
 
 def fold_stale(results: Path, current: str | None = None, log=None) -> list[dict]:

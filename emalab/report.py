@@ -43,7 +43,7 @@ def _dtypes(pipe: dict, study: dict) -> str:
 
 
 def _setup(results: Path) -> list[str]:
-    from emalab.heartbeat import interrupted_note
+    from emalab.heartbeat import interrupted_note, peak_rss_note
 
     pipe = results / "pipeline.json"
     lines = ["## Setup", ""]
@@ -73,7 +73,7 @@ def _setup(results: Path) -> list[str]:
             + (f"; {len(p['invocations'])} invocations of this config took {p['total_s_all_invocations']:.0f}s in all"
                + (f" ({note})" if (note := interrupted_note(p["invocations"])) else "")
                if len(p.get("invocations", [])) > 1 else "")
-            + (f"; peak RSS {p['peak_rss_gb']:.1f} GB" if p.get("peak_rss_gb") else ""),
+            + (f"; peak RSS {peak}" if (peak := peak_rss_note(p)) else ""),
         ]
     suite = Path(__file__).resolve().parents[1] / "evals" / "data" / "suite" / "manifest.json"
     if suite.exists():

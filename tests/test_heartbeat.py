@@ -207,3 +207,26 @@ def test_the_report_and_the_table_say_one_was_interrupted(tmp_path):
     assert facts["wall time"] == ("12 min (720 s over 3 invocations, one interrupted, its time a lower bound to the "
                                   "minute; latest 1 min)")
     assert heartbeat.interrupted_note([{}, {"interrupted": True}, {"interrupted": True}]).startswith("2 interrupted")
+
+
+def test_a_resumed_runs_peak_is_the_highest_over_its_invocations(tmp_path):
+    """A killed invocation's peak (9.5 GB at its last heartbeat) is not hidden by a later, lighter one's."""
+    from emalab.cross_model import ResultsRun, _facts
+    from emalab.report import _setup
+
+    cfg = _cfg(tmp_path)
+    write_pipeline_json(tmp_path / "pipeline.json", cfg, {"total": 60.0}, "t0")
+    _write_beat(tmp_path, cfg, _dead_pid(), 600.0)
+    write_pipeline_json(tmp_path / "pipeline.json", cfg, {"total": 60.0}, "t2")
+    p = json.loads((tmp_path / "pipeline.json").read_text())
+    assert p["peak_rss_gb"] < 9.5  # the latest invocation alone (this test process)
+    expected = f"9.5 GB (highest of 3 invocations; latest {p['peak_rss_gb']:.1f} GB)"
+    [wall] = [line for line in _setup(tmp_path) if "Wall time" in line]
+    assert wall.endswith(f"peak RSS {expected}")
+    assert _facts(ResultsRun(tmp_path, p, {}))["peak RSS"] == expected
+
+
+def test_peak_note_for_one_invocation_and_for_none():
+    assert heartbeat.peak_rss_note({"peak_rss_gb": 3.14}) == "3.1 GB"
+    assert heartbeat.peak_rss_note({"peak_rss_gb": 3.14, "invocations": [{"peak_rss_gb": 3.14}]}) == "3.1 GB"
+    assert heartbeat.peak_rss_note({}) == ""
