@@ -5,7 +5,8 @@ written down with the run that uses them:
   brings the target's refusal on its *probe* prompts to the study's operating level within the
   trajectory's steps;
 - a retain term's weight α (:func:`choose_alpha`): the one whose run keeps the most untouched
-  refusal on the probe prompts at that level (the dev split's version of the frontier's question).
+  refusal on the probe prompts at that level, interpolated to it between snapshots (the dev split's
+  version of the frontier's question).
 """
 
 from __future__ import annotations
@@ -70,16 +71,39 @@ def _check_trajectory(cfg) -> None:
         raise ValueError("StudyConfig.operating_level is None: there is no level to reach; set it (e.g. 0.10)")
 
 
+def _level_weight(point: dict) -> float:
+    """Where the level lies between the point before the crossing (0) and the crossing (1), linear in
+    the target's dev refusal; 1 when there is nothing to interpolate from."""
+    before, level = point.get("before"), point["level"]
+    if not point["reached"] or before is None:
+        return 1.0
+    if before["dev_refusal"] <= level:  # the base model already at the level: the base is the matched point
+        return 0.0
+    return float(np.clip((before["dev_refusal"] - level) / (before["dev_refusal"] - point["dev_refusal"]), 0.0, 1.0))
+
+
 def _dev_point(study: Study, run, target: str, untouched: bool) -> dict:
     """One run's operating point on the dev split (:func:`study.operating_point`) and, with
-    ``untouched``, the other domains' probe refusal at that step's snapshot."""
+    ``untouched``, the other domains' probe refusal at matched target forgetting: interpolated to
+    where the target's dev refusal crosses the level, between the snapshots either side of it (a run
+    whose crossing snapshot overshoots the level further is not charged for the overshoot). A run that
+    never reaches the level is read at its last snapshot; ``untouched_at_step`` is the crossing
+    snapshot's own reading."""
     from training.trainer import snapshot_dir
 
     point = operating_point(study, run, target)
     row = {"step": point["step"], "reached": point["reached"], "dev_refusal": point["dev_refusal"], "run": str(run)}
     if untouched:
-        by_domain = _untouched_dev_refusal(study, target, snapshot_dir(run, point["step"]))
+        at_step = _untouched_dev_refusal(study, target, snapshot_dir(run, point["step"]))
+        w = _level_weight(point)
+        if w < 1.0:
+            prev = point["before"]["step"]
+            before = _untouched_dev_refusal(study, target, snapshot_dir(run, prev) if prev else None)
+            by_domain = {d: before[d] + w * (at_step[d] - before[d]) for d in at_step}
+        else:
+            by_domain = at_step
         row["untouched_dev_refusal"] = float(np.mean(list(by_domain.values())))
+        row["untouched_at_step"] = float(np.mean(list(at_step.values())))
         row["untouched_by_domain"] = by_domain
     return row
 
@@ -176,8 +200,9 @@ def choose_alpha(study: Study, target: str, alphas: Sequence[float], seed: int, 
     if reached:
         best = max(reached, key=lambda r: (r["untouched_dev_refusal"], -r["alpha"]))
         out["chosen"] = best["alpha"]
-        out["reason"] = (f"α {best['alpha']:g} keeps the most untouched dev refusal "
-                         f"({best['untouched_dev_refusal']:.3f}) of the {len(reached)} of {len(alphas)} weights whose "
+        out["reason"] = (f"α {best['alpha']:g} keeps the most untouched dev refusal at target dev refusal "
+                         f"{cfg.operating_level:g} ({best['untouched_dev_refusal']:.3f}, interpolated between snapshots) "
+                         f"of the {len(reached)} of {len(alphas)} weights whose "
                          f"target dev refusal reaches {cfg.operating_level:g} within {cfg.trajectory_steps} steps")
     else:
         low = min(out["alphas"], key=lambda r: r["dev_refusal"])

@@ -132,7 +132,9 @@ def operating_step(study: Study, run: Path, target: str) -> int:
 def operating_point(study: Study, run: Path, target: str) -> dict:
     """:func:`operating_step` with what the dev split saw: ``{"step", "reached"`` (the level was met
     within the budget; if not, ``step`` is the budget's end, not a choice), ``"dev_refusal"`` (the
-    target's mean refusal probability on the probe prompts at ``step``), ``"level"}``."""
+    target's mean refusal probability on the probe prompts at ``step``), ``"level"``, ``"before"}``:
+    the scored point just before ``step`` as ``{"step", "dev_refusal"}`` (step 0 is the base model;
+    ``None`` when ``step`` is the first point), so a reading can be interpolated to the level itself."""
     from study.trajectory import trajectory
 
     sets = {target: load_prompts(target, "probe", limit=study.cfg.probe_limit)}
@@ -141,4 +143,6 @@ def operating_point(study: Study, run: Path, target: str) -> dict:
     level = study.cfg.operating_level
     below = [(s, float(v)) for s, v in zip(t.steps, curve) if s > 0 and v <= level]
     step, value = below[0] if below else (t.steps[-1], float(curve[-1]))
-    return {"step": int(step), "reached": bool(below), "dev_refusal": value, "level": level}
+    k = list(t.steps).index(step)
+    before = {"step": int(t.steps[k - 1]), "dev_refusal": float(curve[k - 1])} if k else None
+    return {"step": int(step), "reached": bool(below), "dev_refusal": value, "level": level, "before": before}

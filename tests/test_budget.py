@@ -156,9 +156,41 @@ def test_alpha_keeping_the_most_untouched_dev_refusal_at_the_level_is_chosen(tra
         assert c["steps"] == study.cfg.trajectory_steps and c["snapshot_every"] == study.snapshot_every
     one, ten, hundred = out["alphas"]
     assert (one["reached"], one["step"], ten["reached"], ten["step"], hundred["reached"]) == (True, 4, True, 4, False)
-    assert out["chosen"] == 10.0 and "α 10 keeps the most untouched dev refusal (0.420)" in out["reason"]
+    assert out["chosen"] == 10.0 and "α 10 keeps the most untouched dev refusal at target dev refusal 0.1 (0.420" in out["reason"]
     assert "2 of 3 weights" in out["reason"] and out["base_untouched_dev_refusal"] == pytest.approx(0.55)
     assert hundred["untouched_dev_refusal"] == pytest.approx(0.60)  # measured, not chosen: it never reached 0.1
+
+
+def test_alpha_is_compared_at_the_level_itself_not_at_an_overshooting_snapshot(trained, monkeypatch):  # noqa: F811
+    """α 1 crosses the level far below it (0.3 → 0.05 around 0.1), α 10 just below it (0.5 → 0.08): read at
+    the crossing snapshots α 10 keeps more (0.35 vs 0.30), interpolated to 0.1 α 1 does (0.38 vs 0.352)."""
+    import study.budget as budget_mod
+    from study.budget import choose_alpha
+
+    study, run = trained
+    calls = _plant(study, run, monkeypatch, curves=ALPHA_CURVES)
+    untouched = {1.0: {2: 0.70, 4: 0.30}, 10.0: {2: 0.40, 4: 0.35}}
+    monkeypatch.setattr(budget_mod, "_untouched_dev_refusal", lambda s, t, adapter: {
+        "safety": untouched[calls[-1]["alpha"]][int(adapter.name[5:])] if adapter else 0.55})
+    orig = study.unlearn
+    monkeypatch.setattr(study, "unlearn", lambda target, method="npo", retain_domains=(), **kw:
+                        orig(target, method, retain_domains, **{**kw, "lr": kw["alpha"]}))
+    out = choose_alpha(study, "cybersecurity", [1.0, 10.0], seed=100, retain_mode="ce")
+    one, ten = out["alphas"]
+    assert (one["untouched_at_step"], ten["untouched_at_step"]) == (pytest.approx(0.30), pytest.approx(0.35))
+    assert one["untouched_dev_refusal"] == pytest.approx(0.70 + (0.2 / 0.25) * (0.30 - 0.70))
+    assert ten["untouched_dev_refusal"] == pytest.approx(0.40 + (0.4 / 0.42) * (0.35 - 0.40))
+    assert out["chosen"] == 1.0
+
+
+def test_level_weight_edges():
+    from study.budget import _level_weight
+
+    crossing = {"reached": True, "level": 0.1, "dev_refusal": 0.05}
+    assert _level_weight({**crossing, "before": {"step": 0, "dev_refusal": 0.3}}) == pytest.approx(0.8)
+    assert _level_weight({**crossing, "before": {"step": 0, "dev_refusal": 0.08}}) == 0.0  # base already there
+    assert _level_weight({**crossing, "before": None}) == 1.0
+    assert _level_weight({**crossing, "reached": False, "before": {"step": 2, "dev_refusal": 0.5}}) == 1.0
 
 
 def test_no_alpha_reaching_the_level_chooses_none_and_names_the_fix(trained, monkeypatch):  # noqa: F811
