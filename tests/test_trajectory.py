@@ -79,11 +79,14 @@ def test_operating_step_is_chosen_on_the_probe_split(trained, monkeypatch):
     assert all(p.split == "probe" for p in seen["sets"]["cybersecurity"])
     study.cfg.operating_level = 0.01
     assert operating_step(study, run, "cybersecurity") == 6
+    before = {"step": 4, "dev_refusal": pytest.approx(0.09)}  # the scored point before, to interpolate from
     assert operating_point(study, run, "cybersecurity") == {"step": 6, "reached": True, "dev_refusal": 0.0,
-                                                            "level": 0.01}
+                                                            "level": 0.01, "before": before}
     study.cfg.operating_level = -1.0  # never reached: the budget's end, and it says so
     assert operating_point(study, run, "cybersecurity") == {"step": 6, "reached": False, "dev_refusal": 0.0,
-                                                            "level": -1.0}
+                                                            "level": -1.0, "before": before}
+    study.cfg.operating_level = 0.6  # crossed at the first snapshot: the point before is the base model
+    assert operating_point(study, run, "cybersecurity")["before"] == {"step": 0, "dev_refusal": pytest.approx(0.9)}
 
 
 def test_h1_says_when_the_operating_point_is_the_budgets_end_not_a_choice():
