@@ -18,6 +18,7 @@ import numpy as np
 from evals.suite import DOMAINS, check_domain, load_prompts
 from study.conditions import evaluate_sets, operating_point
 from study.core import Study
+from study.frontier import crossing
 
 __all__ = ["check_alpha_choice", "check_alphas", "check_lrs", "choose_alpha", "choose_lr", "retain_weight"]
 
@@ -73,13 +74,12 @@ def _check_trajectory(cfg) -> None:
 
 def _level_weight(point: dict) -> float:
     """Where the level lies between the point before the crossing (0) and the crossing (1), linear in
-    the target's dev refusal; 1 when there is nothing to interpolate from."""
-    before, level = point.get("before"), point["level"]
-    if not point["reached"] or before is None:
+    the target's dev refusal (:func:`study.frontier.crossing`, the frontier's own rule); 1 when there is
+    nothing to interpolate from."""
+    if not point["reached"] or point.get("before") is None:
         return 1.0
-    if before["dev_refusal"] <= level:  # the base model already at the level: the base is the matched point
-        return 0.0
-    return float(np.clip((before["dev_refusal"] - level) / (before["dev_refusal"] - point["dev_refusal"]), 0.0, 1.0))
+    i, w = crossing(np.array([point["before"]["dev_refusal"], point["dev_refusal"]]), point["level"])
+    return w if i else 0.0  # i == 0: the point before (the base model) is already at the level
 
 
 def _dev_point(study: Study, run, target: str, untouched: bool) -> dict:
